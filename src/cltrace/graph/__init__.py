@@ -1,0 +1,1 @@
+"""Attribution graphs: computing, pruning, scoring, saving and exporting them."""
