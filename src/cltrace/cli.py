@@ -61,6 +61,10 @@ def predict(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 10,
+    transcoder: Annotated[
+        Optional[Path],
+        typer.Option("--transcoder", "-t", help="Also run the local replacement model with this transcoder."),
+    ] = None,
 ) -> None:
     """Show the model's most probable next tokens for a prompt."""
     import torch
@@ -68,14 +72,29 @@ def predict(
     from cltrace.model import load_model
 
     loaded = load_model(model)
+    replacement = None
+    if transcoder is not None:
+        from cltrace.replacement import ReplacementModel
+        from cltrace.transcoder import load_transcoder
+
+        replacement = ReplacementModel(loaded, load_transcoder(transcoder))
     ids = loaded.encode(prompt)
     with torch.no_grad():
-        logits = loaded.model(input_ids=ids[None].to(loaded.device), use_cache=False).logits[0, -1]
-    probs, tokens = logits.float().softmax(-1).topk(top)
+        logits = loaded.model(input_ids=ids[None].to(loaded.device), use_cache=False).logits[0]  # [pos, vocab]
+    probs, tokens = logits[-1].float().softmax(-1).topk(top)
     shown = "|".join(loaded.decode_token(t) for t in ids.tolist())
     typer.echo(f"{loaded.name} · {ids.numel()} tokens: {shown}")
     for rank, (p, t) in enumerate(zip(probs.tolist(), tokens.tolist()), start=1):
         typer.echo(f"{rank:>3}. {loaded.decode_token(t)!r:<20} {100 * p:6.2f}%")
+    if replacement is not None:
+        run = replacement.run(ids)
+        l0 = (run.activations[1:] > 0).sum(-1).float().mean(0)  # [layer], BOS position left out
+        mse = (run.error[1:] ** 2).sum((0, 2))  # [layer]
+        var = ((run.mlp_out[1:] - run.mlp_out[1:].mean(0)) ** 2).sum((0, 2)).clamp_min(1e-12)
+        typer.echo(
+            f"replacement model: max |logit difference| {float((run.logits - logits).abs().max()):.2e}, "
+            f"mean L0 per layer {float(l0.mean()):.1f}, mean NMSE on this prompt {float((mse / var).mean()):.3f}"
+        )
 
 
 class Format(str, Enum):

@@ -1,0 +1,114 @@
+"""The command line on the default model: real predictions, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cltrace.cli import main
+from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
+
+ACRONYM = "The National Digital Analytics Group (N"
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `cltrace ARGS` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_predict_acronym_gives_DA_first(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli("predict", ACRONYM, "--top", "3", capsys=capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("SmolLM2-135M-Instruct")
+    assert lines[1].split()[1] == "'DA'", out
+    probabilities = [float(line.split()[-1].rstrip("%")) for line in lines[1:4]]
+    assert probabilities == sorted(probabilities, reverse=True) and probabilities[0] > 50
+
+
+def test_info_describes_default_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli("info", capsys=capsys)
+    assert code == 0
+    fields = dict(line.split(None, 1) for line in out.strip().splitlines() if not line.startswith("BOS"))
+    assert fields["family"] == "llama" and fields["layers"] == "30" and fields["d_model"] == "576"
+    assert fields["d_mlp"] == "1536" and fields["vocab"] == "49152"
+
+
+def test_predict_with_transcoder_runs_replacement_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TranscoderConfig(kind="clt", n_layers=30, d_model=576, n_features=32, activation="jumprelu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt")
+    code, out, _ = run_cli("predict", ACRONYM, "--transcoder", str(tmp_path / "clt"), capsys=capsys)
+    assert code == 0
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("replacement model:")
+    assert float(line.split("max |logit difference| ")[1].split(",")[0]) < 1e-3
+
+
+def test_transcoder_for_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TranscoderConfig(kind="clt", n_layers=4, d_model=576, n_features=8, activation="relu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt")
+    code, _, err = run_cli("predict", ACRONYM, "--transcoder", str(tmp_path / "clt"), capsys=capsys)
+    assert_one_line_error(code, err, "does not fit", "4 layers")
+    cfg = TranscoderConfig(kind="clt", n_layers=30, d_model=64, n_features=8, activation="relu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt2")
+    code, _, err = run_cli("predict", ACRONYM, "--transcoder", str(tmp_path / "clt2"), capsys=capsys)
+    assert_one_line_error(code, err, "d_model 64")
+
+
+def test_empty_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli("predict", "  ", capsys=capsys)
+    assert_one_line_error(code, err, "prompt is empty")
+
+
+def test_prompt_longer_than_context(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli("predict", "word " * 8300, capsys=capsys)
+    assert_one_line_error(code, err, "longer than the model's context of 8192")
+
+
+def test_truncated_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TranscoderConfig(kind="clt", n_layers=2, d_model=8, n_features=4, activation="relu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt")
+    weights = tmp_path / "clt" / "transcoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    code, _, err = run_cli("convert", str(tmp_path / "clt"), str(tmp_path / "out"), "--to", "circuit-tracer", capsys=capsys)
+    assert_one_line_error(code, err, "transcoder.safetensors")
+    assert not (tmp_path / "out").exists(), "nothing half-written"
+
+
+def test_convert_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = TranscoderConfig(kind="clt", n_layers=2, d_model=8, n_features=4, activation="relu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    code, _, err = run_cli("convert", str(tmp_path / "clt"), str(tmp_path / "busy"), capsys=capsys)
+    assert_one_line_error(code, err, "not empty")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_model_without_hub_fails_fast_in_a_real_process() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cltrace", "info", "no-such-org/no-such-model"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "no-such-org/no-such-model")
+    assert proc.stdout == ""
