@@ -1,0 +1,238 @@
+"""Export a graph as the JSON that the circuit-tracer / Neuronpedia graph front ends read.
+
+The layout and conventions follow circuit-tracer's ``create_graph_files`` (and its pydantic
+models): top-level ``metadata``, ``qParams``, ``nodes`` and ``links``; ``feature_type`` strings
+``"cross layer transcoder"``, ``"mlp reconstruction error"``, ``"embedding"``, ``"logit"``; layer
+written as a string (``"E"`` for embeddings, ``str(n_layers + 1)`` for logits); a feature's
+``feature`` is the Cantor pairing of (layer, feature index) and its ``jsNodeId``
+``"{layer}_{feature}-0"``; an embedding's ``feature`` is its position; a logit's is its token id,
+with ``clerp`` ``'Output "tok" (p=0.123)'`` (the front end parses the probability from it) and
+``is_target_logit`` on the first (most probable) logit; ``influence`` is the cumulative influence
+share from pruning. Node ids follow DESIGN.md: error nodes are ``"{layer}_-1_{pos}"``.
+
+Graph metadata read (all optional): ``prompt`` (str), ``tokens`` (list of token strings),
+``n_layers`` (int), ``model`` (str), ``transcoder`` (str, list of str, or a config dict with a
+``name``), ``scan`` (str), ``logit_tokens`` (list of strings, one per logit node, in node order;
+else the ``label`` of each entry of ``targets``), ``clerps`` (dict node id -> label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cltrace.errors import CltraceError
+from cltrace.graph.graph import Graph, NodeKind
+from cltrace.graph.prune import (
+    DEFAULT_EDGE_THRESHOLD,
+    DEFAULT_NODE_THRESHOLD,
+    cumulative_scores,
+    node_influence,
+    prune,
+)
+
+NEURONPEDIA_SCHEMA_VERSION = 1
+
+FEATURE_TYPES = {
+    NodeKind.FEATURE: "cross layer transcoder",
+    NodeKind.ERROR: "mlp reconstruction error",
+    NodeKind.EMBEDDING: "embedding",
+    NodeKind.LOGIT: "logit",
+}
+
+
+def cantor_pairing(x: int, y: int) -> int:
+    """circuit-tracer's ``feature`` number for feature `y` of layer `x`."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _scan(graph: Graph, scan: str | list[str] | None) -> tuple[str, list[str]]:
+    md = graph.metadata
+    if scan is None:
+        tc = md.get("transcoder")
+        if isinstance(tc, dict):  # a transcoder config: use a name in it if it has one
+            tc = tc.get("scan") or tc.get("name")
+        if not isinstance(tc, (str, list, tuple)) or not tc:
+            tc = None
+        scan = md.get("scan") or tc or md.get("model") or "cltrace"
+    if isinstance(scan, (list, tuple)):
+        names = [str(x) for x in scan]
+        digest = hashlib.sha1("-".join(names).encode()).hexdigest()[:16]
+        return f"custom-{int(digest, 16)}", names
+    return str(scan), []
+
+
+def _logit_labels(md: dict[str, Any]) -> list[str | None]:
+    names = md.get("logit_tokens")
+    if isinstance(names, list):
+        return [None if x is None else str(x) for x in names]
+    targets = md.get("targets")
+    if isinstance(targets, list):
+        return [str(t["label"]) if isinstance(t, dict) and t.get("label") is not None else None for t in targets]
+    return []
+
+
+def _finite(x: float, what: str) -> float:
+    if not math.isfinite(x):
+        raise CltraceError(f"graph has a non-finite {what} ({x}); the graph is broken, re-run attribution")
+    return x
+
+
+def to_neuronpedia_json(
+    graph: Graph,
+    slug: str = "cltrace-graph",
+    scan: str | list[str] | None = None,
+    *,
+    prune_graph: bool | None = None,
+    node_threshold: float = DEFAULT_NODE_THRESHOLD,
+    edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
+    clerps: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The front-end JSON of `graph`, as a dict.
+
+    `prune_graph`: None (default) prunes unless the graph is already pruned (its metadata has
+    ``pruning``); True always prunes; False exports every node and edge. `clerps` maps node ids to
+    labels (default: metadata ``clerps``).
+    """
+    if not slug or not isinstance(slug, str):
+        raise CltraceError("slug must be a non-empty string naming the graph")
+    already = "pruning" in graph.metadata
+    if prune_graph or (prune_graph is None and not already):
+        graph, _ = prune(graph, node_threshold, edge_threshold)
+    elif already:
+        node_threshold = graph.metadata["pruning"].get("node_threshold", node_threshold)
+    md = graph.metadata
+    n_layers = graph.n_layers
+    kinds = graph.nodes.kind.tolist()
+    layers, poss = graph.nodes.layer.tolist(), graph.nodes.pos.tolist()
+    feats, toks = graph.nodes.feature.tolist(), graph.nodes.token.tolist()
+    acts, probs = graph.nodes.activation.tolist(), graph.nodes.probability.tolist()
+    if graph.nodes.influence is not None:
+        infl = graph.nodes.influence.tolist()
+    else:
+        infl = cumulative_scores(node_influence(graph)).tolist()
+    ids = graph.node_ids()
+    clerps = dict(md.get("clerps", {}) if clerps is None else clerps)
+
+    # Prompt tokens: metadata, else the embedding nodes' token ids as text.
+    tokens = md.get("tokens")
+    if tokens is None:
+        emb = sorted((p, t) for k, p, t in zip(kinds, poss, toks) if k == NodeKind.EMBEDDING)
+        n_pos = max(poss) + 1 if poss else 0
+        by_pos = dict(emb)
+        tokens = [str(by_pos.get(p, "")) for p in range(n_pos)]
+    tokens = [str(t) for t in tokens]
+    prompt = md.get("prompt")
+    if prompt is None:
+        prompt = "".join(tokens)
+    logit_names = _logit_labels(md)
+    logit_rank = 0
+
+    nodes: list[dict[str, Any]] = []
+    for i, (k, layer, pos, feat, tok) in enumerate(zip(kinds, layers, poss, feats, toks)):
+        node_id = ids[i]
+        base = {
+            "node_id": node_id, "feature": 0, "layer": str(layer), "ctx_idx": int(pos),
+            "feature_type": FEATURE_TYPES[NodeKind(k)], "token_prob": 0.0, "is_target_logit": False,
+            "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": node_id, "clerp": clerps.get(node_id, ""),
+            "influence": None, "activation": None,
+        }
+        if k == NodeKind.FEATURE:
+            base.update(feature=cantor_pairing(layer, feat), jsNodeId=f"{layer}_{feat}-0",
+                        influence=_finite(float(infl[i]), "influence"),
+                        activation=_finite(float(acts[i]), "activation"))
+        elif k == NodeKind.ERROR:
+            base.update(feature=-1, jsNodeId=f"{layer}_{pos}-0", influence=_finite(float(infl[i]), "influence"))
+        elif k == NodeKind.EMBEDDING:
+            base.update(feature=int(pos), layer="E", jsNodeId=f"E_{tok}-{pos}",
+                        influence=_finite(float(infl[i]), "influence"))
+        else:
+            p = _finite(float(probs[i]), "logit probability")
+            name = logit_names[logit_rank] if logit_rank < len(logit_names) else None
+            name = str(tok) if name is None else name
+            base.update(feature=int(tok), layer=str(n_layers + 1), jsNodeId=f"L_{tok}-{pos}", token_prob=p,
+                        is_target_logit=logit_rank == 0,
+                        clerp=clerps.get(node_id) or f'Output "{name}" (p={p:.3f})')
+            logit_rank += 1
+        nodes.append(base)
+
+    weights = graph.edge_weight.tolist()
+    links = []
+    for s, t, w in zip(graph.edge_source.tolist(), graph.edge_target.tolist(), weights):
+        links.append({"source": ids[s], "target": ids[t], "weight": _finite(float(w), "edge weight")})
+    # As circuit-tracer: keep only nodes some link touches, and every embedding and logit.
+    used = {link["source"] for link in links} | {link["target"] for link in links}
+    nodes = [d for d in nodes if d["node_id"] in used or d["feature_type"] in ("embedding", "logit")]
+
+    scan_name, transcoder_list = _scan(graph, scan)
+    metadata = {
+        "slug": slug,
+        "scan": scan_name,
+        "transcoder_list": transcoder_list,
+        "prompt_tokens": tokens,
+        "prompt": str(prompt),
+        "node_threshold": float(node_threshold) if node_threshold is not None else None,
+        "schema_version": NEURONPEDIA_SCHEMA_VERSION,
+    }
+    if isinstance(md.get("pruning"), dict):
+        # Namespaced extra (the front ends ignore unknown metadata keys): counts and scores.
+        metadata["cltrace_pruning"] = dict(md["pruning"])
+    q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_neuronpedia_json(
+    graph: Graph,
+    path: str | os.PathLike,
+    slug: str | None = None,
+    scan: str | list[str] | None = None,
+    *,
+    update_index: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Write `to_neuronpedia_json(graph, ...)` to `path` (atomically) and return the dict.
+
+    `slug` defaults to the file name without ``.json``. With `update_index`, also add (or replace)
+    the graph's metadata in ``graph-metadata.json`` beside it, the index the local front end lists.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CltraceError(f"cannot write '{path}': directory '{path.parent}' does not exist; create it first")
+    slug = slug or path.stem
+    data = to_neuronpedia_json(graph, slug=slug, scan=scan, **kwargs)
+    _atomic_write_text(path, json.dumps(data, allow_nan=False))
+    if update_index:
+        index_path = path.parent / "graph-metadata.json"
+        index = {"graphs": []}
+        if index_path.exists():
+            try:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                index.setdefault("graphs", [])
+            except (json.JSONDecodeError, AttributeError):
+                raise CltraceError(f"'{index_path}' is not a valid graph index; fix or delete it") from None
+        index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [data["metadata"]]
+        _atomic_write_text(index_path, json.dumps(index, indent=2))
+    return data
+
+
+__all__ = ["FEATURE_TYPES", "NEURONPEDIA_SCHEMA_VERSION", "cantor_pairing", "to_neuronpedia_json",
+           "write_neuronpedia_json"]

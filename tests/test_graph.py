@@ -1,0 +1,230 @@
+"""The Graph data model: save / load, ids, neighbourhood and path queries."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cltrace.errors import CltraceError
+from cltrace.graph.graph import GRAPH_SCHEMA_VERSION, Graph, NodeKind, NodeTable
+
+F, E, T, L = NodeKind.FEATURE, NodeKind.ERROR, NodeKind.EMBEDDING, NodeKind.LOGIT
+
+
+def small_graph() -> Graph:
+    """Tokens t0 (id 10), t1 (id 11); features f0 (layer 0, #3, pos 1), f1 (layer 1, #5, pos 1);
+    an error node at (layer 0, pos 1); logits for tokens 7 and 9 at pos 1 (n_layers 2)."""
+    nodes = NodeTable.from_columns(
+        kind=[F, F, E, T, T, L, L], layer=[0, 1, 0, -1, -1, 2, 2], pos=[1, 1, 1, 0, 1, 1, 1],
+        feature=[3, 5, -1, -1, -1, -1, -1], token=[-1, -1, -1, 10, 11, 7, 9],
+        activation=[1.25, 0.5, 0, 0, 0, 0, 0], probability=[0, 0, 0, 0, 0, 0.6, 0.4],
+    )
+    edges = [(4, 0, 2.0), (3, 0, -1.0), (0, 1, 3.0), (2, 1, -0.5), (3, 1, 0.25),
+             (1, 5, 2.0), (4, 5, -1.0), (0, 5, 0.5), (1, 6, 1.0), (2, 6, 1.0)]
+    return Graph.from_edges(nodes, edges, {"n_layers": 2, "prompt": "ab", "tokens": ["a", "b"],
+                                           "model": "tiny", "nested": {"x": [1, 2.5, None, "s"]}})
+
+
+def assert_graphs_equal(a: Graph, b: Graph):
+    for name in ("kind", "layer", "pos", "feature", "token", "activation", "probability"):
+        x, y = getattr(a.nodes, name), getattr(b.nodes, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.nodes.extra.keys() == b.nodes.extra.keys()
+    for name, col in a.nodes.extra.items():
+        assert col.dtype == b.nodes.extra[name].dtype and torch.equal(col, b.nodes.extra[name]), name
+    assert (a.nodes.influence is None) == (b.nodes.influence is None)
+    if a.nodes.influence is not None:
+        assert torch.equal(a.nodes.influence, b.nodes.influence)
+    for name in ("edge_target", "edge_source", "edge_weight"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.metadata == b.metadata
+
+
+# ---------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip(tmp_path):
+    g = small_graph()
+    path = g.save(tmp_path / "g.cltg")
+    assert_graphs_equal(g, Graph.load(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["g.cltg"]  # no temp file left behind
+    g.nodes.influence = torch.linspace(0, 1, g.n_nodes)
+    g.nodes.extra = {"target_value": torch.randn(g.n_nodes, dtype=torch.float64), "flag": torch.ones(7, dtype=torch.bool)}
+    g.save(tmp_path / "g.cltg")  # overwrite in place
+    assert_graphs_equal(g, Graph.load(tmp_path / "g.cltg"))
+
+
+def test_save_load_empty_edges(tmp_path):
+    g = small_graph()
+    g = g.subgraph(torch.ones(g.n_nodes, dtype=torch.bool), torch.zeros(g.n_edges, dtype=torch.bool))
+    assert g.n_edges == 0
+    assert_graphs_equal(g, Graph.load(g.save(tmp_path / "e.cltg")))
+
+
+def test_load_truncated(tmp_path):
+    path = small_graph().save(tmp_path / "g.cltg")
+    data = path.read_bytes()
+    for cut in (len(data) - 7, 40, 5):
+        bad = tmp_path / f"cut{cut}.cltg"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CltraceError, match="truncated"):
+            Graph.load(bad)
+
+
+def test_load_other_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a graph at all, just some bytes" * 3)
+    with pytest.raises(CltraceError):
+        Graph.load(junk)
+    other = tmp_path / "weights.safetensors"
+    save_file({"W": torch.zeros(2, 2)}, other, metadata={"format": "pt"})
+    with pytest.raises(CltraceError, match="not a cltrace graph"):
+        Graph.load(other)
+    with pytest.raises(CltraceError, match="does not exist"):
+        Graph.load(tmp_path / "missing.cltg")
+
+
+def _rewrite_header(path, **changes):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_load_newer_schema(tmp_path):
+    path = small_graph().save(tmp_path / "g.cltg")
+    _rewrite_header(path, schema_version=str(GRAPH_SCHEMA_VERSION + 1))
+    with pytest.raises(CltraceError, match="newer"):
+        Graph.load(path)
+
+
+def test_save_rejects_bad_graphs(tmp_path):
+    g = small_graph()
+    g.metadata["bad"] = object()
+    with pytest.raises(CltraceError, match="JSON"):
+        g.save(tmp_path / "g.cltg")
+    g = small_graph()
+    g.edge_source = g.edge_source.clone()
+    g.edge_source[0] = 99
+    with pytest.raises(CltraceError):
+        g.save(tmp_path / "g.cltg")
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- ids and queries
+
+def test_node_ids_and_find():
+    g = small_graph()
+    ids = ["0_3_1", "1_5_1", "0_-1_1", "E_10_0", "E_11_1", "3_7_1", "3_9_1"]
+    assert g.node_ids() == ids
+    assert [g.node_id(i) for i in range(g.n_nodes)] == ids
+    assert [g.find(i) for i in ids] == list(range(g.n_nodes))
+    with pytest.raises(CltraceError, match="no node"):
+        g.find("9_9_9")
+    assert g.summary() == {"feature": 2, "error": 1, "embedding": 2, "logit": 2, "nodes": 7, "edges": 10}
+
+
+def test_inputs_outputs():
+    g = small_graph()
+    ins = g.inputs("1_5_1", k=2)
+    assert [(e.source, e.target, e.weight) for e in ins] == [(0, 1, 3.0), (2, 1, -0.5)]
+    assert [e.source for e in g.inputs(1, k=None)] == [0, 2, 3]
+    outs = g.outputs("E_10_0")
+    assert [(e.source, e.target, e.weight) for e in outs] == [(3, 0, -1.0), (3, 1, 0.25)]
+    assert g.outputs(5) == [] and g.inputs(3) == []
+
+
+def test_to_dense():
+    g = small_graph()
+    d = g.to_dense()
+    assert d.shape == (7, 7) and d[1, 0] == 3.0 and d[0, 3] == -1.0 and d[3].abs().sum() == 0
+    with pytest.raises(CltraceError, match="max_nodes"):
+        g.to_dense(max_nodes=3)
+
+
+def _all_paths(g: Graph, s: int, t: int):
+    a = g.normalized_weights().tolist()
+    out = {}
+    for src, tgt, w in zip(g.edge_source.tolist(), g.edge_target.tolist(), a):
+        out.setdefault(src, []).append((tgt, w))
+    paths = []
+
+    def walk(v, path, score):
+        if v == t:
+            paths.append((path, score))
+            return
+        for w_, a_ in out.get(v, []):
+            walk(w_, path + [w_], score * a_)
+
+    walk(s, [s], 1.0)
+    return [p for p in paths if p[1] > 0]
+
+
+def test_top_paths_hand():
+    g = small_graph()
+    a = dict(zip(zip(g.edge_source.tolist(), g.edge_target.tolist()), g.normalized_weights().tolist()))
+    paths = g.top_paths("E_10_0", "3_7_1", k=10)
+    # E_10_0 → f0 → f1 → L7, E_10_0 → f1 → L7, E_10_0 → f0 → L7.
+    expect = sorted(_all_paths(g, 3, 5), key=lambda p: -p[1])
+    assert len(paths) == len(expect) == 3
+    for got, (nodes, score) in zip(paths, expect):
+        assert got.score == pytest.approx(score, rel=1e-6)
+        assert got.score == pytest.approx(math.prod(a[(u, v)] for u, v in zip(got.nodes, got.nodes[1:])), rel=1e-6)
+    assert g.top_paths(3, 5, k=1)[0].nodes == paths[0].nodes
+    assert g.top_paths("3_7_1", "E_10_0") == []  # no path backwards
+
+
+@st.composite
+def random_graph(draw):
+    n = draw(st.integers(2, 9))
+    edges = []
+    for t in range(1, n):
+        for s in range(t):
+            if draw(st.integers(0, 2)) == 0:
+                edges.append((s, t, draw(st.floats(-2, 2, allow_nan=False, width=32))))
+    nodes = NodeTable.from_columns(kind=[F] * (n - 1) + [L], layer=list(range(n)), pos=[0] * n,
+                                   feature=list(range(n)), probability=[0] * (n - 1) + [1])
+    return Graph.from_edges(nodes, edges), draw(st.integers(1, 6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(random_graph())
+def test_top_paths_brute_force(case):
+    g, k = case
+    s, t = 0, g.n_nodes - 1
+    expect = sorted(_all_paths(g, s, t), key=lambda p: -p[1])[:k]
+    got = g.top_paths(s, t, k)
+    assert len(got) == len(expect)
+    assert [p.score for p in got] == pytest.approx([p[1] for p in expect], rel=1e-5)
+    valid = {tuple(p) for p, _ in _all_paths(g, s, t)}
+    assert all(tuple(p.nodes) in valid for p in got)
+    assert len({tuple(p.nodes) for p in got}) == len(got)
+
+
+def test_subgraph_and_validate():
+    g = small_graph()
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    sub = g.subgraph(mask)
+    assert sub.node_ids() == ["0_3_1", "1_5_1", "E_10_0", "E_11_1", "3_7_1"]
+    assert sub.n_edges == 7  # the three edges touching the error node or L9 go
+    sub.validate()
+    # Per-node columns and per-node metadata lists follow the nodes.
+    g.nodes.extra = {"v": torch.arange(7)}
+    g.metadata["target_value"] = list(range(7))
+    sub = g.subgraph(mask)
+    assert sub.nodes.extra["v"].tolist() == [0, 1, 3, 4, 5] and sub.metadata["target_value"] == [0, 1, 3, 4, 5]
+    bad = small_graph()
+    bad.nodes.kind = bad.nodes.kind.flip(0)
+    with pytest.raises(CltraceError, match="ordered"):
+        bad.validate()
