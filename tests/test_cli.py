@@ -112,3 +112,33 @@ def test_unknown_model_without_hub_fails_fast_in_a_real_process() -> None:
     )
     assert_one_line_error(proc.returncode, proc.stderr, "no-such-org/no-such-model")
     assert proc.stdout == ""
+
+
+def test_attribute_then_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from cltrace.graph.graph import Graph
+
+    cfg = TranscoderConfig(kind="clt", n_layers=30, d_model=576, n_features=8, activation="jumprelu")
+    save_transcoder(Transcoder.random(cfg), tmp_path / "clt")
+    code, out, _ = run_cli(
+        "attribute", "The cat sat", "-t", str(tmp_path / "clt"), "-o", str(tmp_path / "g.cltg"), capsys=capsys
+    )
+    assert code == 0, out
+    graph = Graph.load(tmp_path / "g.cltg")
+    scores = graph.metadata["scores"]
+    assert scores["n_nodes_before"] == graph.n_nodes and scores["n_edges_before"] == graph.n_edges
+    assert 0.0 <= scores["replacement_score"] <= 1.0
+    assert f"nodes {graph.n_nodes} -> {scores['n_nodes_after']}" in out
+    code, out, _ = run_cli("export", str(tmp_path / "g.cltg"), "-o", str(tmp_path / "g.json"), capsys=capsys)
+    assert code == 0
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert len(data["nodes"]) == scores["n_nodes_after"] and len(data["links"]) <= scores["n_edges_after"]
+    assert data["metadata"]["prompt"] == "The cat sat"
+
+    # A truncated graph file is refused with one line.
+    raw = (tmp_path / "g.cltg").read_bytes()
+    (tmp_path / "cut.cltg").write_bytes(raw[: len(raw) // 2])
+    code, _, err = run_cli("export", str(tmp_path / "cut.cltg"), "-o", str(tmp_path / "cut.json"), capsys=capsys)
+    assert_one_line_error(code, err, "cut.cltg")
+    assert not (tmp_path / "cut.json").exists()

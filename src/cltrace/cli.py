@@ -123,6 +123,386 @@ def convert(
     )
 
 
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here) or 'tiny'.")] = "default",
+    model: ModelOption = None,
+    source: Annotated[
+        Optional[str], typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config, checkpoint, metrics, curves, transcoder, eval).")] = Path("cltrace-run"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A config.json to start from instead of a preset.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set n_features=256.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a cross-layer (or per-layer) transcoder and evaluate it on held-out text."""
+    from cltrace.train import TrainConfig, parse_override, train_transcoder
+    from cltrace.train import preset as get_preset
+
+    if resume and config is None and (out / "config.json").is_file():
+        cfg = TrainConfig.load(out / "config.json")
+    else:
+        cfg = TrainConfig.load(config) if config is not None else get_preset(preset)
+    changes = dict(parse_override(o) for o in overrides or [])
+    if model is not None:
+        changes["model"] = model
+    if source is not None:
+        changes["source"] = source
+    cfg = cfg.with_overrides(changes)
+    typer.echo(
+        f"training a {cfg.kind.upper()} of {cfg.n_features} features per layer on {cfg.model} with text {cfg.source}: "
+        f"{cfg.total_steps} steps of {cfg.batch_tokens} tokens -> {out}"
+    )
+    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=True, echo=typer.echo)
+    if result:
+        from cltrace.eval import format_table
+
+        typer.echo(format_table(result))
+    typer.echo(f"transcoder: {out / 'transcoder'}")
+
+
+@app.command(name="eval")
+def eval_command(
+    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer).")],
+    model: ModelOption = None,
+    source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+) -> None:
+    """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
+    import json
+
+    from cltrace.eval import evaluate, format_table
+    from cltrace.model import load_model
+    from cltrace.transcoder import load_transcoder
+
+    tc = load_transcoder(transcoder)
+    loaded = load_model(model)
+    result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
+    typer.echo(format_table(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def attribute(
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the graph file.")],
+    model: ModelOption = None,
+    target: Annotated[
+        Optional[list[str]], typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
+    ] = None,
+    max_feature_nodes: Annotated[
+        int, typer.Option("--max-feature-nodes", min=1, help="At most this many feature nodes, by influence.")
+    ] = 7500,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Target rows per backward pass.")] = 32,
+    node_threshold: Annotated[
+        float, typer.Option("--node-threshold", min=0.0, max=1.0, help="Pruning: share of influence kept in nodes.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option("--edge-threshold", min=0.0, max=1.0, help="Pruning: share of influence kept in edges.")
+    ] = 0.98,
+) -> None:
+    """Build, score and save the attribution graph of a prompt (the full graph; pruning is reported)."""
+    from cltrace.graph.attribution import attribute as build_graph
+    from cltrace.graph.prune import prune
+    from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
+    from cltrace.transcoder import load_transcoder
+
+    loaded = load_model(model)
+    replacement = ReplacementModel(loaded, load_transcoder(transcoder))
+    graph = build_graph(
+        replacement, prompt, targets=list(target) if target else None,
+        max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+    )
+    _, result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    graph.metadata["scores"] = result.as_dict()  # the graph on disk stays unpruned
+    graph.save(output)
+    targets = ", ".join(
+        f"{t['label']!r} {100 * t['probability']:.1f}%" if t.get("probability") is not None else repr(t["label"])
+        for t in graph.metadata.get("targets", [])
+    )
+    typer.echo(f"targets: {targets}")
+    typer.echo(
+        f"nodes {result.n_nodes_before} -> {result.n_nodes_after} after pruning, "
+        f"edges {result.n_edges_before} -> {result.n_edges_after}"
+    )
+    typer.echo(
+        f"replacement score {result.replacement_score:.3f}, completeness score {result.completeness_score:.3f} "
+        f"(pruned: {result.pruned_replacement_score:.3f}, {result.pruned_completeness_score:.3f})"
+    )
+    typer.echo(f"wrote {output}")
+
+
+class ExportFormat(str, Enum):
+    neuronpedia = "neuronpedia"
+
+
+@app.command()
+def export(
+    graph: Annotated[Path, typer.Argument(help="A graph file written by `cltrace attribute`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON file.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="The schema to write.")] = ExportFormat.neuronpedia,
+    slug: Annotated[Optional[str], typer.Option("--slug", help="The graph's name in the front end.")] = None,
+    node_threshold: Annotated[float, typer.Option("--node-threshold", min=0.0, max=1.0)] = 0.8,
+    edge_threshold: Annotated[float, typer.Option("--edge-threshold", min=0.0, max=1.0)] = 0.98,
+) -> None:
+    """Export a graph, pruned, to the JSON that circuit-tracer's and Neuronpedia's front ends read."""
+    from cltrace.graph.export import write_neuronpedia_json
+    from cltrace.graph.graph import Graph
+
+    data = write_neuronpedia_json(
+        Graph.load(graph), output, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold
+    )
+    typer.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links ({format.value})")
+
+
+class InterventionMode(str, Enum):
+    iterative = "iterative"
+    constrained = "constrained"
+
+
+@app.command()
+def intervene(
+    prompt: Annotated[str, typer.Argument(help="The text to run the model on.")],
+    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", "-s",
+            help="LAYER:FEATURE[@POS]=VALUE to set, or =xFACTOR to scale; POS: 4, 2-5 or 2- (open-ended: also "
+            "the generated tokens); no @POS: every position. A supernode name may stand for LAYER:FEATURE. Repeatable.",
+        ),
+    ] = None,
+    model: ModelOption = None,
+    mode: Annotated[
+        InterventionMode, typer.Option("--mode", help="iterative: downstream features recomputed; constrained: held.")
+    ] = InterventionMode.iterative,
+    layers: Annotated[
+        Optional[str], typer.Option("--layers", help="LO-HI: the layers whose features constrained mode holds (default all).")
+    ] = None,
+    freeze_attention: Annotated[
+        bool, typer.Option("--freeze-attention/--free-attention", help="Replay the prompt's attention patterns and norms.")
+    ] = False,
+    generate: Annotated[int, typer.Option("--generate", "-g", min=0, max=512, help="Greedy tokens to generate.")] = 0,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 5,
+    supernodes: Annotated[
+        Optional[Path], typer.Option("--supernodes", help="A supernodes JSON file whose names --set may use.")
+    ] = None,
+    graph: Annotated[
+        Optional[Path],
+        typer.Option("--graph", help="A graph of this prompt: also show its predicted change beside the measured one."),
+    ] = None,
+) -> None:
+    """Set or scale transcoder features and show how the output changes (and, with --graph, what the graph predicted)."""
+    import re as _re
+
+    from cltrace.replacement.interventions import intervene as run_interventions
+    from cltrace.replacement.interventions import parse_intervention
+
+    named = None
+    if supernodes is not None:
+        from cltrace.replacement.supernodes import load_supernodes
+
+        named = load_supernodes(supernodes)
+    if not set_:
+        raise CltraceError("give at least one intervention: --set LAYER:FEATURE[@POS]=VALUE (or =xFACTOR)")
+    specs = [iv for text in set_ for iv in parse_intervention(text, named)]
+    layer_range = None
+    if layers is not None:
+        if mode.value != "constrained":
+            raise CltraceError("--layers applies to --mode constrained only: add --mode constrained or drop --layers")
+        m = _re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", layers)
+        if not m:
+            raise CltraceError(f"--layers {layers!r} is not LO-HI, e.g. 0-29")
+        layer_range = (int(m.group(1)), int(m.group(2)))
+    loaded_graph = None
+    if graph is not None:
+        from cltrace.graph.graph import Graph
+
+        loaded_graph = Graph.load(graph)
+
+    from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
+    from cltrace.replacement.interventions import check_interventions
+    from cltrace.transcoder import load_transcoder
+
+    loaded_transcoder = load_transcoder(transcoder)
+    # layers and features can be checked before the (slow) model load; positions need the prompt
+    check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, sys.maxsize)
+    loaded = load_model(model)
+    replacement = ReplacementModel(loaded, loaded_transcoder)
+    ids = loaded.encode(prompt)
+    if loaded_graph is not None and loaded_graph.metadata.get("input_ids") not in (None, ids.tolist()):
+        raise CltraceError(f"the graph '{graph}' was built for another prompt: build one for this prompt")
+    result = run_interventions(
+        replacement, ids, specs, mode=mode.value, layers=layer_range, freeze_attention=freeze_attention,
+        generate=generate, top=top,
+    )
+    shown = "|".join(loaded.decode_token(t) for t in ids.tolist())
+    typer.echo(f"{loaded.name} · {ids.numel()} tokens: {shown}")
+    lo, hi = result.layers
+    where = f", layers {lo}-{hi} held" if mode.value == "constrained" else ""
+    attention = "frozen" if freeze_attention else "free"
+    typer.echo(f"interventions ({mode.value}{where}, attention {attention}): {', '.join(str(iv) for iv in specs)}")
+    typer.echo(f"     {'before':<28} after")
+    for rank, (b, a) in enumerate(zip(result.top_before, result.top_after), start=1):
+        typer.echo(f"{rank:>3}. {b.text!r:<18} {100 * b.probability:6.2f}%  {a.text!r:<18} {100 * a.probability:6.2f}%")
+    change = result.logit_change
+    shown_tokens = list(dict.fromkeys([t.token for t in result.top_before] + [t.token for t in result.top_after]))
+    typer.echo(
+        "logit change: " + ", ".join(f"{loaded.decode_token(t)!r} {float(change[t]):+.3f}" for t in shown_tokens)
+    )
+    changed = result.changed_features(k=5)
+    typer.echo(
+        f"features changed: {result.n_changed_features()}"
+        + (" (largest: " + ", ".join(f"{l}:{f}@{p} {b + 0.0:.3f}→{a + 0.0:.3f}" for l, p, f, b, a in changed) + ")" if changed else "")
+    )
+    if generate:
+        typer.echo(f"continuation before: {result.text_before!r}")
+        typer.echo(f"continuation after:  {result.text_after!r}")
+    if loaded_graph is not None:
+        from cltrace.replacement.interventions import compare_with_graph
+
+        rows, _, prediction = compare_with_graph(replacement, loaded_graph, specs, ids)
+        typer.echo(
+            "graph prediction beside the measured change (constrained, attention frozen; logits: logit − mean "
+            "logit, features: pre-activation):"
+        )
+        for row in [r for r in rows if r.kind == "logit"] + [r for r in rows if r.kind == "feature"][:10]:
+            label = f"logit {row.label!r}" if row.kind == "logit" else f"feature {row.node_id}"
+            typer.echo(f"  {label:<28} {row.predicted:+9.4f} {row.actual:+9.4f}")
+        if prediction.missing:
+            typer.echo(f"not in the graph (effect not predicted): {', '.join(prediction.missing[:10])}")
+
+
+# -- features: build and read feature pages --------------------------------------------------------
+
+features_app = typer.Typer(
+    name="features", help="Feature pages: build a feature store for a transcoder, and read it.", no_args_is_help=True
+)
+app.add_typer(features_app, name="features")
+
+FeatureDbOption = Annotated[Path, typer.Option("--db", "-d", help="The feature store (SQLite file).")]
+
+
+@features_app.command("build")
+def features_build(
+    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer).")],
+    model: ModelOption = None,
+    source: Annotated[str, typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")] = "default",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Tokens to analyse in all; more than last time extends the store.")] = 100_000,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The feature store to write (SQLite file).")] = Path("features.db"),
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per batch.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Top contexts kept per feature.")] = 20,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start afresh.")] = False,
+    compact: Annotated[bool, typer.Option("--compact", help="Drop the build state at the end: smaller, but no longer extendable.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a transcoder over a corpus and store every feature's page (resumes and extends OUT)."""
+    import time as _time
+
+    from cltrace.features import FeatureStore, build_feature_store
+    from cltrace.model import load_model
+    from cltrace.transcoder import load_transcoder
+
+    tc = load_transcoder(transcoder)
+    loaded = load_model(model)
+    start = _time.monotonic()
+    path = build_feature_store(
+        loaded, tc, source, tokens, out, n_ctx=n_ctx, batch_size=batch_size, top_k=top_k,
+        resume=True, overwrite=overwrite, progress=not quiet, keep_state=not compact,
+    )
+    with FeatureStore(path) as store:
+        s = store.stats()
+    typer.echo(
+        f"{path}: {s['tokens']:,} tokens, {s['features']:,} features ({s['dead']:,} dead), "
+        f"mean density {100 * s['mean_density']:.3f}%, {s['bytes'] / 2**20:.1f} MiB, {_time.monotonic() - start:.1f} s"
+    )
+
+
+@features_app.command("show")
+def features_show(
+    feature: Annotated[str, typer.Argument(help="LAYER:FEATURE, e.g. 3:117.")],
+    db: FeatureDbOption = Path("features.db"),
+    top: Annotated[int, typer.Option("--top", "-k", min=0, help="Top contexts to show.")] = 10,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Sampled contexts to show per quantile band.")] = 2,
+    activations: Annotated[bool, typer.Option("--activations/--no-activations", help="List each context's active tokens.")] = False,
+) -> None:
+    """Print a feature's page: label, density, what it promotes, and the contexts where it fires."""
+    from cltrace.features import FeatureStore
+    from cltrace.features.show import format_page, parse_feature
+
+    layer, index = parse_feature(feature)
+    with FeatureStore(db) as store:
+        typer.echo(format_page(store.page(layer, index), n_top=top, n_samples=samples, activations=activations))
+
+
+@features_app.command("label")
+def features_label(
+    feature: Annotated[str, typer.Argument(help="LAYER:FEATURE, e.g. 3:117.")],
+    label: Annotated[str, typer.Argument(help="The label; an empty string removes it.")],
+    db: FeatureDbOption = Path("features.db"),
+) -> None:
+    """Set (or, with "", remove) a feature's label."""
+    from cltrace.features import FeatureStore
+    from cltrace.features.show import parse_feature
+
+    layer, index = parse_feature(feature)
+    with FeatureStore(db) as store:
+        store.page(layer, index)  # an unknown feature is an error, not a silent label
+        store.set_label(layer, index, label or None)
+    typer.echo(f"{layer}:{index} " + (f"labelled {label!r}" if label else "label removed"))
+
+
+@features_app.command("search")
+def features_search(
+    text: Annotated[str, typer.Argument(help="Text to find in labels (case-insensitive).")],
+    db: FeatureDbOption = Path("features.db"),
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Most features to list.")] = 50,
+) -> None:
+    """List the features whose label (or automatic label) contains TEXT."""
+    from cltrace.features import FeatureStore
+
+    with FeatureStore(db) as store:
+        hits = store.search(text, limit=limit)
+    for layer, index, shown in hits:
+        typer.echo(f"{f'{layer}:{index}':>10}  {shown}")
+    if not hits:
+        typer.echo(f"no feature label contains {text!r}")
+
+
+@features_app.command("stats")
+def features_stats(db: FeatureDbOption = Path("features.db")) -> None:
+    """Summary of a feature store: model, transcoder, tokens, dead features, size."""
+    from cltrace.features import FeatureStore
+
+    with FeatureStore(db) as store:
+        for key, value in store.stats().items():
+            typer.echo(f"{key:<15} {value}")
+
+
+@features_app.command("export")
+def features_export(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write features/{scan}/{feature}.json into.")],
+    db: FeatureDbOption = Path("features.db"),
+    scan: Annotated[Optional[str], typer.Option("--scan", help="The scan name graphs refer to (default: the model).")] = None,
+) -> None:
+    """Export every feature page as the JSON files circuit-tracer's front end reads."""
+    from cltrace.features.export import export_feature_files
+
+    folder = export_feature_files(db, out_dir, scan=scan)
+    typer.echo(f"wrote {sum(1 for _ in folder.glob('*.json')):,} feature files to {folder}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cltrace` command: user errors become one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ class FrozenOutput:
 
     logits: torch.Tensor  # [batch, pos, vocab] the unembedding's output, before any final soft-capping
     resid_mid: torch.Tensor  # [batch, pos, layer, d_model] what the transcoder's encoder would read
+    resid_mid_layers: list[torch.Tensor] = field(default_factory=list)
+    """The same per layer, each [batch, pos, d_model] as computed (not stacked): a backward pass
+    seeded at layer l's tensor only walks the layers below l."""
 
 
 class ReplacementModel:
@@ -92,70 +95,145 @@ class ReplacementModel:
         return ReplacementRun(ids, logits, resid_mid, mlp_out, pre, acts, recon, mlp_out - recon, state)
 
     def frozen(
-        self, run: ReplacementRun, mlp_out: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+        self,
+        run: ReplacementRun,
+        mlp_out: torch.Tensor | list[torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        *,
+        live_skip: bool = False,
+        logits_to_keep: int = 0,
     ) -> FrozenOutput:
         """The frozen replacement model of `run`'s prompt, evaluated on given MLP-slot outputs.
 
-        `mlp_out` [batch, pos, layer, d_model] (or without batch) replaces what each MLP block emits;
+        `mlp_out` [batch, pos, layer, d_model] (or without batch, or a list of one [batch, pos, d_model]
+        tensor per layer) replaces what each MLP block emits;
         by default it is reconstruction + error, which gives back the original model. Attention
         patterns and norm denominators are the prompt's, replayed, so the result is affine in
         `mlp_out` (and in `inputs_embeds`, if given) and differentiable with respect to both.
+
+        With `live_skip` (a PLT with a skip path), slot l emits
+        mlp_out_l + (resid_mid_l − run.resid_mid_l) @ W_skip_l: the same value at the prompt, but the
+        linear skip path from resid_mid_l to slot l stays live, as in circuit-tracer. `logits_to_keep`
+        > 0 computes the logits of the last that many positions only (0: all positions).
         """
         if mlp_out is None:
             mlp_out = run.reconstruction + run.error
-        if mlp_out.dim() == 3:
-            mlp_out = mlp_out[None]
-        batch = mlp_out.shape[0]
-        if mlp_out.shape[1:] != run.mlp_out.shape:
-            raise CltraceError(
-                f"MLP outputs of shape {tuple(mlp_out.shape[1:])} do not match the prompt's {tuple(run.mlp_out.shape)}"
-            )
+        if isinstance(mlp_out, (list, tuple)):
+            # One tensor per layer, each [batch, pos, d_model]: gradients then reach each layer's
+            # tensor directly, without a full-size zero gradient per layer for a slice of one tensor.
+            per_layer = [t if t.dim() == 3 else t[None] for t in mlp_out]
+            batch = per_layer[0].shape[0]
+            n_pos, n_layers, d_model = run.mlp_out.shape
+            if len(per_layer) != n_layers or any(tuple(t.shape) != (batch, n_pos, d_model) for t in per_layer):
+                raise CltraceError(
+                    f"MLP outputs per layer must be {n_layers} tensors of shape [batch, {n_pos}, {d_model}], "
+                    f"got {[tuple(t.shape) for t in per_layer]}"
+                )
+            mlp_out = per_layer
+        else:
+            if mlp_out.dim() == 3:
+                mlp_out = mlp_out[None]
+            batch = mlp_out.shape[0]
+            if mlp_out.shape[1:] != run.mlp_out.shape:
+                raise CltraceError(
+                    f"MLP outputs of shape {tuple(mlp_out.shape[1:])} do not match the prompt's {tuple(run.mlp_out.shape)}"
+                )
         inputs: dict[str, torch.Tensor] = (
             {"inputs_embeds": inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds[None]}
             if inputs_embeds is not None
             else {"input_ids": run.input_ids[None].expand(batch, -1)}
         )
+        skip = None
+        if live_skip:
+            skip = getattr(self.transcoder, "W_skip", None)
+            if skip is None:
+                raise CltraceError("live_skip needs a transcoder with a skip path (a PLT with W_skip)")
         unembed = self.model.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
         handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         try:
-            with freeze(self.model.model, self._norms, run.freeze_state.replaying()), self._slots(mlp_out) as slots:
-                self.model.model(**inputs, use_cache=False)
+            with (
+                freeze(self.model.model, self._norms, run.freeze_state.replaying()),
+                self._slots(mlp_out, skip, run.resid_mid if skip is not None else None) as slots,
+            ):
+                self.model.model(**inputs, use_cache=False, **extra)
         finally:
             handle.remove()
-        return FrozenOutput(captured[0], torch.stack(slots.resid_mid, dim=2))
+        return FrozenOutput(captured[0], torch.stack(slots.resid_mid, dim=2), list(slots.resid_mid))
 
     @contextlib.contextmanager
-    def _slots(self, override: torch.Tensor | None = None) -> Iterator[_Slots]:
-        """Capture resid_mid and the MLP blocks' outputs; with `override`, make each block emit it instead."""
-        slots = _Slots([], [])
+    def _slots(
+        self,
+        override: torch.Tensor | list[torch.Tensor] | None = None,
+        skip: torch.Tensor | None = None,
+        skip_base: torch.Tensor | None = None,
+    ) -> Iterator[_Slots]:
+        """Capture resid_mid and the MLP blocks' outputs; with `override`, make each block emit it instead.
+
+        With `skip` ([layer, d_in, d_out]) and `skip_base` ([pos, layer, d_model]), each block emits
+        override + (resid_mid − skip_base) @ skip instead, the skip path kept live.
+        """
+        slots = _Slots([], [], override is not None)
         handles = []
-        for layer_index, layer in enumerate(self._layers):
-            adapter = self.model.adapter
-            handles.append(adapter.mlp_input_module(layer).register_forward_pre_hook(slots.capture_input))
-            handles.append(
-                adapter.mlp_output_module(layer).register_forward_hook(slots.output_hook(layer_index, override))
-            )
+        skipped: list[nn.Module] = []
         try:
+            for layer_index, layer in enumerate(self._layers):
+                adapter = self.model.adapter
+                handles.append(adapter.mlp_input_module(layer).register_forward_pre_hook(slots.capture_input))
+                handles.append(
+                    adapter.mlp_output_module(layer).register_forward_hook(
+                        slots.output_hook(layer_index, override, skip, skip_base)
+                    )
+                )
+                mlp = getattr(layer, "mlp", None)
+                if override is not None and isinstance(mlp, nn.Module):
+                    # Its output is replaced anyway: skip the MLP's computation (the costliest part
+                    # of a forward pass) by having it emit zeros of the residual stream's shape.
+                    mlp.forward = _zeros_like_input
+                    skipped.append(mlp)
             yield slots
         finally:
             for handle in handles:
                 handle.remove()
+            for mlp in skipped:
+                del mlp.forward  # the class's own forward shows through again
+
+
+def _zeros_like_input(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return torch.zeros_like(x)
 
 
 @dataclass
 class _Slots:
     resid_mid: list[torch.Tensor]  # per layer: [batch, pos, d_model]
     mlp_out: list[torch.Tensor]  # per layer: [batch, pos, d_model]
+    overridden: bool = False  # the blocks' outputs are replaced, so nothing flows back through them
 
-    def capture_input(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def capture_input(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
         self.resid_mid.append(args[0])
+        if self.overridden and args[0].requires_grad:
+            # The block's output is replaced, so its inside never carries gradient: run it on a
+            # detached input, which spares autograd from saving its intermediate tensors.
+            return (args[0].detach(), *args[1:])
+        return None
 
-    def output_hook(self, layer: int, override: torch.Tensor | None):  # noqa: ANN201 - a forward hook
+    def output_hook(  # noqa: ANN201 - a forward hook
+        self,
+        layer: int,
+        override: torch.Tensor | list[torch.Tensor] | None,
+        skip: torch.Tensor | None = None,
+        skip_base: torch.Tensor | None = None,
+    ):
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             self.mlp_out.append(output)
             if override is None:
                 return None
-            return override[:, :, layer].to(output.dtype)  # cuts the path back through the MLP
+            slot = override[layer] if isinstance(override, list) else override[:, :, layer]
+            out = slot.to(output.dtype)  # cuts the path back through the MLP
+            if skip is not None:
+                moved = self.resid_mid[layer] - skip_base[:, layer].to(self.resid_mid[layer].dtype)  # [batch, pos, d]
+                out = out + (moved.to(skip.dtype) @ skip[layer]).to(output.dtype)
+            return out
 
         return hook
