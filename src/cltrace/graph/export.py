@@ -22,10 +22,10 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import (
@@ -186,18 +186,6 @@ def to_neuronpedia_json(
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_neuronpedia_json(
@@ -219,7 +207,7 @@ def write_neuronpedia_json(
         raise CltraceError(f"cannot write '{path}': directory '{path.parent}' does not exist; create it first")
     slug = slug or path.stem
     data = to_neuronpedia_json(graph, slug=slug, scan=scan, **kwargs)
-    _atomic_write_text(path, json.dumps(data, allow_nan=False))
+    atomic_write_text(path, json.dumps(data, allow_nan=False))
     if update_index:
         index_path = path.parent / "graph-metadata.json"
         index = {"graphs": []}
@@ -230,7 +218,7 @@ def write_neuronpedia_json(
             except (json.JSONDecodeError, AttributeError):
                 raise CltraceError(f"'{index_path}' is not a valid graph index; fix or delete it") from None
         index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [data["metadata"]]
-        _atomic_write_text(index_path, json.dumps(index, indent=2))
+        atomic_write_text(index_path, json.dumps(index, indent=2))
     return data
 
 

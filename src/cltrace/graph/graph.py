@@ -22,7 +22,6 @@ import heapq
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from cltrace.atomic import atomic_write
 from cltrace.errors import CltraceError
 
 #: Version of the on-disk layout written by `Graph.save`; loading a newer one is refused.
@@ -229,28 +229,7 @@ class Graph:
         tensors["edges.source"] = self.edge_source.detach().cpu().contiguous()
         tensors["edges.weight"] = self.edge_weight.detach().cpu().contiguous()
         header = {"format": GRAPH_FORMAT, "schema_version": str(GRAPH_SCHEMA_VERSION), "metadata": meta_json}
-        directory = path.parent if str(path.parent) else Path(".")
-        if not directory.is_dir():
-            raise CltraceError(f"cannot save graph: directory '{directory}' does not exist; create it first")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        try:  # make the rename durable
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), what="graph")
         return path
 
     @classmethod

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.replacement.interventions import Intervention
 
@@ -141,26 +141,11 @@ def save_supernodes(path: str | os.PathLike, supernodes: Mapping[str, Supernode]
     names = [s.name for s in items]
     if len(set(names)) != len(names):
         raise CltraceError("two supernodes share a name; give each its own")
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CltraceError(f"cannot save supernodes: directory '{directory}' does not exist; create it first")
     text = json.dumps(
         {"format": SUPERNODES_FORMAT, "version": SUPERNODES_VERSION, "supernodes": [s.to_dict() for s in items]},
         indent=1,
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, text, what="supernodes")
 
 
 def supernodes_to_qparams(graph, supernodes: Sequence[Supernode] | Mapping[str, Supernode]) -> list[list[str]]:
