@@ -36,6 +36,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
 
+from cltrace.cache import cache_dir
 from cltrace.data.sources import TextSource
 from cltrace.errors import CltraceError
 
@@ -230,8 +231,7 @@ COMPONENTS: tuple[CorpusComponent, ...] = (
 
 def default_install_dir() -> Path:
     """Where :func:`install_default_corpus` unpacks the Debian components by default."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "cltrace" / "default-corpus"
+    return cache_dir() / "default-corpus"
 
 
 def default_roots() -> list[Path]:

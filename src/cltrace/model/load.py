@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cltrace.cache import cache_dir
 from cltrace.errors import CltraceError
 from cltrace.model.adapters import Adapter, adapter_for
 
@@ -27,14 +28,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """cltrace's cache folder: $CLTRACE_CACHE, else $XDG_CACHE_HOME/cltrace, else ~/.cache/cltrace."""
-    if os.environ.get("CLTRACE_CACHE"):
-        return Path(os.environ["CLTRACE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cltrace"
 
 
 @dataclass
