@@ -1,0 +1,125 @@
+"""Harvest: run a model and collect every layer's transcoder input and target.
+
+For each layer l the transcoder reads `resid_mid` (the input of the MLP block's pre-norm) and
+reconstructs what the MLP block adds to the residual stream (the output of the adapter's
+`mlp_output_module`). :class:`Harvester` runs the base transformer (the module under the language
+model head, so no unembedding is computed) with one pre-hook and one hook per layer that copy those
+tensors straight into preallocated buffers, with no gradient and no other bookkeeping, so a
+harvest costs about one plain forward pass.
+
+Every context starts with BOS (the attention sink); its position is left out of what is returned,
+as the reference tool does, because its activations are outliers that no feature should spend
+capacity on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from cltrace.errors import CltraceError
+from cltrace.model.load import LoadedModel
+
+
+class Harvest(NamedTuple):
+    """One harvested batch: transcoder inputs and targets of every non-BOS token."""
+
+    x: torch.Tensor
+    """[tokens, n_layers, d_model] resid_mid of every layer (the transcoder's input)."""
+    y: torch.Tensor
+    """[tokens, n_layers, d_model] what every layer's MLP block adds (the transcoder's target)."""
+
+
+def base_transformer(loaded: LoadedModel) -> nn.Module:
+    """The module under the language-model head (e.g. `LlamaModel`, `GPT2Model`): no unembedding."""
+    model = loaded.model
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return model
+    return base
+
+
+class Harvester:
+    """Runs a model on token batches and returns (x, y) per token, BOS positions left out.
+
+    `harvest(tokens)` takes [batch, n_ctx] token ids whose column 0 is BOS and returns
+    :class:`Harvest` tensors of shape [batch * (n_ctx - 1), n_layers, d_model] in `dtype`
+    (default: the model's). `max_batch` bounds how many contexts go through the model at once;
+    `autocast_bf16` runs the model's matrix products in bfloat16 (faster where the hardware has it).
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, dtype: torch.dtype | None = None, max_batch: int = 16, autocast_bf16: bool = False
+    ) -> None:
+        self.loaded = loaded
+        self.base = base_transformer(loaded)
+        adapter = loaded.adapter
+        self.layers = adapter.decoder_layers(loaded.model)
+        self.mlp_in = [adapter.mlp_input_module(layer) for layer in self.layers]
+        self.mlp_out = [adapter.mlp_output_module(layer) for layer in self.layers]
+        self.n_layers = len(self.layers)
+        self.d_model = loaded.d_model
+        self.dtype = dtype or next(loaded.model.parameters()).dtype
+        if max_batch < 1:
+            raise CltraceError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.autocast_bf16 = autocast_bf16
+
+    @torch.no_grad()
+    def harvest(self, tokens: torch.Tensor) -> Harvest:
+        """(x, y), each [batch * (n_ctx - 1), n_layers, d_model], of token ids [batch, n_ctx]."""
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise CltraceError(
+                f"harvest needs token ids shaped [batch, n_ctx >= 2] with BOS first, got {tuple(tokens.shape)}"
+            )
+        if tokens.shape[1] > self.loaded.max_context:
+            raise CltraceError(
+                f"contexts of {tokens.shape[1]} tokens exceed the model's context of {self.loaded.max_context}; "
+                "lower n_ctx"
+            )
+        B, T = tokens.shape
+        L, d = self.n_layers, self.d_model
+        x = torch.empty(B, T - 1, L, d, dtype=self.dtype)
+        y = torch.empty(B, T - 1, L, d, dtype=self.dtype)
+        device = self.loaded.device
+        for start in range(0, B, self.max_batch):
+            chunk = tokens[start : start + self.max_batch].to(device)
+            self._run(chunk, x[start : start + chunk.shape[0]], y[start : start + chunk.shape[0]])
+        return Harvest(x.view(B * (T - 1), L, d), y.view(B * (T - 1), L, d))
+
+    def _run(self, ids: torch.Tensor, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
+        handles = []
+
+        def grab_in(l: int):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x_out[:, :, l].copy_(args[0][:, 1:])  # BOS left out
+
+            return hook
+
+        def grab_out(l: int):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                out = output[0] if isinstance(output, tuple) else output
+                y_out[:, :, l].copy_(out[:, 1:])
+
+            return hook
+
+        try:
+            for l in range(self.n_layers):
+                handles.append(self.mlp_in[l].register_forward_pre_hook(grab_in(l)))
+                handles.append(self.mlp_out[l].register_forward_hook(grab_out(l)))
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                self.base(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def stream(self, batches: Iterator) -> Iterator[tuple[Harvest, object]]:
+        """Harvest every `PackedBatch` of `batches`; yields (Harvest, the batch's resume position)."""
+        for batch in batches:
+            yield self.harvest(batch.tokens), batch.position
+
+
+__all__ = ["Harvest", "Harvester", "base_transformer"]

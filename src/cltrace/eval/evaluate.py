@@ -1,0 +1,264 @@
+"""How good a transcoder is, in the field's terms, on held-out text.
+
+* NMSE per layer: Σ‖ŷ − y‖² / Σ‖y − ȳ‖² over the evaluated tokens (ȳ: the layer's mean target),
+  and its mean over layers.
+* L0 per layer: mean active features per token; `l0_mean` is its mean over layers and
+  `l0_total` its sum.
+* Dead fraction: features that never fired on the evaluated tokens.
+* Spliced-in: the model with every MLP block's output replaced by the transcoder's reconstruction
+  (no error term), computed layer by layer in one forward pass (a CLT's output at layer l needs
+  the features of layers ≤ l, whose inputs already depend on the spliced outputs below);
+  KL(original ‖ spliced) of the next-token distribution (nats, mean over tokens) and top-1
+  agreement. The BOS position (the attention sink, on which transcoders are not trained) keeps
+  its original MLP outputs and is not scored.
+
+BOS positions are left out of every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cltrace.errors import CltraceError
+from cltrace.model.load import LoadedModel
+from cltrace.transcoder import JumpReLU, ReLU, TopK, Transcoder
+
+
+def layer_activations(tc: Transcoder, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """Activations [..., F] of layer `layer`'s features on its input x [..., d]."""
+    pre = x.to(tc.W_enc.dtype) @ tc.W_enc[layer].T + tc.b_enc[layer]  # [..., F]
+    act = tc.activation
+    if isinstance(act, JumpReLU):
+        return pre * (pre > act.threshold[layer])
+    if isinstance(act, ReLU):
+        return torch.relu(pre)
+    if isinstance(act, TopK):
+        values, indices = pre.topk(act.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    raise CltraceError(f"unsupported activation {type(act).__name__}")
+
+
+def layer_reconstruction(tc: Transcoder, layer: int, acts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Reconstruction [..., d] of layer `layer`'s MLP output from the activations of layers ≤ layer."""
+    if tc.config.kind == "clt":
+        out = tc.b_dec[layer].expand(*acts[layer].shape[:-1], tc.d_model)
+        for k in range(layer + 1):
+            out = out + acts[k] @ tc.W_dec[k][:, layer - k, :]
+        return out
+    out = acts[layer] @ tc.W_dec[layer] + tc.b_dec[layer]
+    if tc.W_skip is not None:
+        out = out + x.to(tc.W_skip.dtype) @ tc.W_skip[layer]
+    return out
+
+
+class _Hooks:
+    """Capture (and optionally splice) every layer's MLP input and output during one forward pass."""
+
+    def __init__(self, loaded: LoadedModel, tc: Transcoder | None) -> None:
+        adapter = loaded.adapter
+        layers = adapter.decoder_layers(loaded.model)
+        self.mlp_in = [adapter.mlp_input_module(layer) for layer in layers]
+        self.mlp_out = [adapter.mlp_output_module(layer) for layer in layers]
+        self.tc = tc
+        self.x: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
+        self.acts: list[torch.Tensor] = []
+
+    def __enter__(self) -> _Hooks:
+        self.handles = []
+        for l, (mi, mo) in enumerate(zip(self.mlp_in, self.mlp_out)):
+            self.handles.append(mi.register_forward_pre_hook(self._pre(l)))
+            self.handles.append(mo.register_forward_hook(self._post(l)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, l: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0][:, 1:]  # [B, T-1, d] BOS left out
+            self.x.append(x)
+            if self.tc is not None:
+                self.acts.append(layer_activations(self.tc, l, x))
+
+        return hook
+
+    def _post(self, l: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            out = output[0] if isinstance(output, tuple) else output
+            self.y.append(out[:, 1:])
+            if self.tc is None:
+                return None
+            recon = layer_reconstruction(self.tc, l, self.acts, self.x[l]).to(out.dtype)
+            spliced = torch.cat([out[:, :1], recon], dim=1)
+            return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
+
+        return hook
+
+
+def token_batches(
+    loaded: LoadedModel,
+    source: Any,
+    n_tokens: int,
+    *,
+    n_ctx: int = 128,
+    batch_size: int = 8,
+    tokenize: Callable[[str], Sequence[int]] | None = None,
+    heldout_fraction: float = 0.01,
+    split_seed: int = 0,
+    split: str = "heldout",
+    bos_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """[batch, n_ctx] token batches (BOS first) of `source`'s held-out split, ≥ n_tokens non-BOS tokens in all.
+
+    `source` is a spec string ("default", a path, "hf:..."), an iterable of documents, or a
+    LongTensor [n, n_ctx] of ready token contexts.
+    """
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2 or source.shape[1] < 2:
+            raise CltraceError(f"token contexts must be [n, n_ctx >= 2], got {tuple(source.shape)}")
+        per = source.shape[1] - 1
+        need = -(-n_tokens // per)
+        yield from source[:need].split(batch_size)
+        return
+    from cltrace.data.packing import PackConfig, hf_tokenize, pack_batches
+    from cltrace.data.sources import open_text_source
+
+    if isinstance(source, str):
+        source = open_text_source(source)
+    if tokenize is None:
+        if loaded.tokenizer is None:
+            raise CltraceError(f"model '{loaded.name}' has no tokenizer: pass tokenize or token ids")
+        tokenize = hf_tokenize(loaded.tokenizer)
+    bos = bos_id if bos_id is not None else loaded.bos_id()
+    if bos is None:
+        raise CltraceError(f"model '{loaded.name}' has no BOS or EOS token to start contexts with")
+    sep = loaded.tokenizer.eos_token_id if loaded.tokenizer is not None else None
+    pack = PackConfig(n_ctx=n_ctx, batch_size=batch_size, bos_id=bos, sep_id=sep, split=split,  # type: ignore[arg-type]
+                      heldout_fraction=heldout_fraction, split_seed=split_seed, drop_last=False)
+    got = 0
+    for batch in pack_batches(source, tokenize, pack):
+        yield batch.tokens
+        got += batch.tokens.shape[0] * (n_ctx - 1)
+        if got >= n_tokens:
+            return
+
+
+@torch.no_grad()
+def evaluate(
+    model: LoadedModel,
+    transcoder: Transcoder,
+    source: Any,
+    n_tokens: int = 4096,
+    *,
+    n_ctx: int = 128,
+    batch_size: int = 8,
+    tokenize: Callable[[str], Sequence[int]] | None = None,
+    heldout_fraction: float = 0.01,
+    split_seed: int = 0,
+    spliced: bool = True,
+    bos_id: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `transcoder` on `model` over about `n_tokens` held-out tokens of `source`.
+
+    Returns a JSON-ready dict: `nmse_mean`, `nmse_per_layer`, `l0_mean`, `l0_total`,
+    `l0_per_layer`, `dead_fraction`, `dead_fraction_per_layer`, `spliced_kl`, `spliced_top1`,
+    `n_tokens` (tokens scored; BOS excluded), and the model and transcoder shapes.
+    """
+    cfg = transcoder.config
+    if cfg.n_layers != model.n_layers or cfg.d_model != model.d_model:
+        raise CltraceError(
+            f"the transcoder ({cfg.n_layers} layers, d_model {cfg.d_model}) does not fit model '{model.name}' "
+            f"({model.n_layers} layers, d_model {model.d_model}): evaluate it on the model it was trained for"
+        )
+    if n_tokens < 1:
+        raise CltraceError(f"n_tokens must be at least 1, got {n_tokens}")
+    tc = transcoder
+    L, Fn = cfg.n_layers, cfg.n_features
+    sq_err = torch.zeros(L, dtype=torch.float64)
+    sum_y = torch.zeros(L, cfg.d_model, dtype=torch.float64)
+    sum_y2 = torch.zeros(L, dtype=torch.float64)
+    active = torch.zeros(L, dtype=torch.float64)
+    fired = torch.zeros(L, Fn, dtype=torch.bool)
+    kl_sum, agree, n_scored = 0.0, 0, 0
+    device = model.device
+    batches = token_batches(model, source, n_tokens, n_ctx=n_ctx, batch_size=batch_size, tokenize=tokenize,
+                            heldout_fraction=heldout_fraction, split_seed=split_seed, bos_id=bos_id)
+    for tokens in batches:
+        tokens = tokens.to(device)
+        if n_scored >= n_tokens:
+            break
+        hooks = _Hooks(model, None)
+        with hooks:
+            logits = model.model(input_ids=tokens, use_cache=False).logits[:, 1:]  # [B, T-1, V]
+        x = torch.stack(hooks.x, dim=2).reshape(-1, L, cfg.d_model)  # [N, L, d]
+        y = torch.stack(hooks.y, dim=2).reshape(-1, L, cfg.d_model).to(torch.float64)
+        acts = tc.encode(x)  # [N, L, F]
+        recon = tc.decode(acts, x).to(torch.float64)
+        sq_err += (recon - y).pow(2).sum(dim=(0, 2))
+        sum_y += y.sum(0)
+        sum_y2 += y.pow(2).sum(dim=(0, 2))
+        nz = acts != 0
+        active += nz.sum(dim=(0, 2)).double()
+        fired |= nz.any(0)
+        n = x.shape[0]
+        if spliced:
+            with _Hooks(model, tc):
+                sp = model.model(input_ids=tokens, use_cache=False).logits[:, 1:]
+            lp_o = F.log_softmax(logits.double(), dim=-1)
+            lp_s = F.log_softmax(sp.double(), dim=-1)
+            kl_sum += float((lp_o.exp() * (lp_o - lp_s)).sum())
+            agree += int((logits.argmax(-1) == sp.argmax(-1)).sum())
+        n_scored += n
+    if n_scored == 0:
+        raise CltraceError("no held-out tokens to evaluate on: give a source with more text")
+    var = sum_y2 - sum_y.pow(2).sum(-1) / n_scored
+    nmse = (sq_err / var.clamp_min(1e-30)).tolist()
+    l0 = (active / n_scored).tolist()
+    dead = (~fired).double().mean(-1).tolist()
+    return {
+        "model": model.name,
+        "kind": cfg.kind,
+        "n_layers": L,
+        "n_features": Fn,
+        "n_tokens": n_scored,
+        "nmse_mean": sum(nmse) / L,
+        "l0_mean": sum(l0) / L,
+        "l0_total": sum(l0),
+        "dead_fraction": float((~fired).double().mean()),
+        "spliced_kl": kl_sum / n_scored if spliced else None,
+        "spliced_top1": agree / n_scored if spliced else None,
+        "nmse_per_layer": nmse,
+        "l0_per_layer": l0,
+        "dead_fraction_per_layer": dead,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The evaluation as a plain-text table (summary, then one row per layer)."""
+    lines = [
+        (
+            f"model {result['model']} · {result['kind'].upper()} {result['n_layers']} x {result['n_features']} "
+            f"features · {result['n_tokens']} held-out tokens"
+        ),
+        f"NMSE mean          {result['nmse_mean']:.4f}",
+        f"L0 mean per layer  {result['l0_mean']:.2f}   (total {result['l0_total']:.1f})",
+        f"dead fraction      {result['dead_fraction']:.4f}",
+    ]
+    if result.get("spliced_kl") is not None:
+        lines.append(f"spliced KL (nats)  {result['spliced_kl']:.4f}")
+        lines.append(f"spliced top-1      {100 * result['spliced_top1']:.2f}%")
+    lines.append("")
+    lines.append(f"{'layer':>5}  {'NMSE':>8}  {'L0':>8}  {'dead':>6}")
+    for l, (n, z, d) in enumerate(zip(result["nmse_per_layer"], result["l0_per_layer"], result["dead_fraction_per_layer"])):
+        lines.append(f"{l:>5}  {n:>8.4f}  {z:>8.2f}  {d:>6.3f}")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "format_table", "layer_activations", "layer_reconstruction", "token_batches"]

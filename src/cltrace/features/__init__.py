@@ -1,0 +1,29 @@
+"""Feature pages: what each transcoder feature means, stored in one SQLite file per transcoder."""
+
+from cltrace.features.build import (
+    BuildParams,
+    build_feature_store,
+    token_views,
+    transcoder_fingerprint,
+)
+from cltrace.features.store import (
+    Example,
+    FeaturePage,
+    FeatureStore,
+    Labeller,
+    TokenLabeller,
+    TokenScore,
+)
+
+__all__ = [
+    "BuildParams",
+    "Example",
+    "FeaturePage",
+    "FeatureStore",
+    "Labeller",
+    "TokenLabeller",
+    "TokenScore",
+    "build_feature_store",
+    "token_views",
+    "transcoder_fingerprint",
+]

@@ -1,0 +1,425 @@
+"""The feature store: one SQLite file per transcoder, holding what a researcher needs to read each feature.
+
+Schema (version :data:`SCHEMA_VERSION`):
+
+``meta(key, value)``
+    JSON values: ``schema_version``, ``transcoder`` (its config), ``fingerprint`` (sha256 of its
+    weights), ``model``, ``params`` (the build settings that must stay fixed across resumes),
+    ``tokens`` (tokens analysed, BOS positions not counted), ``contexts``, ``position`` (the
+    data position to resume from), ``status`` ("building" or "complete"), ``vocab_size``.
+``vocab(token_id, text)``
+    The tokenizer's text of every token, so that pages are shown without loading the model.
+``contexts(ctx_id, tokens)``
+    Every context analysed, its token ids (BOS first) as an int32 blob.
+``state(name, dtype, shape, data)``
+    The builder's running tensors (top-k heaps, reservoirs, counts, histograms) as raw blobs, so
+    that a build resumes or extends exactly where it stopped.
+``features(layer, feature, ...)``
+    One row per feature: count, density, max and mean activation, histogram, promoted and
+    suppressed tokens, input tokens, automatic label.
+``examples(layer, feature, kind, rank, ...)``
+    The contexts shown on a page: ``kind`` is "top" (rank 0 the highest) or "q{band}" (a uniform
+    sample of the feature's activations, cut into activation quantile bands; band 0 the lowest).
+``labels(layer, feature, label, updated)``
+    Labels a person wrote; kept apart so a rebuild never overwrites them.
+
+Every write goes through one SQLite transaction in WAL mode, so a killed process leaves the
+database as it was at the last commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cltrace.errors import CltraceError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS contexts (ctx_id INTEGER PRIMARY KEY, tokens BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS features (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL,
+    count INTEGER NOT NULL, density REAL NOT NULL, max_act REAL NOT NULL, mean_act REAL NOT NULL,
+    hist TEXT NOT NULL, promoted TEXT NOT NULL, suppressed TEXT NOT NULL, inputs TEXT NOT NULL,
+    auto_label TEXT NOT NULL,
+    PRIMARY KEY (layer, feature)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS examples (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
+    ctx_id INTEGER NOT NULL, pos INTEGER NOT NULL, act REAL NOT NULL, acts BLOB NOT NULL,
+    PRIMARY KEY (layer, feature, kind, rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS labels (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL, label TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (layer, feature)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS features_auto_label ON features (auto_label);
+"""
+
+
+def connect(path: str | Path, wal: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with full durability of commits;
+    `wal` switches the file to WAL mode (the builder does; the mode then stays with the file)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    if wal:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def read_meta(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Every meta key with its JSON-decoded value."""
+    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+
+
+def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
+    )
+
+
+# -- pages -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenScore:
+    """A token and a score (a logit effect, an encoder product or a mean activation)."""
+
+    token: int
+    text: str
+    score: float
+
+
+@dataclass
+class Example:
+    """One context where the feature fired: the tokens of a window around `pos` and their activations."""
+
+    ctx_id: int
+    pos: int
+    """Position of the marked token in its context (0 is BOS)."""
+    act: float
+    """The feature's activation at `pos`."""
+    tokens: list[int]
+    texts: list[str]
+    acts: list[float]
+    """Activations of the window's tokens (0 where inactive)."""
+    mark: int
+    """Index in `tokens` of the marked token."""
+    band: int | None = None
+    """The quantile band of a sampled example (0 the lowest), None for a top example."""
+
+    def render(self, left: str = "«", right: str = "»") -> str:
+        """The window as one line of text with the marked token between `left` and `right`."""
+        parts = [
+            f"{left}{t}{right}" if i == self.mark else t for i, t in enumerate(_printable(x) for x in self.texts)
+        ]
+        return "".join(parts)
+
+
+@dataclass
+class FeaturePage:
+    """What the store knows about one feature."""
+
+    layer: int
+    feature: int
+    label: str | None
+    """The label a person gave, if any."""
+    auto_label: str
+    count: int
+    """Tokens where the feature was active."""
+    density: float
+    """count / tokens analysed."""
+    max_act: float
+    mean_act: float
+    """Mean activation over the tokens where it was active."""
+    hist_edges: list[float]
+    """Edges of the histogram's bins; bin 0 holds activations below edges[0], the last those above edges[-1]."""
+    hist_counts: list[int]
+    promoted: list[TokenScore]
+    """Tokens whose logits its decoder raises most (decoder · final norm weight · unembedding)."""
+    suppressed: list[TokenScore]
+    """Tokens whose logits its decoder lowers most."""
+    inputs: list[TokenScore]
+    """Input tokens that drive it most (encoder · token embedding)."""
+    top: list[Example]
+    """The contexts of its highest activations, highest first."""
+    samples: list[Example] = field(default_factory=list)
+    """Contexts sampled uniformly from its activations, ordered by quantile band, lowest first."""
+    tokens_analysed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}:{self.feature}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (for the web UI and scripts)."""
+        return {**dataclasses.asdict(self), "name": self.name, "display_label": self.display_label}
+
+    @property
+    def display_label(self) -> str:
+        return self.label if self.label else self.auto_label
+
+
+class Labeller(Protocol):
+    """Makes an automatic label from a page (its `label` and `auto_label` are not yet set)."""
+
+    def __call__(self, page: FeaturePage) -> str: ...
+
+
+def _printable(text: str) -> str:
+    return text.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "")
+
+
+def _short(text: str) -> str:
+    return repr(_printable(text).strip() or _printable(text))
+
+
+class TokenLabeller:
+    """The default labeller, needing no language model: the tokens it fires on and the tokens it says.
+
+    E.g. ``"on ' Paris'/' France' → say ' French'/' Paris'"``.
+    """
+
+    def __init__(self, n_fire: int = 2, n_say: int = 3) -> None:
+        self.n_fire = n_fire
+        self.n_say = n_say
+
+    def __call__(self, page: FeaturePage) -> str:
+        if page.count == 0:
+            return "dead"
+        freq: dict[str, int] = {}
+        for ex in page.top:
+            text = ex.texts[ex.mark]
+            freq[text] = freq.get(text, 0) + 1
+        fire = sorted(freq, key=lambda t: -freq[t])[: self.n_fire]
+        say = [s.text for s in page.promoted[: self.n_say]]
+        left = "on " + "/".join(_short(t) for t in fire) if fire else "fires"
+        right = " → say " + "/".join(_short(t) for t in say) if say else ""
+        return left + right
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+
+def _blob_floats(blob: bytes, dtype: str = "<f2") -> list[float]:
+    return np.frombuffer(blob, dtype=dtype).astype(np.float64).tolist()
+
+
+class FeatureStore:
+    """Read (and label) a feature store built by :func:`cltrace.features.build_feature_store`.
+
+    >>> store = FeatureStore("features.db")
+    >>> page = store.page(3, 117)
+    >>> store.set_label(3, 117, "acronym: say the next capital letter")
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CltraceError(f"feature store '{path}' does not exist: build it with `cltrace features build`")
+        try:
+            self.conn = connect(self.path, wal=False)
+            self.meta = read_meta(self.conn)
+        except sqlite3.DatabaseError as exc:
+            raise CltraceError(f"'{path}' is not a feature store ({exc}): pass a database built by `cltrace features build`") from None
+        version = self.meta.get("schema_version")
+        if version is None:
+            raise CltraceError(f"'{path}' is not a feature store (no schema version): build one with `cltrace features build`")
+        if version != SCHEMA_VERSION:
+            raise CltraceError(
+                f"feature store '{path}' has schema version {version}; this cltrace reads version {SCHEMA_VERSION}: rebuild it"
+            )
+        cfg = self.meta["transcoder"]
+        self.n_layers, self.n_features = int(cfg["n_layers"]), int(cfg["n_features"])
+        self._vocab: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> FeatureStore:  # noqa: PYI034 - Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    def _check_feature(self, layer: int, feature: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise CltraceError(f"unknown feature {layer}:{feature}: layer must be in [0, {self.n_layers})")
+        if not 0 <= feature < self.n_features:
+            raise CltraceError(f"unknown feature {layer}:{feature}: feature must be in [0, {self.n_features})")
+
+    def texts(self, token_ids: Iterable[int]) -> dict[int, str]:
+        """The text of each token id (cached)."""
+        missing = sorted({int(t) for t in token_ids} - self._vocab.keys())
+        for start in range(0, len(missing), 900):
+            chunk = missing[start : start + 900]
+            q = ",".join("?" * len(chunk))
+            for tid, text in self.conn.execute(f"SELECT token_id, text FROM vocab WHERE token_id IN ({q})", chunk):
+                self._vocab[tid] = text
+            for tid in chunk:
+                self._vocab.setdefault(tid, f"<{tid}>")
+        return self._vocab
+
+    def page(self, layer: int, feature: int) -> FeaturePage:
+        """The page of feature `layer:feature`; CltraceError if the store does not have it."""
+        self._check_feature(layer, feature)
+        row = self.conn.execute(
+            "SELECT count, density, max_act, mean_act, hist, promoted, suppressed, inputs, auto_label "
+            "FROM features WHERE layer=? AND feature=?",
+            (layer, feature),
+        ).fetchone()
+        if row is None:
+            status = self.meta.get("status")
+            raise CltraceError(
+                f"feature {layer}:{feature} is not in '{self.path}'"
+                + (" (its build has not finished: run `cltrace features build` again to complete it)" if status != "complete" else "")
+            )
+        count, density, max_act, mean_act, hist, promoted, suppressed, inputs, auto_label = row
+        label_row = self.conn.execute("SELECT label FROM labels WHERE layer=? AND feature=?", (layer, feature)).fetchone()
+        ex_rows = self.conn.execute(
+            "SELECT kind, rank, ctx_id, pos, act, acts FROM examples WHERE layer=? AND feature=? ORDER BY kind, rank",
+            (layer, feature),
+        ).fetchall()
+        ctx_ids = sorted({r[2] for r in ex_rows})
+        ctx_tokens: dict[int, np.ndarray] = {}
+        if ctx_ids:
+            q = ",".join("?" * len(ctx_ids))
+            for cid, blob in self.conn.execute(f"SELECT ctx_id, tokens FROM contexts WHERE ctx_id IN ({q})", ctx_ids):
+                ctx_tokens[cid] = np.frombuffer(blob, dtype="<i4")
+        params = self.meta["params"]
+        before, after = int(params["window_before"]), int(params["window_after"])
+        windows = []
+        for kind, rank, cid, pos, act, acts_blob in ex_rows:
+            toks = ctx_tokens[cid]
+            acts = _blob_floats(acts_blob)
+            lo, hi = max(1, pos - before), min(len(toks) - 1, pos + after)
+            windows.append((kind, rank, cid, pos, act, toks[lo : hi + 1].tolist(), acts[lo - (pos - before) : hi + 1 - (pos - before)], pos - lo))
+        hist_data = json.loads(hist)
+        promoted_l, suppressed_l, inputs_l = json.loads(promoted), json.loads(suppressed), json.loads(inputs)
+        vocab = self.texts(
+            [t for w in windows for t in w[5]] + [t for t, _ in promoted_l] + [t for t, _ in suppressed_l] + [t for t, _ in inputs_l]
+        )
+        top, samples = [], []
+        for kind, rank, cid, pos, act, toks, acts, mark in windows:
+            ex = Example(cid, pos, act, toks, [vocab[t] for t in toks], acts, mark, None if kind == "top" else int(kind[1:]))
+            (top if kind == "top" else samples).append(ex)
+        samples.sort(key=lambda e: (e.band, e.act))
+        return FeaturePage(
+            layer=layer,
+            feature=feature,
+            label=label_row[0] if label_row else None,
+            auto_label=auto_label,
+            count=count,
+            density=density,
+            max_act=max_act,
+            mean_act=mean_act,
+            hist_edges=self.meta["params"]["hist_edges"],
+            hist_counts=hist_data,
+            promoted=[TokenScore(t, vocab[t], s) for t, s in promoted_l],
+            suppressed=[TokenScore(t, vocab[t], s) for t, s in suppressed_l],
+            inputs=[TokenScore(t, vocab[t], s) for t, s in inputs_l],
+            top=top,
+            samples=samples,
+            tokens_analysed=int(self.meta.get("tokens", 0)),
+        )
+
+    # -- labels ------------------------------------------------------------------------------------
+
+    def set_label(self, layer: int, feature: int, label: str | None) -> None:
+        """Set a feature's label (None or "" removes it); kept across rebuilds and extensions."""
+        self._check_feature(layer, feature)
+        with _transaction(self.conn):
+            if label:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO labels (layer, feature, label, updated) VALUES (?, ?, ?, ?)",
+                    (layer, feature, label, time.time()),
+                )
+            else:
+                self.conn.execute("DELETE FROM labels WHERE layer=? AND feature=?", (layer, feature))
+
+    def labels(self) -> dict[tuple[int, int], str]:
+        """Every label a person set."""
+        return {(l, f): s for l, f, s in self.conn.execute("SELECT layer, feature, label FROM labels")}
+
+    def search(self, text: str, limit: int = 50) -> list[tuple[int, int, str]]:
+        """Features whose label (or, without one, automatic label) contains `text` (case-insensitive):
+        (layer, feature, label), by layer then feature."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.conn.execute(
+            "SELECT f.layer, f.feature, COALESCE(l.label, f.auto_label) AS shown FROM features f "
+            "LEFT JOIN labels l ON l.layer=f.layer AND l.feature=f.feature "
+            "WHERE shown LIKE ? ESCAPE '\\' ORDER BY f.layer, f.feature LIMIT ?",
+            (pattern, limit),
+        )
+        return [(int(l), int(f), s) for l, f, s in rows]
+
+    def stats(self) -> dict[str, Any]:
+        """Summary: model, transcoder, tokens analysed, build status, dead/alive features, mean density."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), SUM(count > 0), AVG(density), MAX(max_act) FROM features"
+        ).fetchone()
+        n_rows, alive, mean_density, max_act = row
+        cfg = self.meta["transcoder"]
+        return {
+            "path": str(self.path),
+            "schema_version": self.meta["schema_version"],
+            "model": self.meta.get("model"),
+            "transcoder": f"{cfg['kind']} {cfg['n_layers']}x{cfg['n_features']}",
+            "fingerprint": self.meta.get("fingerprint"),
+            "status": self.meta.get("status"),
+            "tokens": int(self.meta.get("tokens", 0)),
+            "contexts": int(self.meta.get("contexts", 0)),
+            "features": int(n_rows or 0),
+            "alive": int(alive or 0),
+            "dead": int((n_rows or 0) - (alive or 0)),
+            "mean_density": float(mean_density or 0.0),
+            "max_act": float(max_act or 0.0),
+            "labels": int(self.conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]),
+            "bytes": self.path.stat().st_size,
+        }
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+
+
+transaction = _transaction
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Example",
+    "FeaturePage",
+    "FeatureStore",
+    "Labeller",
+    "TokenLabeller",
+    "TokenScore",
+    "connect",
+]

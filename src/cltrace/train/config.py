@@ -1,0 +1,267 @@
+"""Training configuration: one dataclass, a docstring per field, JSON round trip, presets.
+
+Every run writes its `TrainConfig` as `config.json` beside its outputs, so a run folder says how
+to reproduce it. `from_dict` rejects unknown keys and impossible values with a `CltraceError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cltrace.errors import CltraceError
+
+DECODES = ("sparse", "dense")
+TRAIN_DTYPES = ("float32", "bfloat16", "float64")
+HARVEST_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train a transcoder: what, on which model and text, for how long, with which loss."""
+
+    # -- what is trained ---------------------------------------------------------------------------
+    kind: str = "clt"
+    """"clt" (cross-layer transcoder) or "plt" (per-layer transcoders)."""
+    n_features: int = 512
+    """Features per layer, F."""
+    activation: str = "jumprelu"
+    """Feature nonlinearity: "jumprelu" (default), "relu" or "topk"."""
+    topk_k: int | None = None
+    """Features kept per layer and token when activation is "topk"; null otherwise."""
+    skip: bool = False
+    """PLT only: learn a linear skip path x_l @ W_skip_l beside the features."""
+
+    # -- data --------------------------------------------------------------------------------------
+    model: str = "default"
+    """Model to train on: "default" (SmolLM2-135M-Instruct), a hub id, a local directory or a .gguf file."""
+    source: str = "default"
+    """Text source: "default" (offline corpus), a .txt/.jsonl/.parquet file or folder, or "hf:NAME[:CONFIG][:SPLIT]"."""
+    text_column: str = "text"
+    """Column/field holding the text in .jsonl, .parquet and Hugging Face sources."""
+    n_ctx: int = 128
+    """Tokens per context, BOS included; the BOS position is not trained on."""
+    batch_tokens: int = 1024
+    """Tokens per optimiser step."""
+    total_tokens: int = 1_000_000
+    """Training tokens in all (the run takes total_tokens // batch_tokens steps)."""
+    shuffle_contexts: int = 32
+    """Contexts harvested together and shuffled token-wise before being cut into steps (the shuffle buffer)."""
+    harvest_batch: int = 16
+    """Contexts per forward pass of the model while harvesting."""
+    norm_tokens: int = 4096
+    """Tokens of the first shuffle buffer used to estimate the per-layer normalisation scales."""
+    heldout_fraction: float = 0.01
+    """Share of documents (by text hash) held out from training and used by the final evaluation."""
+    split_seed: int = 0
+    """Salt of the held-out split's hash."""
+
+    # -- optimisation ------------------------------------------------------------------------------
+    lr: float = 3e-4
+    """Adam learning rate; constant, then decayed linearly to zero over the last `lr_decay_frac` of steps."""
+    lr_decay_frac: float = 0.2
+    """Share of the run, at its end, over which the learning rate decays linearly to zero."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    sparsity_lambda: float = 2e-4
+    """λ of the sparsity penalty λ Σ_i tanh(c · ‖W_dec,i‖ · a_i) (per token, summed over all features)."""
+    sparsity_c: float = 1.0
+    """c, the tanh scale of the sparsity penalty."""
+    sparsity_warmup_frac: float = 0.5
+    """Share of the run, from its start, over which λ ramps linearly from 0 to sparsity_lambda."""
+    preact_lambda: float = 3e-6
+    """λ_p of the pre-activation loss λ_p Σ_i ReLU(θ_i − h_i) · ‖W_dec,i‖, which keeps features alive."""
+    threshold_init: float = 0.03
+    """Initial JumpReLU threshold, on normalised inputs (mean norm √d_model)."""
+    bandwidth: float = 0.1
+    """Width ε of the rectangle kernel of the JumpReLU threshold's straight-through estimator."""
+    seed: int = 0
+    """Seed of the initial weights and of the token shuffle."""
+    dtype: str = "float32"
+    """Compute dtype of training: "float32", "bfloat16" (fp32 weights and Adam, bf16 matrix products under
+    autocast; several times faster on CPUs with AVX512-BF16/AMX and on GPUs) or "float64" (exactness tests)."""
+    harvest_dtype: str = "float32"
+    """Compute dtype of the model while harvesting: "float32" or "bfloat16" (autocast; faster, ~3% noise on activations)."""
+    decode: str = "sparse"
+    """"sparse" (decode only the active features; default) or "dense" (the naive full decoder product)."""
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    checkpoint_every: int = 100
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+    log_every: int = 10
+    """Steps between lines of metrics.jsonl."""
+    dead_window: int = 10_000_000
+    """A feature that has not fired in this many training tokens (or the whole run, if shorter) is dead."""
+    eval_tokens: int = 4096
+    """Held-out tokens of the final evaluation (0 skips it)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_tokens // self.batch_tokens
+
+    def validate(self) -> None:
+        """Raise CltraceError naming the first impossible value."""
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise CltraceError(f"train config: {message}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+        require(self.kind in ("clt", "plt"), f"kind must be 'clt' or 'plt', got {self.kind!r}")
+        require(self.activation in ("jumprelu", "relu", "topk"),
+                f"activation must be 'jumprelu', 'relu' or 'topk', got {self.activation!r}")
+        for name in ("n_features", "n_ctx", "batch_tokens", "total_tokens", "shuffle_contexts", "harvest_batch",
+                     "norm_tokens", "checkpoint_every", "log_every", "dead_window"):
+            v = getattr(self, name)
+            require(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        require(self.n_ctx >= 2, f"n_ctx must be at least 2 (BOS plus one token), got {self.n_ctx}")
+        require(is_int(self.eval_tokens) and self.eval_tokens >= 0, f"eval_tokens must be an integer >= 0, got {self.eval_tokens!r}")
+        require(is_int(self.seed) and is_int(self.split_seed), "seed and split_seed must be integers")
+        if self.activation == "topk":
+            require(is_int(self.topk_k) and 1 <= self.topk_k <= self.n_features,
+                    f"topk_k must be an integer in [1, n_features={self.n_features}] for activation 'topk', got {self.topk_k!r}")
+        else:
+            require(self.topk_k is None, f"topk_k is only for activation 'topk'; set it to null (got {self.topk_k!r})")
+        require(isinstance(self.skip, bool), f"skip must be true or false, got {self.skip!r}")
+        require(not (self.skip and self.kind != "plt"), "skip is only for kind 'plt'; set skip to false")
+        for name in ("model", "source", "text_column"):
+            v = getattr(self, name)
+            require(isinstance(v, str) and v.strip() != "", f"{name} must be a non-empty string, got {v!r}")
+        buffer_tokens = self.shuffle_contexts * (self.n_ctx - 1)
+        require(self.batch_tokens <= buffer_tokens,
+                f"batch_tokens={self.batch_tokens} exceeds the shuffle buffer of shuffle_contexts x (n_ctx - 1) = "
+                f"{buffer_tokens} tokens; raise shuffle_contexts or lower batch_tokens")
+        require(self.total_tokens >= self.batch_tokens,
+                f"total_tokens={self.total_tokens} is less than one step of batch_tokens={self.batch_tokens}")
+        require(is_num(self.heldout_fraction) and 0 < self.heldout_fraction < 1,
+                f"heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
+        require(is_num(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr!r}")
+        for name in ("lr_decay_frac", "sparsity_warmup_frac"):
+            v = getattr(self, name)
+            require(is_num(v) and 0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            require(is_num(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+        for name in ("grad_clip", "sparsity_lambda", "preact_lambda"):
+            v = getattr(self, name)
+            require(is_num(v) and v >= 0, f"{name} must be a number >= 0, got {v!r}")
+        for name in ("sparsity_c", "bandwidth"):
+            v = getattr(self, name)
+            require(is_num(v) and v > 0, f"{name} must be a positive number, got {v!r}")
+        require(is_num(self.threshold_init) and self.threshold_init >= 0,
+                f"threshold_init must be a number >= 0, got {self.threshold_init!r}")
+        require(self.dtype in TRAIN_DTYPES, f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        require(self.harvest_dtype in HARVEST_DTYPES,
+                f"harvest_dtype must be one of {', '.join(HARVEST_DTYPES)}, got {self.harvest_dtype!r}")
+        require(self.decode in DECODES, f"decode must be 'sparse' or 'dense', got {self.decode!r}")
+
+    # -- JSON ---------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build a config, rejecting unknown keys (and, through validation, impossible values)."""
+        if not isinstance(data, dict):
+            raise CltraceError(f"train config must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise CltraceError(f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "config") -> TrainConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CltraceError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or delete it") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise CltraceError(f"no train config at {path}")
+        return cls.from_json(path.read_text(encoding="utf-8"), where=str(path))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with some fields replaced (unknown names and impossible values rejected)."""
+        data = self.to_dict()
+        names = set(data)
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise CltraceError(f"train config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        data.update(overrides)
+        return TrainConfig(**data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"key=value"` → (key, value), the value read as JSON where it parses (numbers, true, null), else a string."""
+    if "=" not in text:
+        raise CltraceError(f"override {text!r} must look like key=value (for example lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, float) and value.is_integer() and "." not in raw and "e" not in raw.lower():
+        value = int(value)
+    return key, value
+
+
+# Presets -----------------------------------------------------------------------------------------
+
+#: The default CLT for the default model, sized to finish in about 15 minutes on this 2-core CPU when it
+#: is idle (measured: bf16 harvest ~1,800 tokens/s, ~1.5 s per 1,024-token step at 256 features per
+#: layer; about 500 tokens/s in all), leaving room for a shared, busier machine within 30 minutes.
+#: bf16 products and the dense decode are the fastest path on such a CPU (AVX512-BF16 GEMMs run about
+#: 5x faster than fp32 ones; at this size and L0 the sparse decode is 2-4x slower than the dense one,
+#: see benchmarks/results/train_speed.json), so the preset uses them.
+DEFAULT_PRESET = TrainConfig(
+    n_features=256, n_ctx=128, batch_tokens=1024, total_tokens=400_000, shuffle_contexts=64, harvest_batch=16,
+    lr=5e-4, sparsity_lambda=1.5e-3, sparsity_warmup_frac=0.5, dtype="bfloat16", harvest_dtype="bfloat16",
+    decode="dense", checkpoint_every=50, log_every=5, eval_tokens=2048,
+)
+
+#: A minutes-long smoke run (and the size tests use).
+TINY_PRESET = TrainConfig(
+    n_features=64, n_ctx=32, batch_tokens=256, total_tokens=4096, shuffle_contexts=16, harvest_batch=8,
+    norm_tokens=256, checkpoint_every=4, log_every=2, eval_tokens=256, sparsity_lambda=1e-3,
+)
+
+PRESETS: dict[str, TrainConfig] = {"default": DEFAULT_PRESET, "tiny": TINY_PRESET}
+
+
+def preset(name: str) -> TrainConfig:
+    """A copy of the preset called `name`."""
+    if name not in PRESETS:
+        raise CltraceError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+__all__ = ["DEFAULT_PRESET", "PRESETS", "TINY_PRESET", "TrainConfig", "parse_override", "preset"]

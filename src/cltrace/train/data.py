@@ -1,0 +1,125 @@
+"""Where training activations come from: shuffle buffers of (x, y) with exact resume positions.
+
+An :class:`ActivationSource` yields *buffers*: (x, y) each [tokens, n_layers, d_model] with the
+position to resume from to get the *next* buffer. The trainer shuffles each buffer token-wise with
+a generator seeded by (seed, buffer index) and cuts it into steps, so a run resumed from a buffer's
+start position, buffer index and step count sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from cltrace.data.harvest import Harvester
+from cltrace.data.packing import PackConfig, PackPosition, pack_batches
+from cltrace.errors import CltraceError
+from cltrace.model.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+Buffer = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+class ActivationSource(ABC):
+    """A resumable stream of (x, y) buffers."""
+
+    n_layers: int
+    d_model: int
+
+    @abstractmethod
+    def buffers(self, start: dict[str, Any] | None) -> Iterator[Buffer]:
+        """Yield (x, y, position after this buffer), starting at `start` (None: the beginning)."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the activations (the model): a checkpoint only resumes on an equal one."""
+
+
+def model_fingerprint(loaded: LoadedModel) -> dict[str, Any]:
+    """Name, shape and a hash of a few weights of a model (cheap; tells different models apart)."""
+    h = hashlib.sha256()
+    params = list(loaded.model.parameters())
+    for p in params[:3] + params[-3:]:
+        flat = p.detach().reshape(-1)[:4096].to(torch.float64).cpu()
+        h.update(flat.numpy().tobytes())
+    return {
+        "model": loaded.name,
+        "n_layers": loaded.n_layers,
+        "d_model": loaded.d_model,
+        "weights_sha256": h.hexdigest()[:16],
+    }
+
+
+class HarvestSource(ActivationSource):
+    """Text → packed contexts → model → (x, y), one shuffle buffer of `buffer_contexts` contexts at a time.
+
+    The text source is re-read from the start when it runs out (an epoch); the position records
+    the epoch and the packing position.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        source: Iterable[str],
+        tokenize: Callable[[str], Sequence[int]],
+        n_ctx: int,
+        buffer_contexts: int,
+        harvest_batch: int = 16,
+        heldout_fraction: float = 0.01,
+        split_seed: int = 0,
+        split: str = "train",
+        bos_id: int | None = None,
+        sep_id: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        autocast_bf16: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.source = source
+        self.tokenize = tokenize
+        self.harvester = Harvester(loaded, dtype=dtype, max_batch=harvest_batch, autocast_bf16=autocast_bf16)
+        self.n_layers = loaded.n_layers
+        self.d_model = loaded.d_model
+        if bos_id is None:
+            bos_id = loaded.bos_id()
+        if bos_id is None:
+            raise CltraceError(f"model '{loaded.name}' has no BOS or EOS token to start contexts with; pass bos_id")
+        if sep_id is None and loaded.tokenizer is not None:
+            sep_id = loaded.tokenizer.eos_token_id
+        self.pack = PackConfig(
+            n_ctx=n_ctx, batch_size=buffer_contexts, bos_id=bos_id, sep_id=sep_id, split=split,  # type: ignore[arg-type]
+            heldout_fraction=heldout_fraction, split_seed=split_seed,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return model_fingerprint(self.loaded)
+
+    def token_batches(self, start: dict[str, Any] | None = None, epochs: bool = True) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """[buffer_contexts, n_ctx] token batches with the position after each."""
+        epoch = int(start.get("epoch", 0)) if start else 0
+        pos = PackPosition.from_dict(start["pack"]) if start else None
+        while True:
+            got = False
+            for batch in pack_batches(self.source, self.tokenize, self.pack, start=pos):
+                got = True
+                yield batch.tokens, {"epoch": epoch, "pack": batch.position.to_dict()}
+            if not epochs:
+                return
+            if not got and pos is None:  # pragma: no cover - pack_batches raises on an empty fresh stream
+                raise CltraceError("the text source gave no training contexts; give more text")
+            epoch += 1
+            pos = None
+            log.warning("text source exhausted: starting epoch %d over the same text", epoch + 1)
+
+    def buffers(self, start: dict[str, Any] | None) -> Iterator[Buffer]:
+        for tokens, position in self.token_batches(start):
+            x, y = self.harvester.harvest(tokens)
+            yield x, y, position
+
+
+__all__ = ["ActivationSource", "Buffer", "HarvestSource", "model_fingerprint"]

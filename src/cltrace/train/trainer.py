@@ -1,0 +1,510 @@
+"""The training loop: normalisation, Adam, schedules, checkpoints, exact resume, metrics, curves.
+
+A run folder holds
+
+    config.json      the TrainConfig (a folder holds one run: another config is refused)
+    checkpoint/      state.pt: transcoder, optimiser, step, RNG states, data position,
+                     normalisation, dead-feature counters (written atomically: temp file + rename)
+    metrics.jsonl    one JSON line per `log_every` steps
+    curves.png       the training curves, drawn at the end
+    transcoder/      the trained transcoder, normalisation folded in (works on raw activations)
+    eval.json        the final evaluation on held-out text (written by `train_transcoder`)
+
+Inputs and targets are scaled per layer to mean norm √d_model with factors estimated on the
+first `norm_tokens` tokens; the factors live in the checkpoint and are folded into the saved
+weights at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.train.config import TrainConfig
+from cltrace.train.data import ActivationSource
+from cltrace.train.losses import transcoder_loss
+from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+TRANSCODER_DIR = "transcoder"
+EVAL_FILE = "eval.json"
+CHECKPOINT_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}  # weights / data
+
+
+class TrainingDiverged(CltraceError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+# -- schedules ---------------------------------------------------------------------------------------
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of step `step` (0-based): constant, then linear decay to 0 over the last lr_decay_frac."""
+    total = config.total_steps
+    decay_steps = int(round(config.lr_decay_frac * total))
+    start = total - decay_steps
+    if decay_steps == 0 or step < start:
+        return config.lr
+    return config.lr * max(0.0, (total - step) / decay_steps)
+
+
+def sparsity_lambda_at(config: TrainConfig, step: int) -> float:
+    """λ of step `step`: ramps linearly from 0 to sparsity_lambda over the first sparsity_warmup_frac."""
+    warm = config.sparsity_warmup_frac * config.total_steps
+    if warm <= 0:
+        return config.sparsity_lambda
+    return config.sparsity_lambda * min(1.0, (step + 1) / warm)
+
+
+# -- normalisation -----------------------------------------------------------------------------------
+
+
+def estimate_scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer factors [L] that scale x and y [N, L, d] to mean norm √d."""
+    d = x.shape[-1]
+    sx = math.sqrt(d) / x.double().norm(dim=-1).mean(0).clamp_min(1e-12)
+    sy = math.sqrt(d) / y.double().norm(dim=-1).mean(0).clamp_min(1e-12)
+    return sx.float(), sy.float()
+
+
+def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Tensor) -> Transcoder:
+    """A copy of `tc` (trained on x·scale_x → y·scale_y) that maps raw x to raw y.
+
+    Encoder columns of layer l are multiplied by scale_x[l] (the pre-activations, and so the
+    thresholds and activations, are unchanged); decoders towards layer j and b_dec[j] are divided
+    by scale_y[j]; a PLT skip matrix of layer l is multiplied by scale_x[l] / scale_y[l].
+    """
+    folded = Transcoder.random(tc.config)  # right class and shapes; every tensor is overwritten
+    folded.load_state_dict(tc.state_dict())
+    sx = scale_x.to(torch.float64)
+    sy = scale_y.to(torch.float64)
+    L = tc.n_layers
+    with torch.no_grad():
+        def scaled(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return (t.to(torch.float64) * s).to(t.dtype)
+
+        folded.W_enc.copy_(scaled(tc.W_enc, sx[:, None, None]))
+        folded.b_dec.copy_(scaled(tc.b_dec, 1 / sy[:, None]))
+        if tc.config.kind == "clt":
+            for l in range(L):
+                folded.W_dec[l].copy_(scaled(tc.W_dec[l], 1 / sy[l:][None, :, None]))
+        else:
+            folded.W_dec.copy_(scaled(tc.W_dec, 1 / sy[:, None, None]))
+            if folded.W_skip is not None:
+                folded.W_skip.copy_(scaled(tc.W_skip, (sx / sy)[:, None, None]))
+    return folded
+
+
+# -- atomic files ------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+# -- run folder --------------------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
+    """Check `out` may hold this run; write config.json. Returns whether a checkpoint exists to resume.
+
+    Refused: a file; a non-empty folder that is not a run folder; a run folder of another config
+    (whatever `resume` says); this run's folder without `resume` (nothing is overwritten). A run
+    folder that never reached its first checkpoint is reused as if new.
+    """
+    if out.exists() and not out.is_dir():
+        raise CltraceError(f"output '{out}' is a file; give a folder for the run")
+    cfg_file = out / CONFIG_FILE
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg_file.is_file():
+            raise CltraceError(
+                f"output folder '{out}' is not empty and holds no training run; choose a new or empty folder"
+            )
+        try:
+            existing = TrainConfig.load(cfg_file)
+        except CltraceError as exc:
+            raise CltraceError(f"output folder '{out}' holds a run whose config cannot be read ({exc}); choose another folder") from None
+        started = (out / CHECKPOINT_DIR / STATE_FILE).is_file() or (out / TRANSCODER_DIR).exists()
+        if not started:
+            # A run that failed before its first checkpoint (e.g. an empty text source) holds nothing
+            # worth keeping: start it afresh with the new config.
+            _atomic_write_text(cfg_file, config.to_json())
+            metrics = out / METRICS_FILE
+            if metrics.is_file():
+                metrics.unlink()
+            return False
+        if existing != config:
+            diff = [
+                f"{k}={getattr(existing, k)!r}->{getattr(config, k)!r}"
+                for k in config.to_dict()
+                if getattr(existing, k) != getattr(config, k)
+            ]
+            raise CltraceError(
+                f"output folder '{out}' holds another run (different config: {', '.join(diff[:4])}); "
+                "choose a new folder, or resume that run with its own config"
+            )
+        if not resume:
+            raise CltraceError(
+                f"output folder '{out}' already holds this run; pass --resume to continue it, or choose a new folder"
+            )
+        return (out / CHECKPOINT_DIR / STATE_FILE).is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(cfg_file, config.to_json())
+    return False
+
+
+# -- trainer -----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains a transcoder from an ActivationSource into a run folder.
+
+    `run()` trains to `config.total_steps` (resuming from the folder's checkpoint if there is one),
+    saves the folded transcoder and the curves, and returns the folded transcoder.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: ActivationSource,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        model_id: str | None = None,
+        stop_after: int | None = None,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.stop_after = stop_after  # for tests: stop (without finishing) after this many steps
+        self.has_checkpoint = prepare_run_dir(self.out, config, resume)
+        (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        self.fingerprint = data.fingerprint()
+        dtype = _DTYPES[config.dtype]
+        tc_config = TranscoderConfig(
+            kind=config.kind, n_layers=data.n_layers, d_model=data.d_model, n_features=config.n_features,
+            activation=config.activation, topk_k=config.topk_k, skip=config.skip,
+            model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
+        )
+        self.tc = Transcoder.random(tc_config, seed=config.seed).to(dtype)
+        if isinstance(self.tc.activation, JumpReLU):
+            with torch.no_grad():
+                self.tc.activation.threshold.fill_(config.threshold_init)
+            self.tc.activation.bandwidth = float(config.bandwidth)
+        self.opt = torch.optim.Adam(self.tc.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+        self.step = 0
+        self.tokens = 0
+        self.buffer_start: dict[str, Any] | None = None  # data position of the current buffer's start
+        self.buffer_index = 0
+        self.step_in_buffer = 0
+        self.scale_x: torch.Tensor | None = None
+        self.scale_y: torch.Tensor | None = None
+        self.last_fired = torch.zeros(data.n_layers, config.n_features, dtype=torch.int64)
+        self.elapsed = 0.0
+        if self.has_checkpoint:
+            self._load_checkpoint()
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "transcoder": self.tc.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "data": {"buffer_start": self.buffer_start, "buffer_index": self.buffer_index, "step_in_buffer": self.step_in_buffer},
+            "scale_x": self.scale_x,
+            "scale_y": self.scale_y,
+            "last_fired": self.last_fired,
+            "rng": {"torch": torch.get_rng_state()},
+            "elapsed": self.elapsed,
+        }
+
+    def save_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT_DIR / STATE_FILE
+        _atomic_write_bytes(path, lambda p: torch.save(self._state(), p))
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT_DIR / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a damaged file: say so, never start over silently
+            raise CltraceError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete the folder to start afresh") from None
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CltraceError(f"checkpoint {path} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        if state["fingerprint"] != self.fingerprint:
+            got, want = state["fingerprint"], self.fingerprint
+            raise CltraceError(
+                f"checkpoint {path} is from another model ({got.get('model')}, {got.get('n_layers')} layers, "
+                f"d_model {got.get('d_model')}, weights {got.get('weights_sha256')}) than this one ({want.get('model')}, "
+                f"{want.get('n_layers')} layers, d_model {want.get('d_model')}, weights {want.get('weights_sha256')}); "
+                "resume with the same model or choose a new folder"
+            )
+        if state["config"] != self.config.to_dict():
+            raise CltraceError(f"checkpoint {path} was written by another config than {self.out / CONFIG_FILE}; choose a new folder")
+        self.tc.load_state_dict(state["transcoder"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        data = state["data"]
+        self.buffer_start, self.buffer_index, self.step_in_buffer = data["buffer_start"], data["buffer_index"], data["step_in_buffer"]
+        self.scale_x, self.scale_y = state["scale_x"], state["scale_y"]
+        self.last_fired = state["last_fired"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.elapsed = state.get("elapsed", 0.0)
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the checkpoint (they will be written again by the resumed run)."""
+        path = self.out / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a torn last line
+        _atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+    # -- loop ----------------------------------------------------------------------------------------
+
+    def _perm(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.buffer_index)
+        return torch.randperm(n, generator=g)
+
+    def run(self) -> Transcoder:
+        cfg = self.config
+        total = cfg.total_steps
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                       desc=f"training {cfg.kind.upper()}")
+        metrics_file = open(self.out / METRICS_FILE, "a", encoding="utf-8")
+        t_start = time.perf_counter()
+        elapsed0 = self.elapsed
+        window: list[dict[str, torch.Tensor]] = []
+        dtype = _DTYPES[cfg.dtype]
+        try:
+            if self.step < total:
+                stream = self.data.buffers(self.buffer_start)
+                skip = self.step_in_buffer
+                for x, y, after in stream:
+                    if self.scale_x is None:
+                        n = min(cfg.norm_tokens, x.shape[0])
+                        self.scale_x, self.scale_y = estimate_scales(x[:n], y[:n])
+                    perm = self._perm(x.shape[0])
+                    steps_here = x.shape[0] // cfg.batch_tokens
+                    for k in range(skip, steps_here):
+                        if self.step >= total or (self.stop_after is not None and self.step >= self.stop_after):
+                            break
+                        idx = perm[k * cfg.batch_tokens : (k + 1) * cfg.batch_tokens]
+                        xb = (x[idx].to(dtype) * self.scale_x.to(dtype)[:, None])
+                        yb = (y[idx].to(dtype) * self.scale_y.to(dtype)[:, None])
+                        terms = self._train_step(xb, yb)
+                        self.step_in_buffer = k + 1
+                        window.append(terms)
+                        self.elapsed = elapsed0 + time.perf_counter() - t_start
+                        if self.step % cfg.log_every == 0 or self.step == total:
+                            row = self._metrics_row(window)
+                            metrics_file.write(json.dumps(row) + "\n")
+                            metrics_file.flush()
+                            if bar is not None:
+                                bar.set_postfix(nmse=f"{row['nmse']:.3f}", l0=f"{row['l0']:.1f}", refresh=False)
+                            window = []
+                        if bar is not None:
+                            bar.update(1)
+                        if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                            metrics_file.flush()
+                            self.save_checkpoint()
+                    if self.step >= total or (self.stop_after is not None and self.step >= self.stop_after):
+                        break
+                    # next buffer
+                    self.buffer_start = after
+                    self.buffer_index += 1
+                    self.step_in_buffer = 0
+                    skip = 0
+        finally:
+            metrics_file.close()
+            if bar is not None:
+                bar.close()
+        if self.step < total:
+            return self.folded()
+        self.save_checkpoint()
+        folded = self.folded()
+        save_transcoder(folded, self.out / TRANSCODER_DIR, overwrite=True)
+        try:
+            plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
+        except Exception as exc:  # noqa: BLE001 - a missing plot must not lose a finished run
+            log.warning("could not draw %s: %s", CURVES_FILE, exc)
+        return folded
+
+    def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        lr = lr_at(cfg, self.step)
+        lam = sparsity_lambda_at(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            terms = transcoder_loss(self.tc, xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
+        loss = terms["total"]
+        if not torch.isfinite(loss):
+            self._diverged(f"the loss is {float(loss.detach())}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.tc.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        if not torch.isfinite(gnorm):
+            self._diverged(f"the gradient norm is {float(gnorm)}")
+        self.opt.step()
+        self.step += 1
+        self.tokens += xb.shape[0]
+        self.last_fired[terms["fired"]] = self.tokens
+        out = {k: v.detach() for k, v in terms.items() if k != "fired"}
+        out["lr"] = torch.tensor(lr, dtype=torch.float64)
+        out["lambda"] = torch.tensor(lam, dtype=torch.float64)
+        out["grad_norm"] = gnorm.detach()
+        return out
+
+    def _diverged(self, what: str) -> None:
+        ckpt = self.out / CHECKPOINT_DIR / STATE_FILE
+        kept = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: {what}; {kept}; lower lr or sparsity_lambda and resume or restart"
+        )
+
+    def dead_fraction(self) -> float:
+        """Share of features that have not fired in the last dead_window tokens (or ever, in a shorter run)."""
+        if self.tokens == 0:
+            return 0.0
+        if self.tokens <= self.config.dead_window:
+            return float((self.last_fired == 0).float().mean())
+        return float(((self.tokens - self.last_fired) >= self.config.dead_window).float().mean())
+
+    def _metrics_row(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        def mean(key: str) -> torch.Tensor:
+            return torch.stack([w[key].double() for w in window]).mean(0)
+
+        nmse_layers = mean("nmse_per_layer")
+        l0_layers = mean("l0_per_layer")
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": round(self.elapsed, 3),
+            "lr": float(window[-1]["lr"]),
+            "lambda": float(window[-1]["lambda"]),
+            "total": float(mean("total")),
+            "mse": float(mean("mse")),
+            "sparsity": float(mean("sparsity")),
+            "preact": float(mean("preact")),
+            "grad_norm": float(mean("grad_norm")),
+            "nmse": float(nmse_layers.mean()),
+            "l0": float(l0_layers.mean()),
+            "dead_fraction": self.dead_fraction(),
+            "nmse_per_layer": [round(float(v), 5) for v in nmse_layers],
+            "l0_per_layer": [round(float(v), 3) for v in l0_layers],
+        }
+
+    def folded(self) -> Transcoder:
+        """The transcoder with the normalisation folded in (works on raw model activations)."""
+        if self.scale_x is None:
+            raise CltraceError("no training step was taken yet: nothing to save")
+        tc = fold_normalisation(self.tc, self.scale_x, self.scale_y)
+        return tc.to(torch.float32) if self.config.dtype != "float32" else tc
+
+
+# -- curves ------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Draw loss terms, NMSE, L0 and dead fraction against training tokens into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    tokens = [r["tokens"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    ax = axes[0, 0]
+    for key in ("total", "mse", "sparsity", "preact"):
+        ax.plot(tokens, [max(r[key], 1e-12) for r in rows], label=key)
+    ax.set_yscale("log")
+    ax.set_title("loss terms")
+    ax.legend()
+    axes[0, 1].plot(tokens, [r["nmse"] for r in rows])
+    axes[0, 1].set_title("NMSE (mean over layers, training batches)")
+    axes[1, 0].plot(tokens, [r["l0"] for r in rows])
+    axes[1, 0].set_title("L0 (mean active features per layer and token)")
+    axes[1, 1].plot(tokens, [r["dead_fraction"] for r in rows])
+    axes[1, 1].set_title("dead fraction")
+    for a in axes.flat:
+        a.set_xlabel("training tokens")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+__all__ = [
+    "Trainer",
+    "TrainingDiverged",
+    "estimate_scales",
+    "fold_normalisation",
+    "lr_at",
+    "plot_curves",
+    "prepare_run_dir",
+    "read_metrics",
+    "sparsity_lambda_at",
+]
