@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
+from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import HarvestSource
 from cltrace.train.losses import transcoder_loss
-from cltrace.train.trainer import EVAL_FILE, TRANSCODER_DIR, Trainer, _atomic_write_text
+from cltrace.train.trainer import EVAL_FILE, TRANSCODER_DIR, Trainer
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def train_transcoder(
                           heldout_fraction=config.heldout_fraction, split_seed=config.split_seed, bos_id=bos_id)
         result["train_seconds"] = trainer.elapsed
         result["train_tokens"] = trainer.tokens
-        _atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     log.info("run finished in %.0f s: %s", time.perf_counter() - t0, out / TRANSCODER_DIR)
     return result
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource
@@ -112,25 +113,6 @@ def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Ten
     return folded
 
 
-# -- atomic files ------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
 # -- run folder --------------------------------------------------------------------------------------
 
 
@@ -157,7 +139,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
         if not started:
             # A run that failed before its first checkpoint (e.g. an empty text source) holds nothing
             # worth keeping: start it afresh with the new config.
-            _atomic_write_text(cfg_file, config.to_json())
+            atomic_write_text(cfg_file, config.to_json())
             metrics = out / METRICS_FILE
             if metrics.is_file():
                 metrics.unlink()
@@ -178,7 +160,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
             )
         return (out / CHECKPOINT_DIR / STATE_FILE).is_file()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(cfg_file, config.to_json())
+    atomic_write_text(cfg_file, config.to_json())
     return False
 
 
@@ -256,7 +238,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         path = self.out / CHECKPOINT_DIR / STATE_FILE
-        _atomic_write_bytes(path, lambda p: torch.save(self._state(), p))
+        atomic_write(path, lambda p: torch.save(self._state(), p))
 
     def _load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT_DIR / STATE_FILE
@@ -299,7 +281,7 @@ class Trainer:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 break  # a torn last line
-        _atomic_write_text(path, "".join(k + "\n" for k in kept))
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
 
     # -- loop ----------------------------------------------------------------------------------------
 
