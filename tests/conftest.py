@@ -66,3 +66,26 @@ def prompt_ids(n_pos: int = 9, seed: int = 1) -> torch.Tensor:
     """A random prompt [pos], longer than the Gemma sliding windows."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n_pos,), generator=g)
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `cltrace ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from cltrace.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """The command failed with exit 2 and exactly one `error:` line holding every needle, no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

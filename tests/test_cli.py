@@ -8,31 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_cli
 
-from cltrace.cli import main
 from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
 
 ACRONYM = "The National Digital Analytics Group (N"
-
-
-def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `cltrace ARGS` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_predict_acronym_gives_DA_first(capsys: pytest.CaptureFixture[str]) -> None:

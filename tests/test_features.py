@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, assert_one_line_error, run_cli, tiny_model
 
-from cltrace.cli import main
 from cltrace.data.packing import PackConfig, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.features import FeatureStore, build_feature_store
@@ -272,20 +271,10 @@ def test_bad_input_gives_clear_errors(loaded, tmp_path: Path, capsys: pytest.Cap
         (["features", "show", "zero", "--db", str(db)], "not a feature"),
         (["features", "show", "0:1", "--db", str(tmp_path / "missing.db")], "does not exist"),
     ):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        err = capsys.readouterr().err
-        errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
-        assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
-    try:
-        main(["features", "show", "0:1", "--db", str(db)])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    assert code == 0 and "feature 0:1" in capsys.readouterr().out
+        code, _, err = run_cli(*args, capsys=capsys)
+        assert_one_line_error(code, err, needle)
+    code, out, _ = run_cli("features", "show", "0:1", "--db", str(db), capsys=capsys)
+    assert code == 0 and "feature 0:1" in out
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "clt"), ("gpt2", "plt"), ("gemma2", "clt")])
@@ -345,11 +334,9 @@ def test_export_writes_circuit_tracer_feature_files(loaded, tmp_path: Path, caps
     as_dict = json.loads(json.dumps(page.to_dict()))  # JSON-ready, for the web UI
     assert as_dict["name"] == "2:5" and as_dict["display_label"] == "my label"
     assert as_dict["top"][0]["acts"][as_dict["top"][0]["mark"]] == pytest.approx(page.max_act, rel=2e-3)
-    try:
-        main(["features", "export", str(tmp_path / "cli"), "--db", str(db), "--scan", "tiny"])
-    except SystemExit as exc:
-        assert not exc.code
-    assert f"wrote {tc.n_layers * tc.n_features} feature files" in capsys.readouterr().out
+    code, out, _ = run_cli("features", "export", str(tmp_path / "cli"), "--db", str(db), "--scan", "tiny", capsys=capsys)
+    assert code == 0
+    assert f"wrote {tc.n_layers * tc.n_features} feature files" in out
 
 
 def test_compact_store_reads_but_does_not_extend(loaded, tmp_path: Path) -> None:
@@ -388,13 +375,7 @@ def test_cli_build_and_show_on_the_default_model(tmp_path: Path, capsys: pytest.
     db = tmp_path / "f.db"
 
     def run(*args: str) -> tuple[int, str, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(*args, capsys=capsys)
 
     code, out, err = run("features", "build", str(tmp_path / "tc"), "-n", "100", "-o", str(db), "--n-ctx", "32",
                          "-b", "2", "--top-k", "3", "-q")

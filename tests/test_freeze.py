@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import prompt_ids, tiny_model
 
 from cltrace.model import FreezeState, freeze
-from conftest import prompt_ids, tiny_model
 
 
 def test_frozen_norms_match_family_modules(family: str) -> None:

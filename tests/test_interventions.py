@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from conftest import prompt_ids, run_cli, tiny_model
 
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
@@ -472,7 +472,6 @@ ACRONYM = "The National Digital Analytics Group (N"
 
 
 def test_cli_intervene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cltrace.cli import main
     from cltrace.transcoder import save_transcoder
 
     cfg = TranscoderConfig(kind="clt", n_layers=30, d_model=576, n_features=16, activation="jumprelu")
@@ -480,13 +479,7 @@ def test_cli_intervene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     save_supernodes(tmp_path / "sn.json", [Supernode("grp", [(29, 1, None), (28, 2, None)])])
 
     def cli(*args: str) -> tuple[int, str, str]:
-        try:
-            main(["intervene", ACRONYM, "--transcoder", str(tmp_path / "clt"), *args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli("intervene", ACRONYM, "--transcoder", str(tmp_path / "clt"), *args, capsys=capsys)
 
     code, out, err = cli("--set", "29:3@5-=60", "--set", "grp=x2", "--supernodes", str(tmp_path / "sn.json"), "-g", "2")
     assert code == 0, err

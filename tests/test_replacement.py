@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prompt_ids, tiny_model
 
 from cltrace.errors import CltraceError
 from cltrace.replacement import ReplacementModel
 from cltrace.transcoder import Transcoder, TranscoderConfig
-from conftest import prompt_ids, tiny_model
 
 KINDS = [("clt", False), ("plt", True)]
 

@@ -16,10 +16,10 @@ from cltrace.transcoder import (
     Transcoder,
     TranscoderConfig,
     detect_format,
+    formats,
     load_transcoder,
     save_transcoder,
 )
-from cltrace.transcoder import formats
 
 L, D, F = 3, 8, 12
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
