@@ -30,6 +30,7 @@ $(CORPUS_STAMP): $(STAMP)
 	touch $(CORPUS_STAMP)
 
 test: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest tests
 
 demo: setup

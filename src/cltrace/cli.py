@@ -376,6 +376,7 @@ def intervene(
             "graph prediction beside the measured change (constrained, attention frozen; logits: logit − mean "
             "logit, features: pre-activation):"
         )
+        typer.echo(f"  {'':<28} {'predicted':>9} {'measured':>9}")
         for row in [r for r in rows if r.kind == "logit"] + [r for r in rows if r.kind == "feature"][:10]:
             label = f"logit {row.label!r}" if row.kind == "logit" else f"feature {row.node_id}"
             typer.echo(f"  {label:<28} {row.predicted:+9.4f} {row.actual:+9.4f}")

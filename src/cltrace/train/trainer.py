@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -469,14 +468,15 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     axes[1, 0].set_title("L0 (mean active features per layer and token)")
     axes[1, 1].plot(tokens, [r["dead_fraction"] for r in rows])
     axes[1, 1].set_title("dead fraction")
+    from matplotlib.ticker import EngFormatter
+
     for a in axes.flat:
         a.set_xlabel("training tokens")
+        a.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, not 400000 running into its neighbour
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what="training curves")
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 __all__ = [
