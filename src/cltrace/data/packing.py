@@ -155,6 +155,35 @@ def hf_tokenize(tokenizer: Any) -> Tokenize:
     return tokenize
 
 
+def model_packing(
+    loaded: Any,
+    n_ctx: int,
+    batch_size: int,
+    *,
+    tokenize: Tokenize | None = None,
+    bos_id: int | None = None,
+    sep_id: int | None = None,
+    **pack_options: Any,
+) -> tuple[Tokenize, PackConfig]:
+    """The tokenizer and packing settings of a model (a `LoadedModel`): its tokenizer without special
+    tokens, its BOS rule (`loaded.bos_id()`) and its EOS as the document separator.
+
+    `tokenize`, `bos_id` and `sep_id` override the model's (a tiny test model has no tokenizer);
+    `pack_options` go to `PackConfig` (split, heldout_fraction, split_seed, drop_last).
+    """
+    if tokenize is None:
+        if loaded.tokenizer is None:
+            raise CltraceError(f"model '{loaded.name}' has no tokenizer: pass tokenize or token ids")
+        tokenize = hf_tokenize(loaded.tokenizer)
+    if bos_id is None:
+        bos_id = loaded.bos_id()
+    if bos_id is None:
+        raise CltraceError(f"model '{loaded.name}' has no BOS or EOS token to start contexts with: pass bos_id")
+    if sep_id is None and loaded.tokenizer is not None:
+        sep_id = loaded.tokenizer.eos_token_id
+    return tokenize, PackConfig(n_ctx=n_ctx, batch_size=batch_size, bos_id=bos_id, sep_id=sep_id, **pack_options)
+
+
 @dataclass
 class _Cursor:
     """Packing state: where the last *completed* context ended."""

@@ -127,21 +127,15 @@ def token_batches(
         need = -(-n_tokens // per)
         yield from source[:need].split(batch_size)
         return
-    from cltrace.data.packing import PackConfig, hf_tokenize, pack_batches
+    from cltrace.data.packing import model_packing, pack_batches
     from cltrace.data.sources import open_text_source
 
     if isinstance(source, str):
         source = open_text_source(source)
-    if tokenize is None:
-        if loaded.tokenizer is None:
-            raise CltraceError(f"model '{loaded.name}' has no tokenizer: pass tokenize or token ids")
-        tokenize = hf_tokenize(loaded.tokenizer)
-    bos = bos_id if bos_id is not None else loaded.bos_id()
-    if bos is None:
-        raise CltraceError(f"model '{loaded.name}' has no BOS or EOS token to start contexts with")
-    sep = loaded.tokenizer.eos_token_id if loaded.tokenizer is not None else None
-    pack = PackConfig(n_ctx=n_ctx, batch_size=batch_size, bos_id=bos, sep_id=sep, split=split,  # type: ignore[arg-type]
-                      heldout_fraction=heldout_fraction, split_seed=split_seed, drop_last=False)
+    tokenize, pack = model_packing(
+        loaded, n_ctx, batch_size, tokenize=tokenize, bos_id=bos_id, split=split,
+        heldout_fraction=heldout_fraction, split_seed=split_seed, drop_last=False,
+    )
     got = 0
     for batch in pack_batches(source, tokenize, pack):
         yield batch.tokens

@@ -406,9 +406,9 @@ def build_feature_store(
     Returns the path of the database. Raises CltraceError for a database built for another
     transcoder, model or settings, or for a model the transcoder does not fit.
     """
-    from cltrace.data import hf_tokenize, open_text_source
+    from cltrace.data import open_text_source
     from cltrace.data.harvest import Harvester
-    from cltrace.data.packing import PackConfig, PackPosition, pack_batches
+    from cltrace.data.packing import PackPosition, model_packing, pack_batches
     from cltrace.model import load_model
     from cltrace.transcoder import Transcoder, load_transcoder
 
@@ -426,14 +426,10 @@ def build_feature_store(
         raise CltraceError(f"n_ctx must be in [2, {loaded.max_context}] for this model, got {n_ctx}")
     if top_k < 1 or n_bands < 1 or per_band < 1 or window_before < 0 or window_after < 0:
         raise CltraceError("top_k, n_bands and per_band must be >= 1 and the window sizes >= 0")
-    bos = bos_id if bos_id is not None else loaded.bos_id()
-    if bos is None:
-        raise CltraceError(f"model '{loaded.name}' has no BOS token: pass bos_id")
-    if tokenize is None:
-        if loaded.tokenizer is None:
-            raise CltraceError(f"model '{loaded.name}' has no tokenizer: pass tokenize")
-        tokenize = hf_tokenize(loaded.tokenizer)
-    sep = loaded.tokenizer.eos_token_id if loaded.tokenizer is not None else None
+    tokenize, pack = model_packing(
+        loaded, n_ctx, batch_size, tokenize=tokenize, bos_id=bos_id, split="train", heldout_fraction=0.0
+    )
+    bos, sep = pack.bos_id, pack.sep_id
     if exclude_tokens is None:
         special = set(getattr(loaded.tokenizer, "all_special_ids", None) or [])
         exclude_tokens = sorted(special | {bos} | ({sep} if sep is not None else set()))
@@ -446,7 +442,6 @@ def build_feature_store(
         describe = f"{len(text_source)} documents sha256:" + hashlib.sha256("\x00".join(text_source).encode()).hexdigest()[:16]
     else:
         describe = f"<{type(text_source).__name__}>"
-    pack = PackConfig(n_ctx=n_ctx, batch_size=batch_size, bos_id=bos, sep_id=sep, split="train", heldout_fraction=0.0)
     params = BuildParams(
         n_ctx=n_ctx, top_k=top_k, n_bands=n_bands, per_band=per_band, window_before=window_before,
         window_after=window_after, source=describe, stream_key=pack.stream_key(),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cltrace.data.harvest import Harvester
-from cltrace.data.packing import PackConfig, PackPosition, pack_batches
+from cltrace.data.packing import PackPosition, model_packing, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 
@@ -85,14 +85,8 @@ class HarvestSource(ActivationSource):
         self.harvester = Harvester(loaded, dtype=dtype, max_batch=harvest_batch, autocast_bf16=autocast_bf16)
         self.n_layers = loaded.n_layers
         self.d_model = loaded.d_model
-        if bos_id is None:
-            bos_id = loaded.bos_id()
-        if bos_id is None:
-            raise CltraceError(f"model '{loaded.name}' has no BOS or EOS token to start contexts with; pass bos_id")
-        if sep_id is None and loaded.tokenizer is not None:
-            sep_id = loaded.tokenizer.eos_token_id
-        self.pack = PackConfig(
-            n_ctx=n_ctx, batch_size=buffer_contexts, bos_id=bos_id, sep_id=sep_id, split=split,  # type: ignore[arg-type]
+        _, self.pack = model_packing(
+            loaded, n_ctx, buffer_contexts, tokenize=tokenize, bos_id=bos_id, sep_id=sep_id, split=split,
             heldout_fraction=heldout_fraction, split_seed=split_seed,
         )
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from cltrace.atomic import atomic_write_text
-from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import HarvestSource
@@ -76,7 +75,7 @@ def train_transcoder(
     `model` (default: load `config.model`), `source` (default: open `config.source`) and `tokenize`
     (default: the model's tokenizer) may be given directly, e.g. in tests.
     """
-    from cltrace.data.packing import hf_tokenize
+    from cltrace.data.packing import model_packing
     from cltrace.data.sources import open_text_source
     from cltrace.model import load_model
 
@@ -86,9 +85,7 @@ def train_transcoder(
     if model is None:
         model = load_model(config.model)
     if tokenize is None:
-        if model.tokenizer is None:
-            raise CltraceError(f"model '{model.name}' has no tokenizer: pass tokenize")
-        tokenize = hf_tokenize(model.tokenizer)
+        tokenize, _ = model_packing(model, config.n_ctx, 1, bos_id=bos_id)  # its tokenizer, or a clear error
     data = HarvestSource(model, source, tokenize, config.n_ctx, config.shuffle_contexts, config.harvest_batch,
                          config.heldout_fraction, config.split_seed, bos_id=bos_id,
                          autocast_bf16=config.harvest_dtype == "bfloat16")
