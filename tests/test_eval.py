@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
+from cltrace.data.harvest import FIRST_POSITION as P0
 from cltrace.errors import CltraceError
 from cltrace.eval import evaluate, format_table
 from cltrace.replacement import ReplacementModel
@@ -20,7 +21,7 @@ def contexts(n: int = 6, n_ctx: int = 10, seed: int = 0) -> torch.Tensor:
 
 
 def spliced_brute_force(loaded, tc: Transcoder, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] with every MLP output (BOS kept) replaced by the transcoder's reconstruction,
+    """Logits [B, T, V] with every MLP output (sink positions kept) replaced by the transcoder's reconstruction,
     by fixed-point iteration: L full passes, each replacing the outputs with the reconstruction of the
     previous pass's inputs (layer l is exact after l + 1 passes)."""
     adapter = loaded.adapter
@@ -39,7 +40,7 @@ def spliced_brute_force(loaded, tc: Transcoder, tokens: torch.Tensor) -> torch.T
                 if replace[l] is None:
                     return None
                 out = output.clone()
-                out[:, 1:] = replace[l]
+                out[:, P0:] = replace[l]
                 return out
 
             handles.append(adapter.mlp_input_module(layer).register_forward_pre_hook(pre))
@@ -48,7 +49,7 @@ def spliced_brute_force(loaded, tc: Transcoder, tokens: torch.Tensor) -> torch.T
             logits = loaded.model(input_ids=tokens, use_cache=False).logits
         for h in handles:
             h.remove()
-        x = torch.stack(seen, dim=2)[:, 1:]  # [B, T-1, L, d]
+        x = torch.stack(seen, dim=2)[:, P0:]  # [B, T - P0, L, d]
         with torch.no_grad():
             recon = tc.decode(tc.encode(x), x)
         replace = [recon[:, :, l] for l in range(L)]
@@ -67,14 +68,14 @@ def test_evaluate_matches_brute_force(family: str, kind: str) -> None:
         if getattr(tc, "W_skip", None) is not None:
             tc.W_skip.normal_(0, 0.05)
     tokens = contexts()
-    result = evaluate(loaded, tc, tokens, n_tokens=6 * 9, batch_size=4)
-    assert result["n_tokens"] == 54
+    result = evaluate(loaded, tc, tokens, n_tokens=6 * (10 - P0), batch_size=4)
+    assert result["n_tokens"] == 6 * (10 - P0)
 
     rm = ReplacementModel(loaded, tc)
     runs = [rm.run(tokens[b]) for b in range(tokens.shape[0])]
-    y = torch.cat([r.mlp_out[1:] for r in runs]).double()  # [N, L, d]
-    recon = torch.cat([r.reconstruction[1:] for r in runs]).double()
-    acts = torch.cat([r.activations[1:] for r in runs])
+    y = torch.cat([r.mlp_out[P0:] for r in runs]).double()  # [N, L, d]
+    recon = torch.cat([r.reconstruction[P0:] for r in runs]).double()
+    acts = torch.cat([r.activations[P0:] for r in runs])
     nmse = ((recon - y) ** 2).sum((0, 2)) / ((y - y.mean(0)) ** 2).sum((0, 2))
     l0 = (acts != 0).sum(-1).double().mean(0)
     dead = float((acts != 0).sum(0).eq(0).double().mean())
@@ -84,8 +85,8 @@ def test_evaluate_matches_brute_force(family: str, kind: str) -> None:
     assert result["l0_mean"] == pytest.approx(float(l0.mean()))
     assert result["dead_fraction"] == pytest.approx(dead)
 
-    original = torch.stack([r.logits[1:] for r in runs]).double()
-    spliced = spliced_brute_force(loaded, tc, tokens)[:, 1:].double()
+    original = torch.stack([r.logits[P0:] for r in runs]).double()
+    spliced = spliced_brute_force(loaded, tc, tokens)[:, P0:].double()
     lp_o, lp_s = original.log_softmax(-1), spliced.log_softmax(-1)
     kl = float((lp_o.exp() * (lp_o - lp_s)).sum(-1).mean())
     top1 = float((original.argmax(-1) == spliced.argmax(-1)).double().mean())

@@ -1,4 +1,4 @@
-"""Harvest: every layer's resid_mid and MLP-block output, BOS left out, as a plain forward pass."""
+"""Harvest: every layer's resid_mid and MLP-block output, sink positions left out, as a plain forward pass."""
 
 from __future__ import annotations
 
@@ -6,25 +6,37 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from cltrace.data.harvest import Harvester, base_transformer
+from cltrace.data.harvest import FIRST_POSITION, Harvester, base_transformer
 from cltrace.errors import CltraceError
 from cltrace.replacement import ReplacementModel
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 
-def test_harvest_matches_replacement_run(family: str) -> None:
+@pytest.mark.parametrize("first", [1, FIRST_POSITION])
+def test_harvest_matches_replacement_run(family: str, first: int) -> None:
     loaded = tiny_model(family)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (3, 9), generator=g)
     tokens[:, 0] = 0
-    x, y = Harvester(loaded, max_batch=2).harvest(tokens)
-    assert x.shape == y.shape == (3 * 8, loaded.n_layers, loaded.d_model)
+    harvester = Harvester(loaded, max_batch=2, first_position=first)
+    x, y = harvester.harvest(tokens)
+    P = 9 - first
+    assert harvester.positions_per_context(9) == P
+    assert x.shape == y.shape == (3 * P, loaded.n_layers, loaded.d_model)
     tc = Transcoder.random(TranscoderConfig("clt", loaded.n_layers, loaded.d_model, 4))
     rm = ReplacementModel(loaded, tc)
     for b in range(3):
         run = rm.run(tokens[b])
-        torch.testing.assert_close(x[b * 8 : (b + 1) * 8], run.resid_mid[1:], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(y[b * 8 : (b + 1) * 8], run.mlp_out[1:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x[b * P : (b + 1) * P], run.resid_mid[first:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y[b * P : (b + 1) * P], run.mlp_out[first:], atol=1e-4, rtol=1e-4)
+
+
+def test_default_leaves_out_bos_and_the_first_token() -> None:
+    """BOS and the first token are the attention sinks training never sees."""
+    assert FIRST_POSITION == 2
+    assert Harvester(tiny_model("llama")).first_position == FIRST_POSITION
+    with pytest.raises(CltraceError, match="first_position"):
+        Harvester(tiny_model("llama"), first_position=0)
 
 
 def test_harvest_skips_unembedding_and_leaves_no_hooks() -> None:

@@ -68,7 +68,7 @@ class Planted(ActivationSource):
 
 def planted_config(**kw: Any) -> TrainConfig:
     base = dict(
-        kind="clt", n_features=64, model="planted", n_ctx=2, batch_tokens=256, shuffle_contexts=2048,
+        kind="clt", n_features=64, model="planted", n_ctx=3, batch_tokens=256, shuffle_contexts=2048,
         total_tokens=256 * 350, norm_tokens=2048, lr=3e-3, sparsity_lambda=0.1, checkpoint_every=1000,
         log_every=50, eval_tokens=0, threshold_init=0.1, sparsity_warmup_frac=0.3,
     )
@@ -367,3 +367,66 @@ def test_bf16_dense_training_runs_and_learns(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["nmse"] < 0.5 * rows[0]["nmse"]
     assert folded.W_enc.dtype == torch.float32 and folded.activation.threshold.dtype == torch.float32
+
+
+# -- bad input on the command line: one line each, and an earlier run left as it was ---------------
+
+
+def tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny llama with a word-level tokenizer ("t2" … "t95"), saved as a local model folder."""
+    from test_attribution import tiny_tokenizer
+
+    tiny_model("llama", seed=seed).model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def word_docs(n_docs: int = 200, seed: int = 0) -> list[str]:
+    """Documents of the tiny tokenizer's words."""
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"t{int(i)}" for i in torch.randint(2, 96, (int(n),), generator=g))
+            for n in torch.randint(20, 60, (n_docs,), generator=g)]
+
+
+def test_cli_bad_training_input_is_one_line_and_keeps_the_earlier_run(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import assert_one_line_error, run_cli
+
+    model = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in word_docs()))
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "   "}) + "\n")
+    base = ["train", "-p", "tiny", "-m", str(model), "-s", str(tmp_path / "docs.jsonl"), "-q",
+            "--set", "total_tokens=512", "--set", "eval_tokens=0"]
+    run = tmp_path / "run"
+    code, _, err = run_cli(*base, "-o", str(run), capsys=capsys)
+    assert code == 0, err
+    earlier = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert any(p.name == "state.pt" for p in earlier) and (run / "transcoder").is_dir()
+    (tmp_path / "unknown.json").write_text(json.dumps({**preset("tiny").to_dict(), "n_featurez": 3}))
+    (tmp_path / "impossible.json").write_text(json.dumps({**preset("tiny").to_dict(), "lr": -1}))
+    cases = [
+        (["-s", str(tmp_path / "missing.txt")], "no such file or folder"),
+        (["-s", str(tmp_path / "empty.jsonl")], "holds no text"),
+        (["--set", "text_column=body"], "has no column 'body'"),
+        (["--config", str(tmp_path / "unknown.json")], "unknown key(s) n_featurez"),
+        (["--config", str(tmp_path / "impossible.json")], "lr must be a positive number"),
+        (["--set", "n_features=0"], "n_features must be an integer >= 1"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        # aimed at a new folder: the message names the problem, and no checkpoint is written
+        code, _, err = run_cli(*base, *args, "-o", str(tmp_path / f"new{i}"), capsys=capsys)
+        assert_one_line_error(code, err, needle)
+        assert not list((tmp_path / f"new{i}").rglob("state*.pt")), args
+        # aimed at the earlier run's folder (resuming it, or not): refused, nothing of it touched
+        for resume in ([], ["--resume"]):
+            code, _, err = run_cli(*base, *args, "-o", str(run), *resume, capsys=capsys)
+            assert_one_line_error(code, err)
+            assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == earlier, (args, resume)
+    # the folder of another run (another config), then a checkpoint of another model: same model
+    # folder, other weights
+    code, _, err = run_cli(*base, "--set", "lr=0.001", "-o", str(run), capsys=capsys)
+    assert_one_line_error(code, err, "holds another run", "lr=0.0003->0.001")
+    tiny_model_dir(tmp_path / "model", seed=1)
+    code, _, err = run_cli(*base, "-o", str(run), "--resume", capsys=capsys)
+    assert_one_line_error(code, err, "is from another model")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == earlier

@@ -7,9 +7,10 @@ model head, so no unembedding is computed) with one pre-hook and one hook per la
 tensors straight into preallocated buffers, with no gradient and no other bookkeeping, so a
 harvest costs about one plain forward pass.
 
-Every context starts with BOS (the attention sink); its position is left out of what is returned,
-as the reference tool does, because its activations are outliers that no feature should spend
-capacity on.
+Every context starts with BOS. Positions before :data:`FIRST_POSITION` (BOS and the first token)
+are left out of what is returned: both are attention sinks whose activations are outliers that no
+feature should spend capacity on (in SmolLM2 the first token's MLP output reaches 438x the median
+norm at layer 11, and alone makes up 99% of that layer's squared target mass in a batch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from torch import nn
 
 from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
+
+FIRST_POSITION = 2
+"""First position of a context that training, evaluation and feature statistics look at: 0 is BOS
+and 1 the first token, both attention sinks with outlier norms. Spliced evaluation keeps the model's
+own MLP outputs there (as a replacement model's error nodes would)."""
 
 
 class Harvest(NamedTuple):
@@ -46,13 +52,18 @@ class Harvester:
     """Runs a model on token batches and returns (x, y) per token, BOS positions left out.
 
     `harvest(tokens)` takes [batch, n_ctx] token ids whose column 0 is BOS and returns
-    :class:`Harvest` tensors of shape [batch * (n_ctx - 1), n_layers, d_model] in `dtype`
+    :class:`Harvest` tensors of shape [batch * (n_ctx - first_position), n_layers, d_model] in `dtype`
     (default: the model's). `max_batch` bounds how many contexts go through the model at once;
     `autocast_bf16` runs the model's matrix products in bfloat16 (faster where the hardware has it).
     """
 
     def __init__(
-        self, loaded: LoadedModel, dtype: torch.dtype | None = None, max_batch: int = 16, autocast_bf16: bool = False
+        self,
+        loaded: LoadedModel,
+        dtype: torch.dtype | None = None,
+        max_batch: int = 16,
+        autocast_bf16: bool = False,
+        first_position: int = FIRST_POSITION,
     ) -> None:
         self.loaded = loaded
         self.base = base_transformer(loaded)
@@ -67,13 +78,21 @@ class Harvester:
             raise CltraceError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.autocast_bf16 = autocast_bf16
+        if first_position < 1:
+            raise CltraceError(f"first_position must be at least 1 (BOS is never harvested), got {first_position}")
+        self.first_position = first_position
+
+    def positions_per_context(self, n_ctx: int) -> int:
+        """How many positions of an `n_ctx`-token context a harvest returns."""
+        return n_ctx - self.first_position
 
     @torch.no_grad()
     def harvest(self, tokens: torch.Tensor) -> Harvest:
-        """(x, y), each [batch * (n_ctx - 1), n_layers, d_model], of token ids [batch, n_ctx]."""
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
+        """(x, y), each [batch * (n_ctx - first_position), n_layers, d_model], of token ids [batch, n_ctx]."""
+        if tokens.dim() != 2 or tokens.shape[1] <= self.first_position:
             raise CltraceError(
-                f"harvest needs token ids shaped [batch, n_ctx >= 2] with BOS first, got {tuple(tokens.shape)}"
+                f"harvest needs token ids shaped [batch, n_ctx > {self.first_position}] with BOS first, "
+                f"got {tuple(tokens.shape)}"
             )
         if tokens.shape[1] > self.loaded.max_context:
             raise CltraceError(
@@ -82,27 +101,29 @@ class Harvester:
             )
         B, T = tokens.shape
         L, d = self.n_layers, self.d_model
-        x = torch.empty(B, T - 1, L, d, dtype=self.dtype)
-        y = torch.empty(B, T - 1, L, d, dtype=self.dtype)
+        P = T - self.first_position
+        x = torch.empty(B, P, L, d, dtype=self.dtype)
+        y = torch.empty(B, P, L, d, dtype=self.dtype)
         device = self.loaded.device
         for start in range(0, B, self.max_batch):
             chunk = tokens[start : start + self.max_batch].to(device)
             self._run(chunk, x[start : start + chunk.shape[0]], y[start : start + chunk.shape[0]])
-        return Harvest(x.view(B * (T - 1), L, d), y.view(B * (T - 1), L, d))
+        return Harvest(x.view(B * P, L, d), y.view(B * P, L, d))
 
     def _run(self, ids: torch.Tensor, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
         handles = []
+        first = self.first_position
 
         def grab_in(l: int):
             def hook(module: nn.Module, args: tuple) -> None:
-                x_out[:, :, l].copy_(args[0][:, 1:])  # BOS left out
+                x_out[:, :, l].copy_(args[0][:, first:])  # sink positions left out
 
             return hook
 
         def grab_out(l: int):
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
                 out = output[0] if isinstance(output, tuple) else output
-                y_out[:, :, l].copy_(out[:, 1:])
+                y_out[:, :, l].copy_(out[:, first:])
 
             return hook
 
@@ -122,4 +143,4 @@ class Harvester:
             yield self.harvest(batch.tokens), batch.position
 
 
-__all__ = ["Harvest", "Harvester", "base_transformer"]
+__all__ = ["FIRST_POSITION", "Harvest", "Harvester", "base_transformer"]

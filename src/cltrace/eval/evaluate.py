@@ -9,10 +9,11 @@
   (no error term), computed layer by layer in one forward pass (a CLT's output at layer l needs
   the features of layers ≤ l, whose inputs already depend on the spliced outputs below);
   KL(original ‖ spliced) of the next-token distribution (nats, mean over tokens) and top-1
-  agreement. The BOS position (the attention sink, on which transcoders are not trained) keeps
-  its original MLP outputs and is not scored.
+  agreement. The attention-sink positions (BOS and the first token, before
+  :data:`~cltrace.data.harvest.FIRST_POSITION`; transcoders are not trained on them) keep their
+  original MLP outputs and are not scored.
 
-BOS positions are left out of every metric.
+The sink positions are left out of every metric, as they are left out of training.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cltrace.data.harvest import FIRST_POSITION
 from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 from cltrace.transcoder import JumpReLU, ReLU, TopK, Transcoder
@@ -82,7 +84,7 @@ class _Hooks:
 
     def _pre(self, l: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0][:, 1:]  # [B, T-1, d] BOS left out
+            x = args[0][:, FIRST_POSITION:]  # [B, T - FIRST_POSITION, d] sink positions left out
             self.x.append(x)
             if self.tc is not None:
                 self.acts.append(layer_activations(self.tc, l, x))
@@ -92,11 +94,11 @@ class _Hooks:
     def _post(self, l: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             out = output[0] if isinstance(output, tuple) else output
-            self.y.append(out[:, 1:])
+            self.y.append(out[:, FIRST_POSITION:])
             if self.tc is None:
                 return None
             recon = layer_reconstruction(self.tc, l, self.acts, self.x[l]).to(out.dtype)
-            spliced = torch.cat([out[:, :1], recon], dim=1)
+            spliced = torch.cat([out[:, :FIRST_POSITION], recon], dim=1)
             return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
 
         return hook
@@ -115,15 +117,15 @@ def token_batches(
     split: str = "heldout",
     bos_id: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """[batch, n_ctx] token batches (BOS first) of `source`'s held-out split, ≥ n_tokens non-BOS tokens in all.
+    """[batch, n_ctx] token batches (BOS first) of `source`'s held-out split, ≥ n_tokens scored tokens in all.
 
     `source` is a spec string ("default", a path, "hf:..."), an iterable of documents, or a
     LongTensor [n, n_ctx] of ready token contexts.
     """
     if isinstance(source, torch.Tensor):
-        if source.dim() != 2 or source.shape[1] < 2:
-            raise CltraceError(f"token contexts must be [n, n_ctx >= 2], got {tuple(source.shape)}")
-        per = source.shape[1] - 1
+        if source.dim() != 2 or source.shape[1] <= FIRST_POSITION:
+            raise CltraceError(f"token contexts must be [n, n_ctx > {FIRST_POSITION}], got {tuple(source.shape)}")
+        per = source.shape[1] - FIRST_POSITION
         need = -(-n_tokens // per)
         yield from source[:need].split(batch_size)
         return
@@ -139,7 +141,7 @@ def token_batches(
     got = 0
     for batch in pack_batches(source, tokenize, pack):
         yield batch.tokens
-        got += batch.tokens.shape[0] * (n_ctx - 1)
+        got += batch.tokens.shape[0] * (n_ctx - FIRST_POSITION)
         if got >= n_tokens:
             return
 
@@ -163,7 +165,7 @@ def evaluate(
 
     Returns a JSON-ready dict: `nmse_mean`, `nmse_per_layer`, `l0_mean`, `l0_total`,
     `l0_per_layer`, `dead_fraction`, `dead_fraction_per_layer`, `spliced_kl`, `spliced_top1`,
-    `n_tokens` (tokens scored; BOS excluded), and the model and transcoder shapes.
+    `n_tokens` (tokens scored; sink positions excluded), and the model and transcoder shapes.
     """
     cfg = transcoder.config
     if cfg.n_layers != model.n_layers or cfg.d_model != model.d_model:
@@ -190,7 +192,7 @@ def evaluate(
             break
         hooks = _Hooks(model, None)
         with hooks:
-            logits = model.model(input_ids=tokens, use_cache=False).logits[:, 1:]  # [B, T-1, V]
+            logits = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]  # [B, T - FIRST_POSITION, V]
         x = torch.stack(hooks.x, dim=2).reshape(-1, L, cfg.d_model)  # [N, L, d]
         y = torch.stack(hooks.y, dim=2).reshape(-1, L, cfg.d_model).to(torch.float64)
         acts = tc.encode(x)  # [N, L, F]
@@ -204,7 +206,7 @@ def evaluate(
         n = x.shape[0]
         if spliced:
             with _Hooks(model, tc):
-                sp = model.model(input_ids=tokens, use_cache=False).logits[:, 1:]
+                sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
             lp_o = F.log_softmax(logits.double(), dim=-1)
             lp_s = F.log_softmax(sp.double(), dim=-1)
             kl_sum += float((lp_o.exp() * (lp_o - lp_s)).sum())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cltrace.data.harvest import FIRST_POSITION
 from cltrace.errors import CltraceError
 
 DECODES = ("sparse", "dense")
@@ -44,6 +45,9 @@ class TrainConfig:
     """Text source: "default" (offline corpus), a .txt/.jsonl/.parquet file or folder, or "hf:NAME[:CONFIG][:SPLIT]"."""
     text_column: str = "text"
     """Column/field holding the text in .jsonl, .parquet and Hugging Face sources."""
+    store: str | None = None
+    """Activation store folder (written by `cltrace harvest`) to train from instead of harvesting the text
+    on the fly; null streams. Its model, source and packing must match this config's."""
     n_ctx: int = 128
     """Tokens per context, BOS included; the BOS position is not trained on."""
     batch_tokens: int = 1024
@@ -133,7 +137,8 @@ class TrainConfig:
                      "norm_tokens", "checkpoint_every", "log_every", "dead_window"):
             v = getattr(self, name)
             require(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
-        require(self.n_ctx >= 2, f"n_ctx must be at least 2 (BOS plus one token), got {self.n_ctx}")
+        require(self.n_ctx > FIRST_POSITION,
+                f"n_ctx must be at least {FIRST_POSITION + 1} (BOS, the first token and one trained token), got {self.n_ctx}")
         require(is_int(self.eval_tokens) and self.eval_tokens >= 0, f"eval_tokens must be an integer >= 0, got {self.eval_tokens!r}")
         require(is_int(self.seed) and is_int(self.split_seed), "seed and split_seed must be integers")
         if self.activation == "topk":
@@ -146,9 +151,12 @@ class TrainConfig:
         for name in ("model", "source", "text_column"):
             v = getattr(self, name)
             require(isinstance(v, str) and v.strip() != "", f"{name} must be a non-empty string, got {v!r}")
-        buffer_tokens = self.shuffle_contexts * (self.n_ctx - 1)
+        require(self.store is None or (isinstance(self.store, str) and self.store.strip() != ""),
+                f"store must be a folder path or null, got {self.store!r}")
+        buffer_tokens = self.shuffle_contexts * (self.n_ctx - FIRST_POSITION)
         require(self.batch_tokens <= buffer_tokens,
-                f"batch_tokens={self.batch_tokens} exceeds the shuffle buffer of shuffle_contexts x (n_ctx - 1) = "
+                f"batch_tokens={self.batch_tokens} exceeds the shuffle buffer of shuffle_contexts x "
+                f"(n_ctx - {FIRST_POSITION} sink positions) = "
                 f"{buffer_tokens} tokens; raise shuffle_contexts or lower batch_tokens")
         require(self.total_tokens >= self.batch_tokens,
                 f"total_tokens={self.total_tokens} is less than one step of batch_tokens={self.batch_tokens}")
@@ -236,16 +244,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # Presets -----------------------------------------------------------------------------------------
 
-#: The default CLT for the default model, sized to finish in about 15 minutes on this 2-core CPU when it
-#: is idle (measured: bf16 harvest ~1,800 tokens/s, ~1.5 s per 1,024-token step at 256 features per
-#: layer; about 500 tokens/s in all), leaving room for a shared, busier machine within 30 minutes.
-#: bf16 products and the dense decode are the fastest path on such a CPU (AVX512-BF16 GEMMs run about
-#: 5x faster than fp32 ones; at this size and L0 the sparse decode is 2-4x slower than the dense one,
-#: see benchmarks/results/train_speed.json), so the preset uses them.
+#: The default CLT for the default model, sized to finish in under 30 minutes on this 2-core CPU when
+#: it is idle. bf16 products and the dense decode are the fastest path on such a CPU (AVX512-BF16 GEMMs
+#: run about 5x faster than fp32 ones; at this size and L0 the sparse decode is 2-4x slower than the
+#: dense one, see benchmarks/results/train_speed.json), so the preset uses them. Steps of 256 tokens
+#: rather than 1,024: on this budget the number of optimiser steps limits quality more than the
+#: gradient noise does (a 128-feature CLT with 256-token steps at lr 1e-3 reached NMSE 0.64 after 15k
+#: tokens; a 256-feature one with 1,024-token steps at lr 5e-4 needed 100k tokens for the same).
 DEFAULT_PRESET = TrainConfig(
-    n_features=256, n_ctx=128, batch_tokens=1024, total_tokens=400_000, shuffle_contexts=64, harvest_batch=16,
-    lr=5e-4, sparsity_lambda=1.5e-3, sparsity_warmup_frac=0.5, dtype="bfloat16", harvest_dtype="bfloat16",
-    decode="dense", checkpoint_every=50, log_every=5, eval_tokens=2048,
+    n_features=256, n_ctx=128, batch_tokens=256, total_tokens=500_000, shuffle_contexts=64, harvest_batch=16,
+    lr=1e-3, sparsity_lambda=1.5e-3, sparsity_warmup_frac=0.5, dtype="bfloat16", harvest_dtype="bfloat16",
+    decode="dense", checkpoint_every=200, log_every=20, eval_tokens=2048,
 )
 
 #: A minutes-long smoke run (and the size tests use).
