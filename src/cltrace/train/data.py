@@ -8,7 +8,6 @@ start position, buffer index and step count sees exactly the batches an uninterr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,6 +17,7 @@ import torch
 
 from cltrace.data.harvest import Harvester
 from cltrace.data.packing import PackPosition, model_packing, pack_batches
+from cltrace.data.store import ActivationStore, model_fingerprint
 from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 
@@ -39,21 +39,6 @@ class ActivationSource(ABC):
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the activations (the model): a checkpoint only resumes on an equal one."""
-
-
-def model_fingerprint(loaded: LoadedModel) -> dict[str, Any]:
-    """Name, shape and a hash of a few weights of a model (cheap; tells different models apart)."""
-    h = hashlib.sha256()
-    params = list(loaded.model.parameters())
-    for p in params[:3] + params[-3:]:
-        flat = p.detach().reshape(-1)[:4096].to(torch.float64).cpu()
-        h.update(flat.numpy().tobytes())
-    return {
-        "model": loaded.name,
-        "n_layers": loaded.n_layers,
-        "d_model": loaded.d_model,
-        "weights_sha256": h.hexdigest()[:16],
-    }
 
 
 class HarvestSource(ActivationSource):
@@ -116,4 +101,56 @@ class HarvestSource(ActivationSource):
             yield x, y, position
 
 
-__all__ = ["ActivationSource", "Buffer", "HarvestSource", "model_fingerprint"]
+class StoreSource(ActivationSource):
+    """An activation store (`cltrace harvest`) → shuffle buffers of `buffer_contexts` contexts.
+
+    Buffers are the store's contexts in order, `buffer_contexts` at a time, exactly the buffers a
+    `HarvestSource` with the same packing yields (in the store's dtype). When `total_tokens`
+    outlasts the store, reading goes on from its start (another epoch): context i of the stream is
+    context i mod contexts of the store. The position after a buffer is the number of contexts
+    consumed, with the store's id and size, so a resumed run refuses a store that was replaced or
+    changed since its checkpoint.
+    """
+
+    def __init__(self, store: ActivationStore | str, buffer_contexts: int, verify: bool = True) -> None:
+        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        self.buffer_contexts = buffer_contexts
+        self.verify = verify
+        self.n_layers = self.store.n_layers
+        self.d_model = self.store.d_model
+        if not self.store.complete:
+            m = self.store.manifest
+            raise CltraceError(
+                f"activation store '{self.store.path}' is incomplete ({m['tokens']:,} of {m['target_tokens']:,} tokens): "
+                "finish it by running the same `cltrace harvest` command again"
+            )
+        if self.store.contexts < buffer_contexts:
+            raise CltraceError(
+                f"activation store '{self.store.path}' holds {self.store.contexts} contexts, fewer than one shuffle buffer "
+                f"of shuffle_contexts={buffer_contexts}; harvest more tokens or lower shuffle_contexts"
+            )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.store.fingerprint
+
+    def buffers(self, start: dict[str, Any] | None) -> Iterator[Buffer]:
+        store = self.store
+        context = 0
+        if start is not None:
+            if start.get("store_id") != store.store_id or start.get("store_contexts") != store.contexts:
+                raise CltraceError(
+                    f"activation store '{store.path}' changed since this run's checkpoint (it was harvested again or "
+                    "extended); resume with the store as it was, or start a new run"
+                )
+            context = int(start["context"])
+        epoch = context // store.contexts
+        while True:
+            if context // store.contexts != epoch:
+                epoch = context // store.contexts
+                log.warning("activation store exhausted: starting epoch %d over the same activations", epoch + 1)
+            x, y = store.read_contexts(context, self.buffer_contexts, verify=self.verify)  # [tokens, L, d] each
+            context += self.buffer_contexts
+            yield x, y, {"context": context, "store_id": store.store_id, "store_contexts": store.contexts}
+
+
+__all__ = ["ActivationSource", "Buffer", "HarvestSource", "StoreSource", "model_fingerprint"]

@@ -12,9 +12,12 @@ from typing import Any
 import torch
 
 from cltrace.atomic import atomic_write_text
+from cltrace.data.harvest import Harvester
+from cltrace.data.store import ActivationStore, model_fingerprint
+from cltrace.errors import CltraceError
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
-from cltrace.train.data import HarvestSource
+from cltrace.train.data import ActivationSource, HarvestSource, StoreSource
 from cltrace.train.losses import transcoder_loss
 from cltrace.train.trainer import EVAL_FILE, TRANSCODER_DIR, Trainer
 from cltrace.transcoder import Transcoder, TranscoderConfig
@@ -22,17 +25,18 @@ from cltrace.transcoder import Transcoder, TranscoderConfig
 log = logging.getLogger(__name__)
 
 
-def estimate_seconds(loaded: LoadedModel, config: TrainConfig, data: HarvestSource) -> dict[str, float]:
+def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harvester) -> dict[str, float]:
     """Measure harvest and training speed for a few seconds and extrapolate the run's wall time.
 
     Training steps are timed at the initial transcoder, whose features are far denser than after
-    warm-up, so the estimate is an upper bound for the sparse decode.
+    warm-up, so the estimate is an upper bound for the sparse decode. A run from an activation store
+    (`config.store`) harvests only its evaluation tokens.
     """
     harvest_batch = min(config.harvest_batch, 4)
     tokens = torch.randint(0, loaded.vocab_size, (harvest_batch, config.n_ctx))
-    data.harvester.harvest(tokens[:, : min(16, config.n_ctx)])  # warm up (first calls pick kernels)
+    harvester.harvest(tokens[:, : min(16, config.n_ctx)])  # warm up (first calls pick kernels)
     t = time.perf_counter()
-    x, y = data.harvester.harvest(tokens)
+    x, y = harvester.harvest(tokens)
     harvest_tps = x.shape[0] / (time.perf_counter() - t)
     tc = Transcoder.random(TranscoderConfig(config.kind, loaded.n_layers, loaded.d_model, config.n_features,
                                             config.activation, config.topk_k, config.skip))
@@ -52,8 +56,33 @@ def estimate_seconds(loaded: LoadedModel, config: TrainConfig, data: HarvestSour
         times.append(time.perf_counter() - t)
     train_tps = n / min(times)
     total = config.total_steps * config.batch_tokens
-    seconds = total / harvest_tps + total / train_tps + 2 * config.eval_tokens / harvest_tps
+    harvested = 0 if config.store else total
+    seconds = harvested / harvest_tps + total / train_tps + 2 * config.eval_tokens / harvest_tps
     return {"harvest_tokens_per_s": harvest_tps, "train_tokens_per_s": train_tps, "seconds": seconds}
+
+
+#: TrainConfig fields an activation store fixes (the store's manifest settings of the same names).
+STORE_FIELDS = ("model", "source", "text_column", "n_ctx", "heldout_fraction", "split_seed")
+
+
+def store_defaults(store: str | Path) -> dict[str, Any]:
+    """Config values that train from the store at `store`: its path, model, text source and packing."""
+    settings = ActivationStore(store).settings
+    return {"store": str(store), **{k: settings[k] for k in STORE_FIELDS}}
+
+
+def store_source(config: TrainConfig, model: LoadedModel) -> StoreSource:
+    """The StoreSource of `config.store`, refused (one line) when its model or settings differ from the run's."""
+    store = ActivationStore(config.store)
+    store.check_model(model_fingerprint(model))
+    diff = [f"{k}={getattr(config, k)!r} (store: {store.settings[k]!r})" for k in STORE_FIELDS[1:]
+            if getattr(config, k) != store.settings[k]]
+    if diff:
+        raise CltraceError(
+            f"activation store '{store.path}' was harvested with other settings than this run's: {', '.join(diff)}; "
+            "set them to the store's (`cltrace train --store` does) so that evaluation reads held-out text"
+        )
+    return StoreSource(store, config.shuffle_contexts)
 
 
 def train_transcoder(
@@ -86,17 +115,23 @@ def train_transcoder(
         model = load_model(config.model)
     if tokenize is None:
         tokenize, _ = model_packing(model, config.n_ctx, 1, bos_id=bos_id)  # its tokenizer, or a clear error
-    data = HarvestSource(model, source, tokenize, config.n_ctx, config.shuffle_contexts, config.harvest_batch,
-                         config.heldout_fraction, config.split_seed, bos_id=bos_id,
-                         autocast_bf16=config.harvest_dtype == "bfloat16")
+    data: ActivationSource
+    if config.store:
+        data = store_source(config, model)
+    else:
+        data = HarvestSource(model, source, tokenize, config.n_ctx, config.shuffle_contexts, config.harvest_batch,
+                             config.heldout_fraction, config.split_seed, bos_id=bos_id,
+                             autocast_bf16=config.harvest_dtype == "bfloat16")
     trainer = Trainer(config, data, out, resume=resume, progress=progress, model_id=config.model, stop_after=stop_after)
     if estimate:
-        est = estimate_seconds(model, config, data)
+        harvester = data.harvester if isinstance(data, HarvestSource) else Harvester(
+            model, max_batch=config.harvest_batch, autocast_bf16=config.harvest_dtype == "bfloat16")
+        est = estimate_seconds(model, config, harvester)
         left = est["seconds"] * (1 - trainer.step / max(1, config.total_steps))
+        where = "activations from the store" if config.store else f"harvest {est['harvest_tokens_per_s']:.0f} tokens/s"
         echo(
             f"estimated time: about {left / 60:.0f} min for {config.total_steps - trainer.step} steps "
-            f"(harvest {est['harvest_tokens_per_s']:.0f} tokens/s, training at most "
-            f"{est['train_tokens_per_s']:.0f} tokens/s before features sparsify)"
+            f"({where}, training at most {est['train_tokens_per_s']:.0f} tokens/s before features sparsify)"
         )
     t0 = time.perf_counter()
     folded = trainer.run()
@@ -116,4 +151,4 @@ def train_transcoder(
     return result
 
 
-__all__ = ["estimate_seconds", "train_transcoder"]
+__all__ = ["STORE_FIELDS", "estimate_seconds", "store_defaults", "store_source", "train_transcoder"]
