@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource
+from cltrace.train.distributed import (
+    FeatureShards,
+    checkpoint_file,
+    describe_checkpoint,
+    failures_as_errors,
+    has_checkpoint,
+    init_layout,
+    load_optimizer_by_name,
+    on_main,
+    optimizer_by_name,
+    read_checkpoint,
+    remove_stale,
+)
 from cltrace.train.losses import transcoder_loss
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
 
@@ -134,7 +148,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
             existing = TrainConfig.load(cfg_file)
         except CltraceError as exc:
             raise CltraceError(f"output folder '{out}' holds a run whose config cannot be read ({exc}); choose another folder") from None
-        started = (out / CHECKPOINT_DIR / STATE_FILE).is_file() or (out / TRANSCODER_DIR).exists()
+        started = has_checkpoint(out / CHECKPOINT_DIR) or (out / TRANSCODER_DIR).exists()
         if not started:
             # A run that failed before its first checkpoint (e.g. an empty text source) holds nothing
             # worth keeping: start it afresh with the new config.
@@ -157,7 +171,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
             raise CltraceError(
                 f"output folder '{out}' already holds this run; pass --resume to continue it, or choose a new folder"
             )
-        return (out / CHECKPOINT_DIR / STATE_FILE).is_file()
+        return has_checkpoint(out / CHECKPOINT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_file, config.to_json())
     return False
@@ -171,6 +185,10 @@ class Trainer:
 
     `run()` trains to `config.total_steps` (resuming from the folder's checkpoint if there is one),
     saves the folded transcoder and the curves, and returns the folded transcoder.
+
+    Under torchrun (several ranks, see `cltrace.train.distributed`), each rank trains its slice of
+    the features and writes its shard of the checkpoint; rank 0 writes the shared files, and every
+    rank returns the whole (gathered) transcoder.
     """
 
     def __init__(
@@ -189,7 +207,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.progress = progress
         self.stop_after = stop_after  # for tests: stop (without finishing) after this many steps
-        self.has_checkpoint = prepare_run_dir(self.out, config, resume)
+        self.layout = init_layout()  # None in one process; under torchrun, the layout the CLI set (or all-features)
+        self.is_main = self.layout is None or self.layout.is_main
+        self.device = self.layout.device if self.layout is not None else torch.device("cpu")
+        self.has_checkpoint = on_main(self.layout, lambda: prepare_run_dir(self.out, config, resume))
         (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
         self.fingerprint = data.fingerprint()
         dtype = _DTYPES[config.dtype]
@@ -203,7 +224,14 @@ class Trainer:
             with torch.no_grad():
                 self.tc.activation.threshold.fill_(config.threshold_init)
             self.tc.activation.bandwidth = float(config.bandwidth)
-        self.opt = torch.optim.Adam(self.tc.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+        # Several ranks: every rank draws the same full initial weights (so runs on any number of
+        # ranks are comparable), keeps its slice of the features and drops the rest.
+        self.shards = FeatureShards(self.layout, self.tc) if self.layout is not None else None
+        if self.shards is not None:
+            self.tc_config = self.tc.config
+            self.tc = None
+        params = self.shards.parameters() if self.shards is not None else self.tc.parameters()
+        self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
         self.step = 0
         self.tokens = 0
         self.buffer_start: dict[str, Any] | None = None  # data position of the current buffer's start
@@ -211,7 +239,8 @@ class Trainer:
         self.step_in_buffer = 0
         self.scale_x: torch.Tensor | None = None
         self.scale_y: torch.Tensor | None = None
-        self.last_fired = torch.zeros(data.n_layers, config.n_features, dtype=torch.int64)
+        n_local = self.shards.end - self.shards.start if self.shards is not None else config.n_features
+        self.last_fired = torch.zeros(data.n_layers, n_local, dtype=torch.int64)
         self.elapsed = 0.0
         if self.has_checkpoint:
             self._load_checkpoint()
@@ -219,32 +248,41 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return {
+        """The one-process checkpoint; with several ranks, only its common fields (the shards hold the rest)."""
+        state = {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
-            "transcoder": self.tc.state_dict(),
-            "optimizer": self.opt.state_dict(),
             "step": self.step,
             "tokens": self.tokens,
             "data": {"buffer_start": self.buffer_start, "buffer_index": self.buffer_index, "step_in_buffer": self.step_in_buffer},
             "scale_x": self.scale_x,
             "scale_y": self.scale_y,
-            "last_fired": self.last_fired,
             "rng": {"torch": torch.get_rng_state()},
             "elapsed": self.elapsed,
         }
+        if self.shards is None:
+            state.update(transcoder=self.tc.state_dict(), optimizer=self.opt.state_dict(), last_fired=self.last_fired)
+        return state
+
+    def _named_tensors(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained tensors by full-transcoder name (this rank's slices, where sharded)."""
+        return self.shards.named_tensors() if self.shards is not None else list(self.tc.named_parameters())
 
     def save_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT_DIR / STATE_FILE
-        atomic_write(path, lambda p: torch.save(self._state(), p))
+        ckpt = self.out / CHECKPOINT_DIR
+        if self.shards is not None:
+            self.shards.save_checkpoint(ckpt, self._state(), optimizer_by_name(self.opt, self._named_tensors()), self.last_fired)
+            return
+        atomic_write(ckpt / STATE_FILE, lambda p: torch.save(self._state(), p))
+        remove_stale(ckpt, keep=None)  # a sharded checkpoint resumed in one process is now older
 
     def _load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT_DIR / STATE_FILE
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a damaged file: say so, never start over silently
-            raise CltraceError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete the folder to start afresh") from None
+        """Resume from the folder's checkpoint, written by one process or by any number of ranks."""
+        ckpt = self.out / CHECKPOINT_DIR
+        path = checkpoint_file(ckpt)
+        start, end = (self.shards.start, self.shards.end) if self.shards is not None else (0, self.config.n_features)
+        state = read_checkpoint(ckpt, start, end)
         if state.get("version") != CHECKPOINT_VERSION:
             raise CltraceError(f"checkpoint {path} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
         if state["fingerprint"] != self.fingerprint:
@@ -257,8 +295,11 @@ class Trainer:
             )
         if state["config"] != self.config.to_dict():
             raise CltraceError(f"checkpoint {path} was written by another config than {self.out / CONFIG_FILE}; choose a new folder")
-        self.tc.load_state_dict(state["transcoder"])
-        self.opt.load_state_dict(state["optimizer"])
+        if self.shards is not None:
+            self.shards.shard.load_full(state["tensors"], sliced=True)
+        else:
+            self.tc.load_state_dict(state["tensors"])
+        load_optimizer_by_name(self.opt, self._named_tensors(), state["adam"])
         self.step, self.tokens = state["step"], state["tokens"]
         data = state["data"]
         self.buffer_start, self.buffer_index, self.step_in_buffer = data["buffer_start"], data["buffer_index"], data["step_in_buffer"]
@@ -271,7 +312,7 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the checkpoint (they will be written again by the resumed run)."""
         path = self.out / METRICS_FILE
-        if not path.is_file():
+        if not path.is_file() or not self.is_main:
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -289,15 +330,22 @@ class Trainer:
         return torch.randperm(n, generator=g)
 
     def run(self) -> Transcoder:
+        with failures_as_errors(self.layout, self._resume_hint):
+            return self._run()
+
+    def _resume_hint(self) -> str:
+        return describe_checkpoint(self.out / CHECKPOINT_DIR)
+
+    def _run(self) -> Transcoder:
         cfg = self.config
         total = cfg.total_steps
         bar = None
-        if self.progress:
+        if self.progress and self.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.step, file=sys.stderr, unit="step", dynamic_ncols=True,
                        desc=f"training {cfg.kind.upper()}")
-        metrics_file = open(self.out / METRICS_FILE, "a", encoding="utf-8")
+        metrics_file = open(self.out / METRICS_FILE if self.is_main else os.devnull, "a", encoding="utf-8")
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
         window: list[dict[str, torch.Tensor]] = []
@@ -349,11 +397,14 @@ class Trainer:
             return self.folded()
         self.save_checkpoint()
         folded = self.folded()
-        save_transcoder(folded, self.out / TRANSCODER_DIR, overwrite=True)
-        try:
-            plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
-        except Exception as exc:  # noqa: BLE001 - a missing plot must not lose a finished run
-            log.warning("could not draw %s: %s", CURVES_FILE, exc)
+        if self.is_main:
+            save_transcoder(folded, self.out / TRANSCODER_DIR, overwrite=True)
+            try:
+                plot_curves(self.out / METRICS_FILE, self.out / CURVES_FILE)
+            except Exception as exc:  # noqa: BLE001 - a missing plot must not lose a finished run
+                log.warning("could not draw %s: %s", CURVES_FILE, exc)
+        if self.shards is not None:
+            self.shards.barrier()  # no rank returns before the transcoder is on disk
         return folded
 
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -362,18 +413,26 @@ class Trainer:
         lam = sparsity_lambda_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            terms = transcoder_loss(self.tc, xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
-        loss = terms["total"]
-        if not torch.isfinite(loss):
-            self._diverged(f"the loss is {float(loss.detach())}")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            if self.shards is None:
+                terms = transcoder_loss(self.tc, xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
+            else:  # this rank's features on its data group's part of the batch; terms of the whole batch
+                terms = self.shards.loss(self.shards.batch_part(xb), self.shards.batch_part(yb), lam, cfg.sparsity_c,
+                                         cfg.preact_lambda, cfg.decode)
+        loss = terms.pop("loss", terms["total"])
+        finite = bool(torch.isfinite(loss)) if self.shards is None else not bool(terms.pop("nonfinite"))  # global verdict
+        if not finite:
+            self._diverged(f"the loss is {float(terms['total'].detach())}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in self.tc.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if self.shards is not None:
+            gnorm = self.shards.sync_and_clip(cfg.grad_clip)
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            params = [p for p in self.tc.parameters() if p.grad is not None]
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         if not torch.isfinite(gnorm):
             self._diverged(f"the gradient norm is {float(gnorm)}")
         self.opt.step()
@@ -387,8 +446,8 @@ class Trainer:
         return out
 
     def _diverged(self, what: str) -> None:
-        ckpt = self.out / CHECKPOINT_DIR / STATE_FILE
-        kept = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
+        ckpt = self.out / CHECKPOINT_DIR
+        kept = f"the last good checkpoint is {checkpoint_file(ckpt)}" if has_checkpoint(ckpt) else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"training diverged at step {self.step + 1}: {what}; {kept}; lower lr or sparsity_lambda and resume or restart"
         )
@@ -398,8 +457,10 @@ class Trainer:
         if self.tokens == 0:
             return 0.0
         if self.tokens <= self.config.dead_window:
-            return float((self.last_fired == 0).float().mean())
-        return float(((self.tokens - self.last_fired) >= self.config.dead_window).float().mean())
+            dead = self.last_fired == 0
+        else:
+            dead = (self.tokens - self.last_fired) >= self.config.dead_window
+        return float(dead.float().mean()) if self.shards is None else self.shards.dead_count(dead)
 
     def _metrics_row(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         def mean(key: str) -> torch.Tensor:
@@ -429,7 +490,8 @@ class Trainer:
         """The transcoder with the normalisation folded in (works on raw model activations)."""
         if self.scale_x is None:
             raise CltraceError("no training step was taken yet: nothing to save")
-        tc = fold_normalisation(self.tc, self.scale_x, self.scale_y)
+        whole = self.tc if self.shards is None else self.shards.gather(self.tc_config, float(self.config.bandwidth))
+        tc = fold_normalisation(whole, self.scale_x, self.scale_y)
         return tc.to(torch.float32) if self.config.dtype != "float32" else tc
 
 
