@@ -461,3 +461,87 @@ def test_frozen_live_skip_and_per_layer_slots(family: str) -> None:
     clt, _ = case(family, "clt")
     with pytest.raises(CltraceError, match="skip path"):
         clt.frozen(clt.run(prompt_ids()), live_skip=True)
+
+
+# -- estimates, memory refusal and bad input on the command line -----------------------------------------
+
+
+def test_estimate_counts_what_attribute_then_does() -> None:
+    from cltrace.graph.attribution import estimate_attribution
+
+    rm, graph = case("gemma2", "clt")
+    est = estimate_attribution(rm, prompt_ids(), config=AttributionConfig(max_feature_nodes=10_000, batch_size=16))
+    run = rm.run(prompt_ids())
+    active = run.activations != 0
+    active[0] = False  # BOS features are not nodes
+    assert est.n_active_features == int(active.sum()) == graph.metadata["n_active_features"]
+    assert est.n_logit_rows == len(graph.metadata["targets"])
+    assert est.n_feature_rows == int((graph.nodes.kind == NodeKind.FEATURE).sum())
+    assert est.n_batches == -(-est.n_logit_rows // 16) + -(-est.n_feature_rows // 16)
+    params = sum(p.numel() * 4 for p in (*rm.model.model.parameters(), *rm.transcoder.parameters()))
+    assert params < est.peak_bytes < 2**30 and est.seconds > 0
+    # A limit below the estimate refuses the work before any backward pass; the message carries the estimate.
+    with pytest.raises(CltraceError, match=r"needs about .* GB .*active features.*--max-memory"):
+        attribute(rm, prompt_ids(), config=AttributionConfig(max_memory_bytes=est.peak_bytes - 1), progress=False)
+
+
+def test_decoders_gathered_on_each_pass_give_the_same_graph() -> None:
+    """Long prompts gather decoders per pass instead of caching them: the edges must not change."""
+    rm, cached = case("qwen2", "clt")
+    gathered = attribute(
+        rm, prompt_ids(), config=AttributionConfig(max_feature_nodes=10_000, batch_size=16, decoder_cache_bytes=0),
+        progress=False,
+    )
+    assert gathered.n_edges == cached.n_edges
+    assert torch.equal(gathered.edge_source, cached.edge_source) and torch.equal(gathered.edge_target, cached.edge_target)
+    torch.testing.assert_close(gathered.edge_weight, cached.edge_weight, rtol=1e-6, atol=1e-7)
+
+
+def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
+    from conftest import assert_one_line_error, run_cli
+    from test_graph import _rewrite_header
+
+    from cltrace.graph.graph import GRAPH_SCHEMA_VERSION
+    from cltrace.model import load_model
+    from cltrace.transcoder import save_transcoder
+
+    prompt, out = "The cat sat", tmp_path / "g.cltg"
+    cfg = TranscoderConfig(kind="clt", n_layers=30, d_model=576, n_features=8, activation="jumprelu")
+    tc = Transcoder.random(cfg, seed=3)
+    save_transcoder(tc, tmp_path / "clt")
+    # --dry-run: the estimate, with the true number of active features, and no graph.
+    code, text, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--dry-run", capsys=capsys)
+    assert code == 0, err
+    run = ReplacementModel(load_model("default"), tc).run(prompt)
+    n_active = int((run.activations[1:] != 0).sum())
+    assert f"{len(run.input_ids)} tokens, {n_active} active features" in text
+    assert "GB peak memory" in text and "nothing computed" in text and not out.exists()
+    # A memory limit below the estimate: refused up front, one line, no graph.
+    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--max-memory", "0.1",
+                           capsys=capsys)
+    assert_one_line_error(code, err, "GB", "--max-memory", f"{n_active} active features")
+    assert not out.exists()
+    # A target that is two tokens.
+    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--target", " on the",
+                           capsys=capsys)
+    assert_one_line_error(code, err, "' on the' is 2 tokens")
+    # A prompt that tokenizes to nothing.
+    code, _, err = run_cli("attribute", "", "-t", str(tmp_path / "clt"), "-o", str(out), capsys=capsys)
+    assert_one_line_error(code, err, "empty")
+    # A transcoder for another model (4 layers, not 30).
+    other = TranscoderConfig(kind="clt", n_layers=4, d_model=576, n_features=8, activation="jumprelu")
+    save_transcoder(Transcoder.random(other), tmp_path / "other")
+    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "other"), "-o", str(out), capsys=capsys)
+    assert_one_line_error(code, err, "does not fit", "4 layers")
+    assert not out.exists()
+    # A graph file from a newer schema, and a truncated one, refused by export.
+    _, graph = case("llama", "clt")
+    graph.save(tmp_path / "new.cltg")
+    _rewrite_header(tmp_path / "new.cltg", schema_version=str(GRAPH_SCHEMA_VERSION + 1))
+    code, _, err = run_cli("export", str(tmp_path / "new.cltg"), "-o", str(tmp_path / "new.json"), capsys=capsys)
+    assert_one_line_error(code, err, "newer")
+    raw = (tmp_path / "new.cltg").read_bytes()
+    (tmp_path / "cut.cltg").write_bytes(raw[: len(raw) - 100])
+    code, _, err = run_cli("export", str(tmp_path / "cut.cltg"), "-o", str(tmp_path / "cut.json"), capsys=capsys)
+    assert_one_line_error(code, err, "cut.cltg")
+    assert not (tmp_path / "new.json").exists() and not (tmp_path / "cut.json").exists()

@@ -24,6 +24,7 @@ known so far, as circuit-tracer does), up to `max_feature_nodes` feature rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -63,6 +64,17 @@ class AttributionConfig:
     progress: bool = True
     """Show a progress bar (tqdm, on stderr)."""
 
+    decoder_cache_bytes: int = 2 << 30
+    """Keep the active features' decoders, padded per position and slot, when they take at most this
+    many bytes; beyond it (long prompts) they are gathered from the transcoder on each pass."""
+
+    pass_memory_bytes: int = 4 << 30
+    """The batched frozen forward and one backward pass are kept under about this many bytes: on long
+    prompts the batch shrinks below batch_size (memory per copy grows with positions × layers × d_model)."""
+
+    max_memory_bytes: int | None = None
+    """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: no check)."""
+
     def validate(self) -> None:
         """Raise CltraceError naming the first impossible value."""
         checks = [
@@ -92,13 +104,106 @@ def attribute(
     one-token strings or `LogitDifference`s. `max_feature_nodes`, `batch_size` and `progress`,
     where given, override the same fields of `config`.
     """
+    cfg = resolve_config(config, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=progress)
+    with torch.enable_grad():
+        return _Attribution(replacement, prompt, targets, cfg).build()
+
+
+def resolve_config(config: AttributionConfig | None, **overrides: object) -> AttributionConfig:
+    """A validated copy of `config` (default: AttributionConfig()) with the overrides that are not None."""
     cfg = dataclasses.replace(config) if config is not None else AttributionConfig()
-    for name, value in (("max_feature_nodes", max_feature_nodes), ("batch_size", batch_size), ("progress", progress)):
+    for name, value in overrides.items():
         if value is not None:
             setattr(cfg, name, value)
     cfg.validate()
-    with torch.enable_grad():
-        return _Attribution(replacement, prompt, targets, cfg).build()
+    return cfg
+
+
+#: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
+#: fp32 tensors (seen: about 6 at 98 and 1,024 tokens on the default model).
+_COPIES_PER_ROW = 7
+
+
+@dataclass(frozen=True)
+class AttributionEstimate:
+    """What building one graph is expected to take (see `estimate_attribution`)."""
+
+    n_tokens: int
+    n_active_features: int
+    n_feature_rows: int
+    n_logit_rows: int
+    n_batches: int
+    batch_size: int
+    peak_bytes: int
+    """Estimated peak resident memory of the whole process, model included."""
+    seconds: float
+    """Estimated time of the attribution itself (model loading not included)."""
+    decoders_cached: bool
+
+    def summary(self) -> str:
+        """One line: tokens, active features, rows, time and memory."""
+        return (
+            f"{self.n_tokens} tokens, {self.n_active_features} active features, {self.n_feature_rows} feature rows + "
+            f"{self.n_logit_rows} logit rows in {self.n_batches} passes of {self.batch_size}: about "
+            f"{_duration(self.seconds)} and {self.peak_bytes / 2**30:.2f} GB peak memory"
+        )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@functools.cache
+def _matmul_rate() -> float:
+    """This machine's fp32 matrix-product rate in FLOP/s, measured once (about 0.1 s)."""
+    a = torch.randn(512, 512)
+    torch.mm(a, a)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.1:
+        torch.mm(a, a)
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0)
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says is available now (MemAvailable), or None where it does not say."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_attribution(
+    replacement: ReplacementModel,
+    prompt: str | torch.Tensor,
+    targets: Sequence[TargetSpec] | TargetSpec | None = None,
+    config: AttributionConfig | None = None,
+) -> AttributionEstimate:
+    """The estimated time and peak memory of `attribute` with the same arguments, from one forward
+    pass of the prompt (no graph is computed)."""
+    cfg = dataclasses.replace(config) if config is not None else AttributionConfig()
+    cfg.validate()
+    return _Attribution(replacement, prompt, targets, cfg).estimate()
+
+
+@dataclass
+class _SlotDecoders:
+    """The decoders writing into one MLP slot, padded per position: see `_Attribution.__init__`."""
+
+    table: torch.Tensor  # [n_rows, d] decoder vectors towards this slot; the last row is zeros
+    index: torch.Tensor  # [pos, width] row of `table` at each position's window place
+    target: torch.Tensor  # [pos * width] flat (pos * max_rank + rank) the product goes to; padding: the last
+    cached: torch.Tensor | None = None  # [pos, width, d] the gathered decoders, when they are kept
+
+    @property
+    def padded_bytes(self) -> int:
+        return self.index.numel() * self.table.shape[1] * 4
+
+    def gather(self) -> torch.Tensor:
+        return self.table[self.index]  # [pos, width, d]
 
 
 class _Attribution:
@@ -133,48 +238,65 @@ class _Attribution:
         self.LOG0 = self.EMB0 + P
         self.n_cols = self.LOG0 + len(self.targets)
 
-        # What each feature writes: its decoder vectors scaled by its activation. A transcoder whose
-        # features write to one layer (PLT) is contracted per source layer, gathering the gradient
-        # at each feature's position; a CLT per position, with each feature's decoders laid out
-        # over all L slots (zeros below its layer), so that one matrix product per position serves
-        # every source layer and every slot.
-        self.single_slot = all(len(self.tc.output_layers(s)) == 1 for s in range(L))
-        self.by_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (cols, pos, out [n_s, d])
-        self.by_pos: list[tuple[torch.Tensor, torch.Tensor]] = []  # (cols, out [n_p, L * d])
+        # What each feature writes, laid out per MLP slot t: the features writing into slot t (for
+        # a CLT those of layers <= t, for a PLT those of layer t) are, at each position, a window of
+        # consecutive ranks in that position's (layer, feature) order. Slot t's decoders form a
+        # [pos, width_t, d] block (zero rows past a position's window), so that its edges for every
+        # position come from one batched matrix product per slot. Decoders are kept unscaled (the
+        # activations multiply the result), and either cached (short prompts) or gathered from the
+        # transcoder's own weights on each pass, so memory stays bounded on long prompts.
         with torch.no_grad():
-            if self.single_slot:
-                for s in range(L):
-                    if self.tc.output_layers(s).start != s:
-                        raise CltraceError("a transcoder writing to one layer must write to its own layer")
-                    cols = (layers == s).nonzero(as_tuple=True)[0]
-                    vecs = self.tc.decoder_vectors(s, features[cols])[:, 0].float() * self.f_act[cols, None]
-                    self.by_layer.append((cols, positions[cols], vecs))  # [n_s, d]
-            else:
-                # Features grouped by position (stable: (layer, feature) order within a position),
-                # so that each position's block of the padded decoders is a view.
-                by_pos = torch.argsort(positions, stable=True)
-                rank = torch.empty_like(by_pos)
-                rank[by_pos] = torch.arange(self.n_act, device=self.device)
-                padded = torch.zeros(self.n_act, L, self.d, device=self.device)
-                for s in range(L):
-                    cols = (layers == s).nonzero(as_tuple=True)[0]
-                    if cols.numel():
-                        vecs = self.tc.decoder_vectors(s, features[cols]).float() * self.f_act[cols, None, None]
-                        first = self.tc.output_layers(s).start
-                        padded[rank[cols], first : first + vecs.shape[1]] = vecs
-                counts = torch.bincount(positions, minlength=P).tolist()
-                start = 0
-                for count in counts:
-                    block = padded[start : start + count].view(count, L * self.d)
-                    self.by_pos.append((by_pos[start : start + count], block))
-                    start += count
+            by_pos = torch.argsort(positions, stable=True)  # (layer, feature) order within a position
+            rank = torch.empty_like(by_pos)
+            counts = torch.bincount(positions, minlength=P)  # [pos]
+            starts = torch.cumsum(counts, 0) - counts
+            rank[by_pos] = torch.arange(self.n_act, device=self.device) - starts[positions[by_pos]]
+            self.max_rank = int(counts.max()) if self.n_act else 0
+            self.f_flat = positions * self.max_rank + rank  # [n_act] index into [pos * max_rank]
+            self.slots: list[_SlotDecoders | None] = []
+            for t in range(L):
+                self.slots.append(self._slot_decoders(t, layers, positions, features, rank))
+            self.decoder_cache_bytes = sum(x.padded_bytes for x in self.slots if x is not None)
+            self.cache_decoders = self.decoder_cache_bytes <= cfg.decoder_cache_bytes  # cached in build()
             self.embeds = self.model.model.get_input_embeddings()(self.ids[None].to(self.device)).detach()  # [1, pos, d]
             self.error = run.error.float()  # [pos, layer, d]
         self.W_enc, self.b_enc = self.tc.W_enc.detach(), self.tc.b_enc.detach()
-        # Per row layer (L: logits), blocks of edges (row node, source col, weight, |weight| / row's
-        # Σ|weight|), int32 indices: the second weight feeds the influence estimate.
+        # Per row layer (L: logits), blocks of rows stored CSR-like: (row nodes [k] int32, nonzero
+        # edges per row [k], source cols [nnz] int32, weights [nnz], Σ|weight| per row [k]); 8 bytes
+        # an edge. The row sums give the influence estimate its row-normalised weights.
         self.blocks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(L + 1)]
         self.timing: dict[str, float] = {}
+
+    def _slot_decoders(
+        self, t: int, layers: torch.Tensor, positions: torch.Tensor, features: torch.Tensor, rank: torch.Tensor
+    ) -> _SlotDecoders | None:
+        """Where slot t's decoders come from and where its products go (see __init__)."""
+        tc, P, F = self.tc, self.n_pos, self.tc.config.n_features
+        sources = [s for s in range(self.n_layers) if t in self.tc.output_layers(s)]
+        if not sources:
+            return None
+        if sources != list(range(sources[0], sources[-1] + 1)):
+            raise CltraceError(f"the layers writing to layer {t} ({sources}) are not consecutive: unsupported transcoder")
+        writes = (layers >= sources[0]) & (layers <= sources[-1])
+        at = writes.nonzero(as_tuple=True)[0]
+        if at.numel() == 0:
+            return None
+        pos, r = positions[at], rank[at]
+        lo = torch.full((P,), self.max_rank, dtype=torch.long, device=self.device)
+        lo.scatter_reduce_(0, pos, r, reduce="amin")
+        j = r - lo[pos]  # place within the position's window
+        width = int(j.max()) + 1
+        # Rows of the slot's decoder table: every feature of the source layers, towards slot t;
+        # one zero row last for the padding.
+        table = torch.cat([
+            *(tc.decoder_vectors(s, torch.arange(F, device=self.device))[:, t - tc.output_layers(s).start] for s in sources),
+            torch.zeros(1, self.d, dtype=tc.W_enc.dtype, device=self.device),
+        ]).float()  # [n_sources * F + 1, d]
+        index = torch.full((P, width), table.shape[0] - 1, dtype=torch.long, device=self.device)
+        index[pos, j] = (layers[at] - sources[0]) * F + features[at]
+        target = torch.full((P, width), P * self.max_rank, dtype=torch.long, device=self.device)
+        target[pos, j] = pos * self.max_rank + r
+        return _SlotDecoders(table, index, target.reshape(-1))
 
     # -- the batched frozen forward and its backward passes --------------------------------------
 
@@ -224,18 +346,20 @@ class _Attribution:
             g = [torch.zeros(n, P, d, device=self.device) if t is None else t[:n].float() for t in g_slots]
             for t in range(top):  # error nodes (layer t, every position)
                 edges[:, self.ERR0 + t * P : self.ERR0 + (t + 1) * P] = torch.einsum("bpd,pd->bp", g[t], self.error[:, t])
-            if top == 0:
+            if top == 0 or self.n_act == 0:
                 return edges
-            if self.single_slot:
-                for s in range(top):
-                    cols, pos, vecs = self.by_layer[s]
-                    if cols.numel():
-                        edges[:, cols] = torch.einsum("bcd,cd->bc", g[s][:, pos], vecs)
-            else:
-                stacked = torch.stack(g, dim=2)  # [n, pos, top, d]
-                for p, (cols, out) in enumerate(self.by_pos):
-                    if cols.numel():
-                        edges[:, cols] = stacked[:, p].reshape(n, top * d) @ out[:, : top * d].T
+            # Feature sources, slot by slot: [pos, n, d] @ [pos, d, width_t] -> [pos, n, width_t],
+            # added into each position's ranks; then each feature's column times its activation.
+            out = torch.zeros(n, P * self.max_rank + 1, device=self.device)  # the last column takes padding
+            for t in range(top):
+                slot = self.slots[t]
+                if slot is None:
+                    continue
+                vecs = slot.cached if slot.cached is not None else slot.gather()  # [pos, width, d]
+                part = torch.bmm(g[t].transpose(0, 1), vecs.transpose(1, 2))  # [pos, n, width]
+                out.index_add_(1, slot.target, part.permute(1, 0, 2).reshape(n, -1))
+                del part, vecs
+            edges[:, : self.n_act] = out[:, self.f_flat] * self.f_act
         return edges
 
     def _process(self, rows: list[tuple[str, int]], bar: tqdm) -> None:
@@ -249,18 +373,20 @@ class _Attribution:
                     [self.LOG0 + i if kind == "logit" else i for kind, i in chunk], dtype=torch.int32, device=self.device
                 )
                 layer_of = [self.n_layers if kind == "logit" else self.f_layer_list[i] for kind, i in chunk]
-                r, c = dense.nonzero(as_tuple=True)  # row-major: rows of one layer are contiguous
-                w = dense[r, c]
+                nz = dense != 0
+                per_row = nz.sum(1)  # [rows] nonzero edges per row
+                cols = nz.nonzero()[:, 1].to(torch.int32)  # row-major: rows of one layer are contiguous
+                w = dense[nz]
                 norm = dense.abs().sum(1).clamp(min=1e-8)  # row sums of |A|, for the influence estimate
-                wn = w.abs() / norm[r]
-                bounds = torch.searchsorted(r, torch.arange(len(chunk) + 1, device=self.device)).tolist()
+                del dense, nz
+                bounds = [0, *torch.cumsum(per_row, 0).tolist()]
                 lo = 0
-                while lo < len(chunk):  # one stored block per run of rows of one layer
+                while lo < len(chunk):  # one stored block per run of rows of one layer, CSR-like
                     hi = lo
                     while hi < len(chunk) and layer_of[hi] == layer_of[lo]:
                         hi += 1
                     at = slice(bounds[lo], bounds[hi])
-                    self.blocks[layer_of[lo]].append((nodes[r[at]], c[at].to(torch.int32), w[at], wn[at]))
+                    self.blocks[layer_of[lo]].append((nodes[lo:hi], per_row[lo:hi], cols[at], w[at], norm[lo:hi]))
                     lo = hi
             bar.update(len(chunk))
 
@@ -277,17 +403,83 @@ class _Attribution:
         mass[self.LOG0 :] = probs.to(self.device)
         seed = mass.clone()
         for layer in range(self.n_layers, -1, -1):
-            for nodes, cols, _, wn in self.blocks[layer]:
-                mass.index_add_(0, cols, mass[nodes] * wn.double())
+            for nodes, per_row, cols, w, norm in self.blocks[layer]:
+                factor = (mass[nodes.long()] / norm.double()).repeat_interleave(per_row)  # [nnz]
+                mass.index_add_(0, cols.long(), factor * w.abs().double())
         return mass - seed
 
     # -- the whole computation -------------------------------------------------------------------
 
-    def build(self) -> Graph:
-        cfg = self.cfg
+    def _batch_size(self, n_feature_rows: int) -> int:
+        """Copies in the batched forward: batch_size, fewer on long prompts (pass_memory_bytes)."""
+        per_copy = _COPIES_PER_ROW * self.n_pos * self.n_layers * self.d * 4
+        fits = max(1, self.cfg.pass_memory_bytes // per_copy)
+        return min(self.cfg.batch_size, fits, max(len(self.targets), n_feature_rows, 1))
+
+    def estimate(self) -> AttributionEstimate:
+        """What building the graph will take, from the prompt's run alone (nothing else computed).
+
+        Peak memory counts what is held at once: the model and transcoder, the prompt's run
+        (activations, frozen attention patterns), the batched frozen forward kept for the backward
+        passes and one pass's gradients, the decoders (cached or one slot's gathered), the stored
+        edges (8 bytes each, about half the columns of a row nonzero) and their conversion into the
+        graph. Time: the floating-point work of the forward and backward passes and of the edge
+        products, at this machine's measured matrix-product rate.
+        """
+        cfg, L, P, d = self.cfg, self.n_layers, self.n_pos, self.d
         n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
         n_rows = len(self.targets) + n_feature_rows
-        batch = min(cfg.batch_size, max(len(self.targets), n_feature_rows, 1))  # copies in the forward
+        batch = self._batch_size(n_feature_rows)
+        n_batches = -(-len(self.targets) // batch) + -(-n_feature_rows // batch)
+        params = sum(t.numel() * t.element_size() for t in (*self.model.model.parameters(), *self.tc.parameters()))
+        run = self.run
+        run_bytes = sum(t.numel() * t.element_size() for t in (
+            run.logits, run.resid_mid, run.mlp_out, run.pre_activations, run.activations, run.reconstruction, run.error,
+            *run.freeze_state.patterns.values(), *run.freeze_state.norm_scales.values(),
+        ))
+        # Slot inputs, captured residuals, block outputs and what autograd keeps, then one pass's
+        # gradients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors in all (measured).
+        passes = _COPIES_PER_ROW * batch * P * L * d * 4
+        backward = batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4
+        tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
+        widest = max((x.padded_bytes for x in self.slots if x is not None), default=0)
+        decoders = tables + (self.decoder_cache_bytes if self.cache_decoders else 2 * widest)
+        n_edges = int(0.5 * n_rows * self.n_cols)
+        kept = int(0.5 * n_rows * (n_feature_rows + L * P + P))
+        edges = 8 * n_edges + 36 * kept  # the rows as stored, then the graph's COO edges and their sort
+        peak = params + run_bytes + passes + backward + decoders + edges
+        # Work: per pass the frozen backward (attention OV and output projections, pattern products)
+        # over about half the layers, then the edge products with every active feature's decoders.
+        mcfg = self.model.config
+        heads = getattr(mcfg, "num_attention_heads", None) or mcfg.n_head  # GPT-2 names it n_head
+        kv = (getattr(mcfg, "num_key_value_heads", None) or heads) * d // heads
+        layer_flops = 2 * batch * P * (d * d + d * kv) + 2 * batch * P * P * d
+        pass_flops = layer_flops * L / 2 + 2 * batch * self.decoder_cache_bytes / 4  # padded slot decoders
+        seconds = (n_batches * pass_flops + 2 * layer_flops * L) / _matmul_rate() + 0.02 * n_batches
+        return AttributionEstimate(
+            n_tokens=P, n_active_features=self.n_act, n_feature_rows=n_feature_rows, n_logit_rows=len(self.targets),
+            n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), seconds=float(seconds),
+            decoders_cached=self.cache_decoders,
+        )
+
+    def build(self) -> Graph:
+        cfg = self.cfg
+        if cfg.max_memory_bytes is not None:
+            est = self.estimate()
+            if est.peak_bytes > cfg.max_memory_bytes:
+                raise CltraceError(
+                    f"this graph needs about {est.peak_bytes / 2**30:.1f} GB ({est.summary()}), more than the "
+                    f"{cfg.max_memory_bytes / 2**30:.1f} GB allowed: lower --max-feature-nodes or --batch-size, "
+                    "shorten the prompt, or raise --max-memory"
+                )
+        if self.cache_decoders:
+            with torch.no_grad():
+                for slot in self.slots:
+                    if slot is not None:
+                        slot.cached = slot.gather()
+        n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
+        n_rows = len(self.targets) + n_feature_rows
+        batch = self._batch_size(n_feature_rows)  # copies in the forward
         self.timing["setup_s"] = time.perf_counter() - self.t0
         t = time.perf_counter()
         self._forward(batch)
@@ -356,18 +548,23 @@ class _Attribution:
         col_to_node[sel] = torch.arange(n_sel, device=self.device)
         col_to_node[self.ERR0 :] = torch.arange(n_sel, n_nodes, device=self.device)
 
-        blocks = [block for layer in self.blocks for block in layer]
-        if blocks:
-            rows = torch.cat([b[0] for b in blocks]).long()
-            cols = torch.cat([b[1] for b in blocks]).long()
-            weights = torch.cat([b[2] for b in blocks])
-            self.blocks = []
-        else:
-            rows = cols = torch.zeros(0, dtype=torch.long, device=self.device)
-            weights = torch.zeros(0, device=self.device)
-        target, source = col_to_node[rows], col_to_node[cols]
-        keep = source >= 0
-        target, source, weights = target[keep], source[keep], weights[keep]
+        # Edges from features left out of the graph are dropped block by block, each block freed as
+        # soon as it is read, so the rows are never held twice in full.
+        targets, sources, kept_weights = [], [], []
+        for layer_blocks in self.blocks:
+            while layer_blocks:
+                nodes, per_row, cols, w, _ = layer_blocks.pop(0)
+                source = col_to_node[cols.long()]
+                keep = source >= 0
+                targets.append(col_to_node[nodes.long()].repeat_interleave(per_row)[keep])
+                sources.append(source[keep])
+                kept_weights.append(w[keep])
+        self.blocks = []
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        target = torch.cat(targets) if targets else empty
+        source = torch.cat(sources) if sources else empty
+        weights = torch.cat(kept_weights) if kept_weights else torch.zeros(0, device=self.device)
+        del targets, sources, kept_weights
         order = torch.argsort(target * n_nodes + source)
         target, source, weights = target[order], source[order], weights[order]
 

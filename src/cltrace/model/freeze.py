@@ -89,7 +89,16 @@ def frozen_attention(
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).detach()  # [batch, head, q, k]
         if state is not None:
             state.patterns[module] = pattern
-    out = torch.matmul(pattern.to(value.dtype), value)  # [batch, head, q, d_head]
+    pattern = pattern.to(value.dtype)
+    batch, heads, n_k, d_head = value.shape
+    if pattern.shape[0] == 1 and batch > 1:
+        # One recorded pattern for many copies (batched attribution): multiply it once by every
+        # copy's values side by side. A broadcast matmul would copy the pattern per copy and keep
+        # that copy for the backward pass: batch × head × q × k floats per layer (GBs on long prompts).
+        side = value.permute(1, 2, 0, 3).reshape(heads, n_k, batch * d_head)  # [head, k, batch * d_head]
+        out = torch.matmul(pattern[0], side).view(heads, -1, batch, d_head).permute(2, 0, 1, 3)  # [batch, head, q, d_head]
+    else:
+        out = torch.matmul(pattern, value)  # [batch, head, q, d_head]
     return out.transpose(1, 2).contiguous(), pattern
 
 
