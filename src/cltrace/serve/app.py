@@ -1,0 +1,299 @@
+"""The graph explorer's web server: a JSON API (described by its OpenAPI schema at /openapi.json)
+and the bundled front end (built from web/ into static/).
+
+Graphs are named by their path relative to the served folder, passed as the ``path`` query
+parameter; a path leading outside the folder is refused (403). Errors are JSON ``{"detail": one
+line}``: 400 for a request the graph or model cannot satisfy, 403 for a path outside the folder,
+404 for what does not exist, 413 for a body over the size limit, 422 for a malformed request.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from cltrace.errors import CltraceError
+from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
+from cltrace.serve.jobs import Jobs, Loader, Models
+from cltrace.serve.workspace import NotFound, PathRefused, Workspace
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+#: Largest request body accepted (bytes): saved work and interventions are small.
+MAX_BODY = 1 << 20
+BUILD_HINT = "the web app's assets are not built: run `make setup` (or `cd web && npm ci && npm run build`)"
+
+
+def assets_built() -> bool:
+    """Whether the front end has been built into the package's static folder."""
+    return (STATIC / "index.html").is_file() and (STATIC / "app.js").is_file()
+
+
+GraphPath = Annotated[str, Query(min_length=1, max_length=1000, description="The graph file, relative to the served folder.")]
+
+# -- request bodies ----------------------------------------------------------------------------------
+
+class SupernodeBody(BaseModel):
+    name: str = Field(min_length=1, max_length=100, description="Letters, digits, '_', '.', '-'.")
+    members: list[str] = Field(min_length=1, max_length=5000, description="Feature node ids 'layer_feature_pos'.")
+
+
+class StateBody(BaseModel):
+    """The user's work on a graph: pinned nodes (the subgraph) and supernodes."""
+
+    pinned: list[str] = Field(default_factory=list, max_length=10000)
+    supernodes: list[SupernodeBody] = Field(default_factory=list, max_length=1000)
+
+
+class LabelBody(BaseModel):
+    layer: int = Field(ge=0)
+    feature: int = Field(ge=0)
+    label: str = Field(max_length=500, description="The new label; empty removes it.")
+
+
+class InterventionItem(BaseModel):
+    """One feature node (its feature at its position) or one supernode (all its members)."""
+
+    node: str | None = Field(default=None, max_length=64, description="A feature node id 'layer_feature_pos'.")
+    supernode: str | None = Field(default=None, max_length=100, description="A saved supernode's name.")
+    mode: Literal["scale", "set"] = "scale"
+    value: float = Field(description="The factor (scale) or the activation (set).", allow_inf_nan=False)
+
+
+class InterventionBody(BaseModel):
+    interventions: list[InterventionItem] = Field(min_length=1, max_length=500)
+    run_mode: Literal["iterative", "constrained"] = "iterative"
+    freeze_attention: bool = False
+    top: int = Field(default=10, ge=1, le=50)
+
+
+class NewGraphBody(BaseModel):
+    prompt: str = Field(min_length=1, max_length=4000)
+    name: str | None = Field(default=None, max_length=100, description="File name (default: from the prompt).")
+    like: str | None = Field(default=None, max_length=1000, description="Use this graph's model and transcoder.")
+    max_feature_nodes: int = Field(default=7500, ge=1, le=50000)
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+class _LimitBody:
+    """ASGI middleware: refuse request bodies over `limit` bytes (413), declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = JSONResponse({"detail": f"request body over {self.limit} bytes: send less"}, status_code=413)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooBig()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooBig:
+            await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "malformed request: " + "; ".join(parts)
+
+
+def create_app(
+    root: str | Path, features: str | Path | None = None, model: str | None = None,
+    transcoder: str | Path | None = None, loader: Loader | None = None,
+) -> FastAPI:
+    """The explorer app serving the graphs under `root`.
+
+    `features`: a feature store for every graph (default: a matching ``*.db`` in `root`).
+    `model`, `transcoder`: what interventions and new graphs run on (default: what each graph's
+    metadata names). `loader`: builds the replacement model from a graph's metadata instead (tests).
+    """
+    workspace = Workspace(root, features)
+    models = Models(model, transcoder, loader)
+    jobs = Jobs(workspace, models)
+    app = FastAPI(
+        title="cltrace graph explorer",
+        summary="Attribution graphs, feature pages, saved work, interventions and new graphs.",
+        version="1",
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN: the app loads nothing from
+        # the internet, so only the schema itself is served (/openapi.json).
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.workspace, app.state.models, app.state.jobs = workspace, models, jobs
+    app.add_middleware(_LimitBody, limit=MAX_BODY)
+
+    @app.exception_handler(CltraceError)
+    async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
+        status = 403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound) else 400
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(exc)}, status_code=422)
+
+    @app.get("/api/info", summary="The served folder, and whether assets and a feature store are there")
+    def info() -> dict[str, Any]:
+        return {"root": str(workspace.root), "assets": assets_built(), "features": str(features) if features else None}
+
+    @app.get("/api/graphs", summary="Every graph file in the served folder")
+    def list_graphs() -> list[dict[str, Any]]:
+        return workspace.list_graphs()
+
+    @app.get("/api/graph", summary="A graph pruned at the thresholds: nodes, columnar edges, metadata, saved work")
+    def get_graph(
+        path: GraphPath,
+        node_threshold: float = Query(DEFAULT_NODE_THRESHOLD, ge=0.0, le=1.0),
+        edge_threshold: float = Query(DEFAULT_EDGE_THRESHOLD, ge=0.0, le=1.0),
+        full: bool = Query(False, description="Every node and edge, unpruned."),
+    ) -> Response:
+        import json
+
+        view = workspace.view(path, node_threshold, edge_threshold, full)
+        # json.dumps straight away: FastAPI's encoder walks 100,000-edge lists far more slowly.
+        return Response(json.dumps(view, separators=(",", ":")), media_type="application/json")
+
+    @app.get("/api/graph/state", summary="The saved pinned nodes and supernodes of a graph")
+    def get_state(path: GraphPath) -> dict[str, Any]:
+        return workspace.state(workspace.resolve(path))
+
+    @app.put("/api/graph/state", summary="Save a graph's pinned nodes and supernodes (sidecar JSON, atomic)")
+    def put_state(path: GraphPath, body: StateBody = Body()) -> dict[str, Any]:
+        return workspace.save_state(path, body.pinned, [s.model_dump() for s in body.supernodes])
+
+    @app.get("/api/graph/feature", summary="A feature's page: contexts, activations, promoted tokens, label")
+    def get_feature(path: GraphPath, layer: int = Query(ge=0), feature: int = Query(ge=0)) -> dict[str, Any]:
+        return workspace.feature_page(path, layer, feature)
+
+    @app.put("/api/graph/label", summary="Set or remove a feature's label (feature store, else sidecar)")
+    def put_label(path: GraphPath, body: LabelBody = Body()) -> dict[str, Any]:
+        where = workspace.set_label(path, body.layer, body.feature, body.label)
+        return {"layer": body.layer, "feature": body.feature, "label": body.label.strip(), "saved_in": where}
+
+    @app.post("/api/graph/intervene", summary="Scale or set features and supernodes; top tokens beside the graph's prediction")
+    def post_intervene(path: GraphPath, body: InterventionBody = Body()) -> dict[str, Any]:
+        return _intervene(workspace, models, path, body)
+
+    @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background")
+    def post_job(body: NewGraphBody) -> dict[str, Any]:
+        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
+
+    @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
+    def get_job(job_id: str) -> dict[str, Any]:
+        return jobs.get(job_id)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        if not assets_built():
+            return JSONResponse({"detail": BUILD_HINT}, status_code=503)
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    return app
+
+
+def _intervene(workspace: Workspace, models: Models, path: str, body: InterventionBody) -> dict[str, Any]:
+    """Run the interventions on the graph's prompt; the result beside the graph's prediction."""
+    import torch
+
+    from cltrace.graph.graph import NodeKind
+    from cltrace.replacement.interventions import Intervention, compare_with_graph, intervene
+
+    graph_path = workspace.resolve(path)
+    graph = workspace.load(graph_path)
+    saved = {s["name"]: s["members"] for s in workspace.state(graph_path)["supernodes"]}
+    specs: list[Intervention] = []
+    for item in body.interventions:
+        if (item.node is None) == (item.supernode is None):
+            raise CltraceError("each intervention names exactly one of node or supernode")
+        if item.supernode is not None and item.supernode not in saved:
+            raise NotFound(f"no supernode named {item.supernode!r} in this graph: make it first")
+        for nid in [item.node] if item.node is not None else saved[item.supernode]:
+            i = graph.find(nid)
+            if int(graph.nodes.kind[i]) != int(NodeKind.FEATURE):
+                raise CltraceError(f"'{nid}' is not a feature node: only features can be scaled or set")
+            value = {"value": item.value} if item.mode == "set" else {"factor": item.value}
+            specs.append(Intervention.at(int(graph.nodes.layer[i]), int(graph.nodes.feature[i]), int(graph.nodes.pos[i]), **value))
+    ids = graph.metadata.get("input_ids")
+    if not isinstance(ids, list) or not ids:
+        raise CltraceError("the graph's metadata has no input_ids: rebuild it with `cltrace attribute`")
+    with models.lock:
+        rm = models.replacement(graph.metadata)
+        prompt = torch.tensor(ids, dtype=torch.long)
+        result = intervene(rm, prompt, specs, mode=body.run_mode, freeze_attention=body.freeze_attention, top=body.top)
+        rows, _, prediction = compare_with_graph(rm, graph, specs, prompt)
+
+    def tokens(items: list) -> list[dict[str, Any]]:
+        return [{"token": t.token, "text": t.text, "probability": t.probability, "logit": t.logit} for t in items]
+
+    change = result.logit_change
+    return {
+        "interventions": [str(iv) for iv in specs],
+        "before": tokens(result.top_before),
+        "after": tokens(result.top_after),
+        "logit_change": {str(t.token): float(change[t.token]) for t in result.top_before + result.top_after},
+        "graph_prediction": [
+            {"node": r.node_id, "label": r.label, "predicted": r.predicted, "measured": r.actual}
+            for r in rows if r.kind == "logit"
+        ],
+        "features_changed": result.n_changed_features(),
+        "not_in_graph": prediction.missing[:50],
+    }
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 20.0) -> tuple[Any, str]:
+    """Serve `app` from a daemon thread on a free port of `host` (for tests and benchmarks):
+    (the uvicorn server, whose ``should_exit = True`` stops it, and the app's URL)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="cltrace-serve", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise CltraceError(f"the explorer did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+    return server, f"http://{host}:{port}/"
+
+
+def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Run the explorer with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(root, **kwargs)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

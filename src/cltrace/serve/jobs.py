@@ -1,0 +1,177 @@
+"""The slow work behind the graph explorer: the model and transcoder a graph names (loaded once, on
+first use), interventions on them, and new graphs computed in a background thread with progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cltrace.errors import CltraceError
+from cltrace.serve.workspace import NotFound, Workspace
+
+log = logging.getLogger(__name__)
+
+#: Builds the replacement model for a graph's metadata (tests pass their own tiny one).
+Loader = Callable[[dict[str, Any]], Any]
+
+
+class Models:
+    """The replacement models graphs name, loaded lazily and kept.
+
+    The model comes from ``--model`` or else the graph's ``model`` metadata; the transcoder from
+    ``--transcoder`` or else the graph's ``transcoder_path`` metadata (written by `cltrace
+    attribute` and by the explorer's "new graph"). One computation runs at a time (`lock`): two
+    would only slow each other down on a small machine, and they share the model's hooks.
+    """
+
+    def __init__(self, model: str | None = None, transcoder: str | Path | None = None, loader: Loader | None = None) -> None:
+        self.model = model
+        self.transcoder = None if transcoder is None else Path(transcoder)
+        self.loader = loader
+        self.lock = threading.Lock()
+        self._cache: dict[tuple[str | None, str], Any] = {}
+
+    def transcoder_path(self, metadata: dict[str, Any]) -> Path | None:
+        """The transcoder directory for a graph with this metadata, if known."""
+        if self.transcoder is not None:
+            return self.transcoder.resolve()
+        return Path(metadata["transcoder_path"]) if metadata.get("transcoder_path") else None
+
+    def replacement(self, metadata: dict[str, Any]) -> Any:
+        """The ReplacementModel for a graph with this metadata (loading it the first time)."""
+        if self.loader is not None:
+            return self.loader(metadata)
+        from cltrace.model.load import DEFAULT_MODEL
+
+        tc_path = self.transcoder_path(metadata)
+        if tc_path is None:
+            raise CltraceError(
+                "this graph does not say which transcoder built it: restart with `cltrace serve --transcoder DIR`"
+            )
+        name = self.model or metadata.get("model")
+        name = None if name in (None, DEFAULT_MODEL, "default") else str(name)
+        key = (name, str(tc_path))
+        if key not in self._cache:
+            from cltrace.model import load_model
+            from cltrace.replacement import ReplacementModel
+            from cltrace.transcoder import load_transcoder
+
+            log.info("loading model %s and transcoder %s", name or DEFAULT_MODEL, tc_path)
+            tc = load_transcoder(tc_path)
+            self._cache[key] = ReplacementModel(load_model(name), tc)
+        return self._cache[key]
+
+
+@dataclass
+class Job:
+    """A new graph being computed."""
+
+    id: str
+    prompt: str
+    status: str = "queued"  # queued | running | done | error
+    stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done
+    done: int = 0  # rows of the attribution computed so far
+    total: int = 0  # rows in all (0 while unknown)
+    error: str | None = None
+    graph: str | None = None  # the new graph's path in the served folder, once saved
+    started: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["elapsed_s"] = round(time.time() - self.started, 2)
+        return out
+
+
+def _attribution_bar() -> tuple[int, int] | None:
+    """(n, total) of the running attribution's progress bar, if one is open.
+
+    `cltrace.graph.attribution` reports progress only through its tqdm bar; tqdm keeps every open
+    bar in a class-level set, and `Models.lock` lets one attribution run at a time, so the bar
+    named "attribution" is this job's.
+    """
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        if getattr(bar, "desc", "") == "attribution":
+            return int(bar.n), int(bar.total or 0)
+    return None
+
+
+class Jobs:
+    """New graphs computed in background threads, polled by id."""
+
+    def __init__(self, workspace: Workspace, models: Models, max_jobs: int = 100) -> None:
+        self.workspace = workspace
+        self.models = models
+        self.max_jobs = max_jobs
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, prompt: str, name: str | None = None, like: str | None = None, max_feature_nodes: int = 7500) -> Job:
+        """Start computing the graph of `prompt` with the model and transcoder of graph `like` (a
+        path in the served folder; default: the server's --model/--transcoder)."""
+        if not prompt.strip():
+            raise CltraceError("the prompt is empty: type the text whose next token to explain")
+        metadata = dict(self.workspace.graph(like).metadata) if like else {}
+        out = self.workspace.new_graph_path(name or prompt)
+        job = Job(id=uuid.uuid4().hex[:12], prompt=prompt)
+        with self._lock:
+            running = sum(j.status in ("queued", "running") for j in self._jobs.values())
+            if running >= 4:
+                raise CltraceError("4 graphs are already being computed: wait for one to finish")
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
+                oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "error")), None)
+                if oldest is None:
+                    break
+                del self._jobs[oldest]
+        threading.Thread(
+            target=self._run, args=(job, metadata, out, max_feature_nodes), name=f"graph-{job.id}", daemon=True
+        ).start()
+        return job
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job '{job_id}': it finished long ago or never existed")
+        if job.status == "running" and job.stage == "attributing":
+            bar = _attribution_bar()
+            if bar is not None:
+                job.done, job.total = bar
+        return job.to_dict()
+
+    def _run(self, job: Job, metadata: dict[str, Any], out: Path, max_feature_nodes: int) -> None:
+        from cltrace.graph.attribution import attribute
+        from cltrace.graph.prune import prune
+
+        try:
+            with self.models.lock:
+                job.status, job.stage = "running", "loading model"
+                rm = self.models.replacement(metadata)
+                job.stage = "attributing"
+                graph = attribute(rm, job.prompt, max_feature_nodes=max_feature_nodes, progress=True)
+                job.stage = "scoring"
+                _, result = prune(graph)
+            graph.metadata["scores"] = result.as_dict()  # as `cltrace attribute` writes it
+            tc_path = self.models.transcoder_path(metadata)
+            if tc_path is not None:
+                graph.metadata["transcoder_path"] = str(tc_path)
+            job.stage = "saving"
+            graph.save(out)
+            job.graph = self.workspace.rel(out)
+            counts = graph.summary()
+            job.done = job.total = counts["logit"] + counts["feature"]  # one attribution row per target node
+            job.status, job.stage = "done", "done"
+            log.info("new graph %s (%d nodes, %d edges)", out, graph.n_nodes, graph.n_edges)
+        except CltraceError as exc:
+            job.status, job.error = "error", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a background thread must report, never vanish silently
+            log.exception("graph job %s failed", job.id)
+            job.status, job.error = "error", f"{type(exc).__name__}: {exc}"
