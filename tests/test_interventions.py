@@ -500,3 +500,76 @@ def test_cli_intervene(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         errors = [line for line in err.strip().splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and needle in errors[0], err
         assert "Traceback" not in err
+
+
+# -- bad input: more cases, and the command line on a tiny model -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda: Intervention(1, 2, value=1.0, factor=2.0), "exactly one of value"),
+        (lambda: Intervention(1, 2), "exactly one of value"),
+        (lambda: Intervention.at(1, 2, -1, value=0.0), "position -1 is negative"),
+        (lambda: Intervention.at(1, 2, (5, 3), value=0.0), "position range 5-3 is empty"),
+        (lambda: Intervention(1, 2, None, 2.0, None, 4), "needs a start position"),
+        (lambda: Intervention.at(1, 2, 3, factor=float("inf")), "not a finite number"),
+    ],
+)
+def test_bad_intervention_in_python_is_one_clear_line(make, needle: str) -> None:
+    with pytest.raises(CltraceError) as info:
+        make()
+    assert "\n" not in str(info.value) and needle in str(info.value)
+
+
+def test_open_ended_range_starting_beyond_the_prompt_is_refused() -> None:
+    rm = case("llama", "clt")
+    run = rm.run(prompt_ids())  # 9 tokens
+    with pytest.raises(CltraceError) as info:
+        intervene_batch(rm, run.input_ids, [parse_intervention("1:2@3=0"), parse_intervention("1:2@9-=0")], run=run)
+    message = str(info.value)
+    assert "\n" not in message and "position 9 is beyond the prompt (9 tokens, positions 0..8)" in message
+
+
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A tiny Llama saved as a model folder (character tokenizer) and a random CLT for it."""
+    from conftest import char_tokenizer
+
+    from cltrace.transcoder import save_transcoder
+
+    root = tmp_path_factory.mktemp("intervene_cli")
+    model = tiny_model("llama")
+    model.model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    save_transcoder(random_transcoder(model, "clt"), root / "clt")
+    return str(root / "model"), str(root / "clt")
+
+
+def test_cli_bad_input_on_a_tiny_model(tiny_cli: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import assert_one_line_error
+
+    model_dir, clt_dir = tiny_cli
+    tc = random_transcoder(tiny_model("llama"), "clt")
+    n_layers, n_features = tc.n_layers, tc.n_features
+
+    def cli(*sets: str) -> tuple[int, str, str]:
+        args = [a for s in sets for a in ("--set", s)]
+        return run_cli("intervene", "abcdef", "--transcoder", clt_dir, "--model", model_dir, *args, capsys=capsys)
+
+    code, out, err = cli("1:2@3=0")
+    assert code == 0, err
+    n_prompt = int(out.split(" tokens:")[0].rsplit(" ", 1)[1])
+    cases = [
+        ((f"{n_layers}:0=1",), f"layer {n_layers} is out of range: the transcoder has layers 0..{n_layers - 1}"),
+        ((f"1:{n_features}=1",), f"feature {n_features} is out of range"),
+        ((f"1:2@{n_prompt}=0",), f"position {n_prompt} is beyond the prompt ({n_prompt} tokens"),
+        ((f"1:2@1-{n_prompt + 3}=0",), "write 1- for a range that also covers generated tokens"),
+        (("1:2@3=0", "1:2@@3=0"), "malformed --set '1:2@@3=0'"),
+        (("1:2=",), "malformed --set"),
+        (("1;2=0",), "malformed --set"),
+        (("1:2=x",), "factor '' is not a number"),
+    ]
+    for sets, needle in cases:
+        code, _, err = cli(*sets)
+        assert_one_line_error(code, err, needle)
