@@ -4,11 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cltrace-setup
 CORPUS_STAMP := $(VENV)/.cltrace-corpus
+CHROMIUM_STAMP := $(VENV)/.cltrace-chromium
+WEB_APP := src/cltrace/serve/static/app.js
 PROMPT ?= The National Digital Analytics Group (N
+DEMO_DIR ?= demo
+PORT ?= 8000
+SERVE ?= 1
 
 .PHONY: setup test demo clean
 
-setup: $(STAMP) $(CORPUS_STAMP)
+setup: $(STAMP) $(CORPUS_STAMP) $(WEB_APP) $(CHROMIUM_STAMP)
 
 # Re-run only when the dependency list changes. torch is installed first, alone, so that pip takes
 # the pinned CPU build where one is at hand instead of resolving a multi-GB CUDA build.
@@ -29,13 +34,29 @@ $(CORPUS_STAMP): $(STAMP)
 	$(BIN)/python -m cltrace.data.install_corpus
 	touch $(CORPUS_STAMP)
 
+# The graph explorer's front end (`cltrace serve`): npm packages pinned by web/package-lock.json,
+# bundled by esbuild into the Python package's static folder (git-ignored build output).
+$(WEB_APP): web/package.json web/package-lock.json web/build.mjs $(wildcard web/src/*)
+	cd web && npm ci --no-audit --no-fund
+	cd web && npm run build
+
+# Debian's Chromium for the browser tests: Playwright (a Python test dependency) drives it, since
+# Playwright's own browser download is not reachable.
+$(CHROMIUM_STAMP):
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	touch $(CHROMIUM_STAMP)
+
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest tests
 
+# Trace the prompt with the default CLT (trained into the user cache on the first run, resuming if
+# stopped), print the report, draw the graph, then serve the interactive view (SERVE=0: don't).
 demo: setup
-	$(BIN)/cltrace info
-	$(BIN)/cltrace predict "$(PROMPT)"
+	$(BIN)/cltrace trace "$(PROMPT)" --transcoder default --out $(DEMO_DIR)
+ifneq ($(SERVE),0)
+	$(BIN)/cltrace serve $(DEMO_DIR) --port $(PORT) --transcoder default --features auto
+endif
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/cltrace/serve/static web/node_modules test-artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -11,6 +12,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     Qwen2Config,
+    PreTrainedTokenizerFast,
     Qwen3Config,
 )
 
@@ -36,6 +38,16 @@ FAMILY_CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=64, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0),
 }
 FAMILIES = list(FAMILY_CONFIGS)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 1..95) and "<bos>" (0): exactly the tiny
+    models' 96-token vocabulary, so that real text runs through them."""
+    vocab = {"<bos>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="?")
 
 
 def tiny_model(family: str, seed: int = 0) -> LoadedModel:

@@ -63,7 +63,7 @@ def predict(
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 10,
     transcoder: Annotated[
         Optional[Path],
-        typer.Option("--transcoder", "-t", help="Also run the local replacement model with this transcoder."),
+        typer.Option("--transcoder", "-t", help="Also run the local replacement model with this transcoder ('default': the default CLT)."),
     ] = None,
 ) -> None:
     """Show the model's most probable next tokens for a prompt."""
@@ -75,9 +75,10 @@ def predict(
     replacement = None
     if transcoder is not None:
         from cltrace.replacement import ReplacementModel
+        from cltrace.train.default import resolve_transcoder
         from cltrace.transcoder import load_transcoder
 
-        replacement = ReplacementModel(loaded, load_transcoder(transcoder))
+        replacement = ReplacementModel(loaded, load_transcoder(resolve_transcoder(transcoder, model, model=loaded)))
     ids = loaded.encode(prompt)
     with torch.no_grad():
         logits = loaded.model(input_ids=ids[None].to(loaded.device), use_cache=False).logits[0]  # [pos, vocab]
@@ -104,7 +105,7 @@ class Format(str, Enum):
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer).")],
+    src: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use).")],
     dst: Annotated[Path, typer.Argument(help="Where to write the converted transcoder (a new directory).")],
     to: Annotated[Format, typer.Option("--to", help="The format to write.")] = Format.native,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it already holds files.")] = False,
@@ -112,8 +113,11 @@ def convert(
     """Convert a transcoder between cltrace's native format and circuit-tracer's."""
     from cltrace.transcoder import detect_format, load_transcoder, save_transcoder
 
+    from cltrace.train.default import resolve_transcoder
+
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise CltraceError(f"'{dst}' already exists and is not empty: choose a new directory or pass --force")
+    src = resolve_transcoder(src)
     transcoder = load_transcoder(src)
     save_transcoder(transcoder, dst, format=to.value)
     cfg = transcoder.config
@@ -136,11 +140,24 @@ def train(
     overrides: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set n_features=256.")
     ] = None,
+    store: Annotated[
+        Optional[Path], typer.Option("--store", help="Train from this activation store (`cltrace harvest`); its model, text and n_ctx are used.")
+    ] = None,
+    feature_parallel: Annotated[
+        int, typer.Option("--feature-parallel", min=0, help="Under torchrun: ranks sharing each layer's features (0: all; the rest split the data).")
+    ] = 0,
+    dist_timeout: Annotated[
+        float, typer.Option("--dist-timeout", min=1.0, help="Under torchrun: seconds a rank waits for a silent rank before stopping.")
+    ] = 600.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train a cross-layer (or per-layer) transcoder and evaluate it on held-out text."""
+    """Train a cross-layer (or per-layer) transcoder and evaluate it on held-out text (`torchrun ... -m cltrace train`: sharded)."""
     from cltrace.train import TrainConfig, parse_override, train_transcoder
     from cltrace.train import preset as get_preset
+    from cltrace.train.distributed import init_layout
+
+    layout = init_layout(feature_parallel or None, dist_timeout)  # None unless started by torchrun
+    echo = typer.echo if layout is None or layout.is_main else (lambda text: None)  # rank 0 speaks for all
 
     if resume and config is None and (out / "config.json").is_file():
         cfg = TrainConfig.load(out / "config.json")
@@ -151,22 +168,79 @@ def train(
         changes["model"] = model
     if source is not None:
         changes["source"] = source
+    if store is not None:  # the store's model, text and packing, unless given explicitly (then checked)
+        from cltrace.train.run import store_defaults
+
+        changes = {**store_defaults(store), **changes}
     cfg = cfg.with_overrides(changes)
-    typer.echo(
+    echo(
         f"training a {cfg.kind.upper()} of {cfg.n_features} features per layer on {cfg.model} with text {cfg.source}: "
         f"{cfg.total_steps} steps of {cfg.batch_tokens} tokens -> {out}"
     )
-    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=True, echo=typer.echo)
+    if layout is not None:
+        echo(f"sharded over {layout.describe()}")
+    # the estimate times one unsharded step: skipped on several ranks
+    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=layout is None, echo=echo)
     if result:
         from cltrace.eval import format_table
 
-        typer.echo(format_table(result))
-    typer.echo(f"transcoder: {out / 'transcoder'}")
+        echo(format_table(result))
+    echo(f"transcoder: {out / 'transcoder'}")
+    if layout is not None:
+        from cltrace.train.distributed import shutdown
+
+        shutdown()
+
+
+class StoreDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ComputeDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@app.command()
+def harvest(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The activation store folder (new, or one to resume or extend).")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Training tokens to store in all (BOS positions not counted).")],
+    model: ModelOption = None,
+    source: Annotated[str, typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")] = "default",
+    text_column: Annotated[str, typer.Option("--text-column", help="Column/field holding the text (.jsonl, .parquet, hf:).")] = "text",
+    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Dtype of the stored activations.")] = StoreDtype.bfloat16,
+    compute_dtype: Annotated[
+        ComputeDtype, typer.Option("--compute-dtype", help="Dtype of the model's matrix products (bfloat16: faster, ~3% noise).")
+    ] = ComputeDtype.float32,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
+    shard_contexts: Annotated[Optional[int], typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
+    heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of documents held out (never stored).")] = 0.01,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Harvest every layer's transcoder inputs and targets into a sharded activation store (resumes and extends OUT)."""
+    from cltrace.data.sources import open_text_source
+    from cltrace.data.store import harvest_to_store
+    from cltrace.model import load_model
+
+    text = open_text_source(source, text_column=text_column)
+    loaded = load_model(model)
+    st = harvest_to_store(
+        loaded, text, out, tokens, model_spec=model or "default", source_spec=source, text_column=text_column,
+        n_ctx=n_ctx, dtype=dtype.value, harvest_dtype=compute_dtype.value, shard_contexts=shard_contexts,
+        harvest_batch=batch_size, heldout_fraction=heldout_fraction, progress=not quiet,
+    )
+    note = " (the text ran out: that is all of it)" if st.manifest["source_exhausted"] else ""
+    typer.echo(
+        f"{out}: {st.tokens:,} tokens{note} of {st.n_layers} layers in {len(st.shards)} shards, "
+        f"{st.disk_bytes() / 2**30:.2f} GiB ({st.disk_bytes() / max(1, st.tokens) / 1024:.1f} KiB per token, {dtype.value})"
+    )
 
 
 @app.command(name="eval")
 def eval_command(
-    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer).")],
+    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use).")],
     model: ModelOption = None,
     source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
@@ -178,9 +252,10 @@ def eval_command(
 
     from cltrace.eval import evaluate, format_table
     from cltrace.model import load_model
+    from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
-    tc = load_transcoder(transcoder)
+    tc = load_transcoder(resolve_transcoder(transcoder, model))
     loaded = load_model(model)
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
     typer.echo(format_table(result))
@@ -192,7 +267,7 @@ def eval_command(
 @app.command()
 def attribute(
     prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
-    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory.")],
+    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the graph file.")],
     model: ModelOption = None,
     target: Annotated[
@@ -208,6 +283,13 @@ def attribute(
     edge_threshold: Annotated[
         float, typer.Option("--edge-threshold", min=0.0, max=1.0, help="Pruning: share of influence kept in edges.")
     ] = 0.98,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the estimated time and peak memory, and stop before computing.")
+    ] = False,
+    max_memory: Annotated[
+        Optional[float],
+        typer.Option("--max-memory", min=0.1, help="Refuse up front a graph estimated to need more GB (default: available RAM)."),
+    ] = None,
 ) -> None:
     """Build, score and save the attribution graph of a prompt (the full graph; pruning is reported)."""
     from cltrace.graph.attribution import attribute as build_graph
@@ -216,14 +298,37 @@ def attribute(
     from cltrace.replacement import ReplacementModel
     from cltrace.transcoder import load_transcoder
 
+    from cltrace.train.default import resolve_transcoder
+
     loaded = load_model(model)
-    replacement = ReplacementModel(loaded, load_transcoder(transcoder))
-    graph = build_graph(
-        replacement, prompt, targets=list(target) if target else None,
-        max_feature_nodes=max_feature_nodes, batch_size=batch_size,
-    )
+    replacement = ReplacementModel(loaded, load_transcoder(resolve_transcoder(transcoder, model, model=loaded)))
+    from cltrace.train.distributed import current_layout, launched
+
+    if launched():  # under torchrun: the target rows are split across the ranks, and rank 0 writes the graph
+        from cltrace.graph.distributed import attribute_sharded as build_graph
+    from cltrace.graph.attribution import AttributionConfig, available_memory_bytes, estimate_attribution
+
+    targets = list(target) if target else None
+    limit = int(max_memory * 2**30) if max_memory is not None else available_memory_bytes()
+    config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size, max_memory_bytes=limit)
+    if dry_run:
+        estimate = estimate_attribution(replacement, prompt, targets, config)
+        typer.echo(f"estimate: {estimate.summary()}")
+        fits = limit is None or estimate.peak_bytes <= limit
+        allowed = "no limit known" if limit is None else f"{limit / 2**30:.1f} GB allowed"
+        typer.echo(f"memory: {'fits' if fits else 'would be refused'} ({allowed}); nothing computed (--dry-run)")
+        return
+    graph = build_graph(replacement, prompt, targets=targets, config=config)
+    if launched():
+        from cltrace.train.distributed import shutdown
+
+        main_rank = current_layout().is_main
+        shutdown()
+        if not main_rank:
+            return
     _, result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     graph.metadata["scores"] = result.as_dict()  # the graph on disk stays unpruned
+    graph.metadata["transcoder_path"] = str(transcoder.resolve())  # so that `cltrace serve` can intervene on it
     graph.save(output)
     targets = ", ".join(
         f"{t['label']!r} {100 * t['probability']:.1f}%" if t.get("probability") is not None else repr(t["label"])
@@ -239,6 +344,49 @@ def attribute(
         f"(pruned: {result.pruned_replacement_score:.3f}, {result.pruned_completeness_score:.3f})"
     )
     typer.echo(f"wrote {output}")
+
+
+@app.command()
+def trace(
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    transcoder: Annotated[str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")] = "default",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.safetensors, graph.png and report.txt.")] = Path("cltrace-trace"),
+    model: ModelOption = None,
+    features: Annotated[
+        str, typer.Option("--features", help="Feature database for labels and contexts: 'auto' (built in the cache on first use), a .db file, or 'none'.")
+    ] = "auto",
+    feature_tokens: Annotated[int, typer.Option("--feature-tokens", min=1, help="Tokens the automatic feature database analyses.")] = 50_000,
+    max_feature_nodes: Annotated[int, typer.Option("--max-feature-nodes", min=1, help="At most this many feature nodes, by influence.")] = 7500,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Trace a prompt: attribution graph, pruning, scores, the strongest paths with their features, and a picture."""
+    from cltrace.features import FeatureStore
+    from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
+    from cltrace.trace.run import ensure_feature_db, trace_prompt
+    from cltrace.train.default import resolve_transcoder
+    from cltrace.transcoder import load_transcoder
+
+    loaded = load_model(model)
+    tc_path = resolve_transcoder(Path(transcoder), model, model=loaded)
+    tc = load_transcoder(tc_path)
+    replacement = ReplacementModel(loaded, tc)
+    db_path: Path | None = None
+    if features == "auto":
+        db_path = ensure_feature_db(loaded, tc, feature_tokens, progress=not quiet)
+    elif features != "none":
+        db_path = Path(features)
+    store = FeatureStore(db_path) if db_path is not None else None
+    try:
+        result = trace_prompt(replacement, prompt, out, feature_db=store, transcoder_path=str(Path(tc_path).resolve()),
+                              max_feature_nodes=max_feature_nodes, progress=not quiet)
+    finally:
+        if store is not None:
+            store.close()
+    typer.echo(result.report.format())
+    typer.echo("")
+    typer.echo(f"wrote {result.graph_path}, {result.picture_path} and {out / 'report.txt'}")
+    typer.echo(f"explore it: cltrace serve {out}")
 
 
 class ExportFormat(str, Enum):
@@ -272,7 +420,7 @@ class InterventionMode(str, Enum):
 @app.command()
 def intervene(
     prompt: Annotated[str, typer.Argument(help="The text to run the model on.")],
-    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory.")],
+    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     set_: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -334,7 +482,9 @@ def intervene(
     from cltrace.replacement.interventions import check_interventions
     from cltrace.transcoder import load_transcoder
 
-    loaded_transcoder = load_transcoder(transcoder)
+    from cltrace.train.default import resolve_transcoder
+
+    loaded_transcoder = load_transcoder(resolve_transcoder(transcoder, model))
     # layers and features can be checked before the (slow) model load; positions need the prompt
     check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, sys.maxsize)
     loaded = load_model(model)
@@ -396,7 +546,7 @@ FeatureDbOption = Annotated[Path, typer.Option("--db", "-d", help="The feature s
 
 @features_app.command("build")
 def features_build(
-    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer).")],
+    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use).")],
     model: ModelOption = None,
     source: Annotated[str, typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Tokens to analyse in all; more than last time extends the store.")] = 100_000,
@@ -406,6 +556,7 @@ def features_build(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Top contexts kept per feature.")] = 20,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start afresh.")] = False,
     compact: Annotated[bool, typer.Option("--compact", help="Drop the build state at the end: smaller, but no longer extendable.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Run the model's products in bfloat16 (about 3x faster on CPUs that have it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Run a transcoder over a corpus and store every feature's page (resumes and extends OUT)."""
@@ -415,12 +566,14 @@ def features_build(
     from cltrace.model import load_model
     from cltrace.transcoder import load_transcoder
 
-    tc = load_transcoder(transcoder)
+    from cltrace.train.default import resolve_transcoder
+
+    tc = load_transcoder(resolve_transcoder(transcoder, model))
     loaded = load_model(model)
     start = _time.monotonic()
     path = build_feature_store(
         loaded, tc, source, tokens, out, n_ctx=n_ctx, batch_size=batch_size, top_k=top_k,
-        resume=True, overwrite=overwrite, progress=not quiet, keep_state=not compact,
+        resume=True, overwrite=overwrite, progress=not quiet, keep_state=not compact, autocast_bf16=bf16,
     )
     with FeatureStore(path) as store:
         s = store.stats()
@@ -502,6 +655,53 @@ def features_export(
 
     folder = export_feature_files(db, out_dir, scan=scan)
     typer.echo(f"wrote {sum(1 for _ in folder.glob('*.json')):,} feature files to {folder}")
+
+
+@app.command()
+def serve(
+    graph_dir: Annotated[Path, typer.Argument(help="The folder of graph files to explore.")] = Path("."),
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="The port to listen on.")] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", help="The interface to bind; anything but 127.0.0.1 exposes the app to others.")
+    ] = "127.0.0.1",
+    features: Annotated[
+        Optional[Path], typer.Option("--features", "-d", help="Feature store for the graphs (default: a matching *.db in the folder; 'auto': the one `cltrace trace` built for --transcoder).")
+    ] = None,
+    model: ModelOption = None,
+    transcoder: Annotated[
+        Optional[Path], typer.Option("--transcoder", "-t", help="Transcoder for interventions and new graphs (default: the graph's; 'default': the default CLT).")
+    ] = None,
+) -> None:
+    """Explore attribution graphs in the browser: a local web app (graph view, feature pages, interventions)."""
+    import ipaddress
+
+    from cltrace.serve import app as serve_app  # the web stack loads only for this command
+
+    if not graph_dir.is_dir():
+        raise CltraceError(f"'{graph_dir}' is not a folder: pass the folder holding your graph files")
+    if not serve_app.assets_built():
+        raise CltraceError(serve_app.BUILD_HINT)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        typer.echo(f"warning: binding {host}: anyone who can reach this machine can read the graphs and run the model", err=True)
+    if transcoder is not None:
+        from cltrace.train.default import resolve_transcoder
+
+        transcoder = resolve_transcoder(transcoder, model)
+    if features is not None and str(features) == "auto":
+        if transcoder is None:
+            raise CltraceError("--features auto needs --transcoder: the automatic feature store belongs to a transcoder")
+        from cltrace.trace.run import feature_db_path
+        from cltrace.transcoder import load_transcoder
+
+        features = feature_db_path(load_transcoder(transcoder))
+        if not features.is_file():
+            raise CltraceError(f"no automatic feature store for {transcoder} yet: run `cltrace trace` with it first")
+    typer.echo(f"serving {graph_dir.resolve()} at http://{host}:{port} (Ctrl-C stops)")
+    serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,121 @@
+"""Trace a prompt end to end: attribution graph, pruning, scores, a readable report and a picture.
+
+This is what `cltrace trace` (and `make demo`) runs. Everything it makes goes into one folder:
+
+    graph.safetensors  the full attribution graph (`Graph.load`; `cltrace serve FOLDER` explores it)
+    graph.png       the pruned graph, with the strongest paths to the top prediction drawn in black
+    report.txt      the report printed on stdout
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cltrace.atomic import atomic_write_text
+from cltrace.cache import cache_dir
+from cltrace.graph.attribution import attribute
+from cltrace.graph.graph import Graph, NodeKind
+from cltrace.graph.prune import prune
+from cltrace.replacement import ReplacementModel
+from cltrace.trace.plot import plot_graph
+from cltrace.trace.report import TraceReport, influential_paths, trace_report
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "graph.safetensors"
+PICTURE_FILE = "graph.png"
+REPORT_FILE = "report.txt"
+
+
+@dataclass
+class TraceResult:
+    """What `trace_prompt` made."""
+
+    graph: Graph
+    pruned: Graph
+    report: TraceReport
+    folder: Path
+
+    @property
+    def graph_path(self) -> Path:
+        return self.folder / GRAPH_FILE
+
+    @property
+    def picture_path(self) -> Path:
+        return self.folder / PICTURE_FILE
+
+
+def feature_db_path(transcoder: Any) -> Path:
+    """Where the automatic feature database of `transcoder` lives: the user's cache, one file per
+    transcoder (named by a hash of its weights, so a retrained one gets a new database)."""
+    from cltrace.features.build import transcoder_fingerprint
+
+    return cache_dir() / "features" / f"{transcoder_fingerprint(transcoder)[:16]}.db"
+
+
+def ensure_feature_db(loaded: Any, transcoder: Any, n_tokens: int, progress: bool = True) -> Path:
+    """The automatic feature database of `transcoder`, built (or resumed, or extended to `n_tokens`)
+    over the default corpus first when needed."""
+    from cltrace.features import build_feature_store
+
+    path = feature_db_path(transcoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return build_feature_store(loaded, transcoder, "default", n_tokens, path, resume=True, progress=progress,
+                               autocast_bf16=True)
+
+
+def trace_prompt(
+    replacement: ReplacementModel,
+    prompt: str,
+    folder: str | Path,
+    *,
+    feature_db: Any = None,
+    transcoder_path: str | None = None,
+    max_feature_nodes: int = 7500,
+    batch_size: int = 32,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    n_paths: int = 5,
+    progress: bool = True,
+) -> TraceResult:
+    """Attribute `prompt`, prune the graph, and write the graph, its picture and the report to `folder`.
+
+    `feature_db`: an open `FeatureStore` for the transcoder (labels and where features fire), or None.
+    `transcoder_path` is recorded in the graph so that `cltrace serve` can intervene on it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = attribute(replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                      progress=progress)
+    pruned, result = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    graph.metadata["scores"] = result.as_dict()
+    if transcoder_path is not None:
+        graph.metadata["transcoder_path"] = transcoder_path
+    graph.save(folder / GRAPH_FILE)
+
+    report = trace_report(graph, pruned, replacement.model, replacement.transcoder, feature_db, n_paths=n_paths)
+    logits = (pruned.nodes.kind == int(NodeKind.LOGIT)).nonzero().flatten().tolist()
+    paths = influential_paths(pruned, logits[0], k=n_paths) if logits else []
+    labels = {}
+    for p in paths:
+        for v in p.nodes[1:-1]:
+            if int(pruned.nodes.kind[v]) == NodeKind.FEATURE:
+                note = next(f for f in report.features
+                            if (f.layer, f.feature, f.pos) == (int(pruned.nodes.layer[v]), int(pruned.nodes.feature[v]),
+                                                               int(pruned.nodes.pos[v])))
+                what = note.label or (f"says {note.says[0]!r}" if note.says else "")
+                labels[v] = f"{note.name} {what}".strip()
+    if logits:
+        labels[logits[0]] = repr(report.targets[0][0]) if report.targets else "top"
+    top = report.targets[0] if report.targets else ("?", None)
+    title = f"{prompt!r} -> {top[0]!r}" + (f" {100 * top[1]:.0f}%" if top[1] is not None else "")
+    plot_graph(pruned, folder / PICTURE_FILE, highlight=[p.nodes for p in paths], labels=labels, title=title)
+    atomic_write_text(folder / REPORT_FILE, report.format() + "\n")
+    return TraceResult(graph, pruned, report, folder)
+
+
+__all__ = ["GRAPH_FILE", "PICTURE_FILE", "REPORT_FILE", "TraceResult", "ensure_feature_db", "feature_db_path",
+           "trace_prompt"]
