@@ -130,3 +130,24 @@ def test_influential_paths_go_through_the_most_influential_features_first() -> N
     assert paths[1].score == pytest.approx(0.5 * 0.75 * 0.6)
     g.nodes.influence = None
     assert [p.nodes for p in influential_paths(g, logit, k=2)] == [p.nodes for p in strongest_paths(g, logit, k=2)]
+
+
+def test_graphs_of_the_default_transcoder_record_its_cached_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`-t default` resolves to the cached folder, and the graph names that folder (not ./default), so
+    that `cltrace serve` can load the transcoder to intervene."""
+    from cltrace.model import load_model
+    from cltrace.train.default import default_paths
+
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("default")
+    tc = Transcoder.random(TranscoderConfig("clt", loaded.n_layers, loaded.d_model, 4), seed=0)
+    with torch.no_grad():
+        tc.activation.threshold.fill_(0.5)
+    target, _ = default_paths()
+    save_transcoder(tc, target)  # stands in for the trained default: no training in this test
+    code, out, err = run_cli("attribute", "The cat sat on the", "-t", "default", "-o", "g.safetensors",
+                             "--max-feature-nodes", "50", capsys=capsys)
+    assert code == 0, err
+    assert Graph.load(tmp_path / "g.safetensors").metadata["transcoder_path"] == str(target.resolve())

@@ -301,7 +301,8 @@ def attribute(
     from cltrace.train.default import resolve_transcoder
 
     loaded = load_model(model)
-    replacement = ReplacementModel(loaded, load_transcoder(resolve_transcoder(transcoder, model, model=loaded)))
+    transcoder = resolve_transcoder(transcoder, model, model=loaded)  # 'default' -> its folder in the cache
+    replacement = ReplacementModel(loaded, load_transcoder(transcoder))
     from cltrace.train.distributed import current_layout, launched
 
     if launched():  # under torchrun: the target rows are split across the ranks, and rank 0 writes the graph
