@@ -42,8 +42,8 @@ from torch import nn
 
 from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
-from cltrace.train.losses import dense_decode, sparse_decode
-from cltrace.transcoder import JumpReLU, ReLU, Transcoder, TranscoderConfig, make_transcoder
+from cltrace.train.losses import dense_decode, loss_terms, sparse_decode
+from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, make_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -333,29 +333,7 @@ def sharded_loss(
         # the skip path is replicated: added once, after the sum, in the same dtype as one process does
         recon = recon + torch.einsum("nli,lio->nlo", x.to(compute), shard.W_skip.to(compute)).to(shard.b_dec.dtype)
 
-    y = y.to(recon.dtype)
-    sq = (recon - y).pow(2)  # [N, L, d]
-    mse_per_layer = sq.mean(dim=(0, 2))  # [L]
-    mse = mse_per_layer.sum()
-    sparsity = sparsity_lambda * sparsity_sum / N
-    act = tc.activation
-    if preact_lambda > 0 and isinstance(act, (JumpReLU, ReLU)):
-        theta = act.threshold if isinstance(act, JumpReLU) else torch.zeros((), dtype=pre.dtype)
-        preact = preact_lambda * (torch.relu(theta - pre) * norms).sum() / N
-    else:
-        preact = pre.new_zeros(())
-    with torch.no_grad():
-        active = acts != 0  # [N, L, F_local]
-        yd = y.detach()
-        var = (yd - yd.mean(0)).pow(2).sum(dim=(0, 2))  # [L]
-        nmse_per_layer = sq.detach().sum(dim=(0, 2)) / var.clamp_min(1e-12)
-        l0_per_layer = active.sum(dim=(0, 2)).to(torch.float64) / N
-        fired = active.any(0)  # [L, F_local]
-    return {
-        "mse": mse, "sparsity": sparsity, "preact": preact, "total": mse + sparsity + preact,
-        "mse_per_layer": mse_per_layer.detach(), "nmse_per_layer": nmse_per_layer, "l0_per_layer": l0_per_layer,
-        "fired": fired,
-    }
+    return loss_terms(tc, pre, acts, norms, recon, y, sparsity_sum, sparsity_lambda, preact_lambda)
 
 
 # -- what the trainer asks of the ranks --------------------------------------------------------------

@@ -191,6 +191,25 @@ def transcoder_loss(
     else:
         raise CltraceError(f"decode must be 'sparse' or 'dense', got {decode!r}")
 
+    return loss_terms(tc, pre, acts, norms, recon, y, sparsity_sum, sparsity_lambda, preact_lambda)
+
+
+def loss_terms(
+    tc: Transcoder,
+    pre: torch.Tensor,
+    acts: torch.Tensor,
+    norms: torch.Tensor,
+    recon: torch.Tensor,
+    y: torch.Tensor,
+    sparsity_sum: torch.Tensor,
+    sparsity_lambda: float,
+    preact_lambda: float,
+) -> dict[str, torch.Tensor]:
+    """The named loss terms and batch metrics from a reconstruction recon [N, L, d] of targets y,
+    the pre-activations and activations [N, L, F] behind it, the decoder norms [L, F] and the summed
+    tanh sparsity term (the part shared by one process and a feature-sharded rank, whose `acts`,
+    `pre` and `norms` cover its own features only)."""
+    N = y.shape[0]
     y = y.to(recon.dtype)
     sq = (recon - y).pow(2)  # [N, L, d]
     mse_per_layer = sq.mean(dim=(0, 2))  # [L]
@@ -224,4 +243,4 @@ def transcoder_loss(
     }
 
 
-__all__ = ["dense_decode", "sparse_decode", "transcoder_loss"]
+__all__ = ["dense_decode", "loss_terms", "sparse_decode", "transcoder_loss"]
