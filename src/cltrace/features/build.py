@@ -141,10 +141,12 @@ def unembedding_directions(loaded: Any) -> torch.Tensor:
     return final_norm_weight(loaded).to(W_U.device)[:, None] * W_U.T  # [d, V]
 
 
-def summed_decoders(tc: Any, layer: int) -> torch.Tensor:
-    """[F, d]: each feature of `layer`'s decoder vectors summed over its output layers."""
-    feats = torch.arange(tc.n_features, device=tc.W_enc.device)
-    return tc.decoder_vectors(layer, feats).detach().float().sum(1)
+def summed_decoders(tc: Any, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
+    """[F, d] (or [len(features), d]): each feature of `layer`'s decoder vectors summed over its output
+    layers; `features` picks some of them (default: all)."""
+    if features is None:
+        features = torch.arange(tc.n_features, device=tc.W_enc.device)
+    return tc.decoder_vectors(layer, features).detach().float().sum(1)
 
 
 @torch.no_grad()

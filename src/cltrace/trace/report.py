@@ -51,6 +51,8 @@ class TraceReport:
     """The strongest paths to the top target: node descriptions from token to logit, and the score."""
     features: list[FeatureNote]
     """Every feature on those paths, in order of first appearance."""
+    path_nodes: list[list[int]] = field(default_factory=list)
+    """The same paths as node indices into the pruned graph."""
 
     def format(self) -> str:
         """The report as terminal text."""
@@ -90,13 +92,13 @@ def promoted_tokens(loaded: Any, transcoder: Any, layer: int, features: list[int
     """For each feature of `layer`, the `n` tokens whose logits its decoder raises most: its decoder
     vectors summed over the layers it writes to, times the final norm's weight and the unembedding
     (the direct "say X" effect; the same view as the feature pages')."""
-    from cltrace.features.build import unembedding_directions
+    from cltrace.features.build import summed_decoders, unembedding_directions
 
     if not features:
         return []
     U = unembedding_directions(loaded)  # [d, V]
     idx = torch.tensor(features, device=transcoder.W_enc.device)
-    dec = transcoder.decoder_vectors(layer, idx).detach().float().sum(1).to(U.device)  # [k, d]
+    dec = summed_decoders(transcoder, layer, idx).to(U.device)  # [k, d]
     top = (dec @ U).topk(n, dim=-1).indices.tolist()  # [k, n]
     return [[loaded.decode_token(int(t)) for t in row] for row in top]
 
@@ -184,7 +186,8 @@ def trace_report(
             note.fires_on = [ex.render() for ex in page.top[:2]]
         notes.append(note)
     path_texts = [([_node_text(pruned, v, tokens, loaded.decode_token) for v in p.nodes], p.score) for p in paths]
-    return TraceReport(meta.get("prompt") or "", tokens, targets, scores, counts, path_texts, notes)
+    return TraceReport(meta.get("prompt") or "", tokens, targets, scores, counts, path_texts, notes,
+                       [p.nodes for p in paths])
 
 
 __all__ = ["FeatureNote", "TraceReport", "influential_paths", "promoted_tokens", "strongest_paths", "trace_report"]

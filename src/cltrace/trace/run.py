@@ -21,7 +21,7 @@ from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import prune
 from cltrace.replacement import ReplacementModel
 from cltrace.trace.plot import plot_graph
-from cltrace.trace.report import TraceReport, influential_paths, trace_report
+from cltrace.trace.report import TraceReport, trace_report
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +97,20 @@ def trace_prompt(
     graph.save(folder / GRAPH_FILE)
 
     report = trace_report(graph, pruned, replacement.model, replacement.transcoder, feature_db, n_paths=n_paths)
-    logits = (pruned.nodes.kind == int(NodeKind.LOGIT)).nonzero().flatten().tolist()
-    paths = influential_paths(pruned, logits[0], k=n_paths) if logits else []
+    notes = {(f.layer, f.feature, f.pos): f for f in report.features}
     labels = {}
-    for p in paths:
-        for v in p.nodes[1:-1]:
+    for path in report.path_nodes:
+        for v in path[1:-1]:
             if int(pruned.nodes.kind[v]) == NodeKind.FEATURE:
-                note = next(f for f in report.features
-                            if (f.layer, f.feature, f.pos) == (int(pruned.nodes.layer[v]), int(pruned.nodes.feature[v]),
-                                                               int(pruned.nodes.pos[v])))
+                note = notes[(int(pruned.nodes.layer[v]), int(pruned.nodes.feature[v]), int(pruned.nodes.pos[v]))]
                 what = note.label or (f"says {note.says[0]!r}" if note.says else "")
                 labels[v] = f"{note.name} {what}".strip()
+    logits = (pruned.nodes.kind == int(NodeKind.LOGIT)).nonzero().flatten().tolist()
     if logits:
         labels[logits[0]] = repr(report.targets[0][0]) if report.targets else "top"
     top = report.targets[0] if report.targets else ("?", None)
     title = f"{prompt!r} -> {top[0]!r}" + (f" {100 * top[1]:.0f}%" if top[1] is not None else "")
-    plot_graph(pruned, folder / PICTURE_FILE, highlight=[p.nodes for p in paths], labels=labels, title=title)
+    plot_graph(pruned, folder / PICTURE_FILE, highlight=report.path_nodes, labels=labels, title=title)
     atomic_write_text(folder / REPORT_FILE, report.format() + "\n")
     return TraceResult(graph, pruned, report, folder)
 
