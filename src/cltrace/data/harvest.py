@@ -31,7 +31,7 @@ own MLP outputs there (as a replacement model's error nodes would)."""
 
 
 class Harvest(NamedTuple):
-    """One harvested batch: transcoder inputs and targets of every non-BOS token."""
+    """One harvested batch: transcoder inputs and targets of every token from FIRST_POSITION on."""
 
     x: torch.Tensor
     """[tokens, n_layers, d_model] resid_mid of every layer (the transcoder's input)."""
@@ -49,7 +49,7 @@ def base_transformer(loaded: LoadedModel) -> nn.Module:
 
 
 class Harvester:
-    """Runs a model on token batches and returns (x, y) per token, BOS positions left out.
+    """Runs a model on token batches and returns (x, y) per token, the sink positions left out.
 
     `harvest(tokens)` takes [batch, n_ctx] token ids whose column 0 is BOS and returns
     :class:`Harvest` tensors of shape [batch * (n_ctx - first_position), n_layers, d_model] in `dtype`
