@@ -485,6 +485,32 @@ def test_estimate_counts_what_attribute_then_does() -> None:
         attribute(rm, prompt_ids(), config=AttributionConfig(max_memory_bytes=est.peak_bytes - 1), progress=False)
 
 
+def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypatch) -> None:
+    """With no limit given, the limit is the memory available now; a prompt whose forward run alone
+    (attention patterns grow with tokens squared) would not fit is refused before the model runs."""
+    import cltrace.graph.attribution as attribution_module
+
+    rm, _ = case("gemma2", "clt")
+    ids = prompt_ids()
+    mcfg, tc = rm.model.model.config, rm.transcoder.config
+    P = ids.numel()
+    params = sum(t.numel() * t.element_size() for t in (*rm.model.model.parameters(), *rm.transcoder.parameters()))
+    patterns = 4 * tc.n_layers * mcfg.num_attention_heads * P * P
+    # 'available' memory just below what the run needs: refused, and the model is never run.
+    monkeypatch.setattr(attribution_module, "available_memory_bytes", lambda: params + patterns)
+    ran = []
+    monkeypatch.setattr(rm, "run", lambda *a, **k: ran.append(1))
+    with pytest.raises(CltraceError, match=rf"a prompt of {P} tokens needs at least .* GB .*shorten the prompt"):
+        attribute(rm, ids, progress=False)
+    assert not ran
+    # Plenty available: the same call builds the graph, and an explicit limit overrides what is available.
+    monkeypatch.undo()
+    monkeypatch.setattr(attribution_module, "available_memory_bytes", lambda: 1 << 40)
+    assert attribute(rm, ids, progress=False).n_edges > 0
+    with pytest.raises(CltraceError, match="needs"):
+        attribute(rm, ids, config=AttributionConfig(max_memory_bytes=params), progress=False)
+
+
 def test_decoders_gathered_on_each_pass_give_the_same_graph() -> None:
     """Long prompts gather decoders per pass instead of caching them: the edges must not change."""
     rm, cached = case("qwen2", "clt")
@@ -516,10 +542,16 @@ def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
     n_active = int((run.activations[1:] != 0).sum())
     assert f"{len(run.input_ids)} tokens, {n_active} active features" in text
     assert "GB peak memory" in text and "nothing computed" in text and not out.exists()
-    # A memory limit below the estimate: refused up front, one line, no graph.
-    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--max-memory", "0.1",
+    # A memory limit below the estimate but above the forward run's needs: refused up front with the
+    # estimate, one line, no graph.
+    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--max-memory", "0.55",
                            capsys=capsys)
     assert_one_line_error(code, err, "GB", "--max-memory", f"{n_active} active features")
+    assert not out.exists()
+    # Below what the model and the forward run alone take: refused before the model runs.
+    code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--max-memory", "0.1",
+                           capsys=capsys)
+    assert_one_line_error(code, err, "forward run alone", "--max-memory")
     assert not out.exists()
     # A target that is two tokens.
     code, _, err = run_cli("attribute", prompt, "-t", str(tmp_path / "clt"), "-o", str(out), "--target", " on the",

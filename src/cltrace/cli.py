@@ -307,11 +307,12 @@ def attribute(
 
     if launched():  # under torchrun: the target rows are split across the ranks, and rank 0 writes the graph
         from cltrace.graph.distributed import attribute_sharded as build_graph
-    from cltrace.graph.attribution import AttributionConfig, available_memory_bytes, estimate_attribution
+    from cltrace.graph.attribution import AttributionConfig, estimate_attribution
 
     targets = list(target) if target else None
-    limit = int(max_memory * 2**30) if max_memory is not None else available_memory_bytes()
-    config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size, max_memory_bytes=limit)
+    config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                               max_memory_bytes=int(max_memory * 2**30) if max_memory is not None else None)
+    limit = config.memory_limit()
     if dry_run:
         estimate = estimate_attribution(replacement, prompt, targets, config)
         typer.echo(f"estimate: {estimate.summary()}")

@@ -73,7 +73,8 @@ class AttributionConfig:
     prompts the batch shrinks below batch_size (memory per copy grows with positions × layers × d_model)."""
 
     max_memory_bytes: int | None = None
-    """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: no check)."""
+    """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: the
+    memory the kernel says is available when the graph starts)."""
 
     def validate(self) -> None:
         """Raise CltraceError naming the first impossible value."""
@@ -87,6 +88,10 @@ class AttributionConfig:
         for ok, message in checks:
             if not ok:
                 raise CltraceError(f"attribution config: {message}")
+
+    def memory_limit(self) -> int | None:
+        """The bytes a graph may take: max_memory_bytes, else what is available now (None: unknown)."""
+        return self.max_memory_bytes if self.max_memory_bytes is not None else available_memory_bytes()
 
 
 def attribute(
@@ -214,6 +219,8 @@ class _Attribution:
         self.rm, self.cfg, self.prompt = replacement, cfg, prompt
         self.model, self.tc = replacement.model, replacement.transcoder
         self.ids = replacement.input_ids(prompt)
+        self.limit = cfg.memory_limit()
+        self._refuse_long_prompt()
         self.run: ReplacementRun = replacement.run(self.ids)
         run = self.run
         self.device = run.resid_mid.device
@@ -408,6 +415,24 @@ class _Attribution:
                 mass.index_add_(0, cols.long(), factor * w.abs().double())
         return mass - seed
 
+    def _refuse_long_prompt(self) -> None:
+        """Refuse a prompt whose forward run alone would not fit, before running it: the run keeps
+        every layer's attention pattern ([heads, pos, pos] each), the transcoder's pre-activations and
+        activations ([pos, layer, features] each) and four [pos, layer, d_model] tensors."""
+        if self.limit is None:
+            return
+        mcfg = self.model.config
+        heads = getattr(mcfg, "num_attention_heads", None) or mcfg.n_head  # GPT-2 names it n_head
+        P, L, d, F = int(self.ids.numel()), self.tc.config.n_layers, self.tc.config.d_model, self.tc.config.n_features
+        need = 4 * (L * heads * P * P + 2 * P * L * F + 4 * P * L * d + P * self.model.vocab_size)
+        params = sum(t.numel() * t.element_size() for t in (*self.model.model.parameters(), *self.tc.parameters()))
+        if params + need > self.limit:
+            raise CltraceError(
+                f"a prompt of {P} tokens needs at least {(params + need) / 2**30:.1f} GB for its forward run alone "
+                f"(attention patterns grow with tokens squared), more than the {self.limit / 2**30:.1f} GB "
+                "allowed: shorten the prompt or raise --max-memory"
+            )
+
     # -- the whole computation -------------------------------------------------------------------
 
     def _batch_size(self, n_feature_rows: int) -> int:
@@ -464,12 +489,12 @@ class _Attribution:
 
     def build(self) -> Graph:
         cfg = self.cfg
-        if cfg.max_memory_bytes is not None:
+        if self.limit is not None:
             est = self.estimate()
-            if est.peak_bytes > cfg.max_memory_bytes:
+            if est.peak_bytes > self.limit:
                 raise CltraceError(
                     f"this graph needs about {est.peak_bytes / 2**30:.1f} GB ({est.summary()}), more than the "
-                    f"{cfg.max_memory_bytes / 2**30:.1f} GB allowed: lower --max-feature-nodes or --batch-size, "
+                    f"{self.limit / 2**30:.1f} GB allowed: lower --max-feature-nodes or --batch-size, "
                     "shorten the prompt, or raise --max-memory"
                 )
         if self.cache_decoders:
