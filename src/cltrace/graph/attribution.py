@@ -293,14 +293,18 @@ class _Attribution:
         lo.scatter_reduce_(0, pos, r, reduce="amin")
         j = r - lo[pos]  # place within the position's window
         width = int(j.max()) + 1
-        # Rows of the slot's decoder table: every feature of the source layers, towards slot t;
-        # one zero row last for the padding.
+        # Rows of the slot's decoder table: the distinct active features of the source layers (not
+        # all of them: on short prompts that would copy the whole decoder), towards slot t, in
+        # (layer, feature) order; one zero row last for the padding.
+        key = (layers[at] - sources[0]) * F + features[at]
+        distinct, row = torch.unique(key, return_inverse=True)  # sorted: layer-major, as the loop below
+        d_layer, d_feat = distinct // F + sources[0], distinct % F
         table = torch.cat([
-            *(tc.decoder_vectors(s, torch.arange(F, device=self.device))[:, t - tc.output_layers(s).start] for s in sources),
+            *(tc.decoder_vectors(s, d_feat[d_layer == s])[:, t - tc.output_layers(s).start] for s in sources),
             torch.zeros(1, self.d, dtype=tc.W_enc.dtype, device=self.device),
-        ]).float()  # [n_sources * F + 1, d]
+        ]).float()  # [n_distinct + 1, d]
         index = torch.full((P, width), table.shape[0] - 1, dtype=torch.long, device=self.device)
-        index[pos, j] = (layers[at] - sources[0]) * F + features[at]
+        index[pos, j] = row
         target = torch.full((P, width), P * self.max_rank, dtype=torch.long, device=self.device)
         target[pos, j] = pos * self.max_rank + r
         return _SlotDecoders(table, index, target.reshape(-1))
