@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -17,6 +18,12 @@ from transformers import (
 )
 
 from cltrace.model import LoadedModel, wrap_model
+
+# Property tests draw the same examples on every run (CI stays reproducible); to explore new ones,
+# run with --hypothesis-profile=explore (e.g. after changing a loader).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("ci")
 
 VOCAB = 96
 _COMMON = dict(

@@ -206,6 +206,7 @@ def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
     save_file(tensors, weights)
     meta = json.loads((tmp_path / "native" / "config.json").read_text())
     meta["sha256"]["transcoder.safetensors"] = formats._sha256(weights)
+    meta["config_sha256"] = formats._config_digest(meta)
     (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CltraceError, match=r"native: missing tensor\(s\) W_dec\.1"):
         load_transcoder(tmp_path / "native")

@@ -23,7 +23,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cltrace.errors import CltraceError
 
@@ -176,8 +176,17 @@ class FileSource(TextSource):
                 yield from _read_parquet(f, self.text_column)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (pyarrow's span several)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _read_txt(path: Path, split: TxtSplit) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")  # bad bytes become U+FFFD, never an error
+    except OSError as e:
+        raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
     if split == "file":
         yield text
         return
@@ -193,17 +202,22 @@ def _read_txt(path: Path, split: TxtSplit) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, column: str) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    try:
+        fh = path.open(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
+    with fh:
+        for lineno, line in enumerate(_lines(fh, path), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer too long to read
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else _first_line(e)
                 raise CltraceError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl file "
+                    f"{path}:{lineno} is not valid JSON ({msg}); each line of a .jsonl file "
                     "must be one JSON object"
-                ) from e
+                ) from None
             if not isinstance(row, dict):
                 raise CltraceError(
                     f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; each line "
@@ -221,6 +235,18 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
                 )
 
 
+def _lines(fh: Any, path: Path) -> Iterator[str]:
+    """The lines of an open text file; a read error becomes a CltraceError naming the file."""
+    while True:
+        try:
+            line = fh.readline()
+        except OSError as e:
+            raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
+        if not line:
+            return
+        yield line
+
+
 def _read_parquet(path: Path, column: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq  # lazy: only parquet sources need it
@@ -228,13 +254,24 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
         raise CltraceError(
             f"reading {path} needs the 'pyarrow' package; install it with: pip install pyarrow"
         ) from e
+    damaged = "it is damaged or not parquet: re-create or re-download it"
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
-        raise CltraceError(f"{path} is not a readable parquet file: {e}") from e
-    _check_column(pf.schema_arrow.names, column, str(path))
-    for batch in pf.iter_batches(columns=[column], batch_size=1024):
-        for value in batch.column(0).to_pylist():
+        # Page checksums are checked where the writer recorded them (pyarrow's write_page_checksum).
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        names = pf.schema_arrow.names
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for non-parquet bytes
+        raise CltraceError(f"{path} is not a readable parquet file ({_first_line(e)}); {damaged}") from None
+    _check_column(names, column, str(path))
+    batches = pf.iter_batches(columns=[column], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            values = None if batch is None else batch.column(0).to_pylist()
+        except Exception as e:  # a damaged page: a decompression, decoding or checksum error
+            raise CltraceError(f"cannot read {path} ({_first_line(e)}); {damaged}") from None
+        if values is None:
+            return
+        for value in values:
             if isinstance(value, str):
                 yield value
             elif value is not None:
@@ -247,8 +284,11 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
 def _check_column(names: object, column: str, where: str) -> None:
     names = list(names)  # type: ignore[call-overload]
     if column not in names:
+        # quoted where unprintable, and capped: a damaged file's names may hold newlines or be many
+        shown = ", ".join(str(n) if str(n).isprintable() else repr(str(n)) for n in names[:20])
+        shown += ", ..." if len(names) > 20 else ""
         raise CltraceError(
-            f"{where} has no column '{column}'; columns there: {', '.join(map(str, names)) or '(none)'}"
+            f"{where} has no column {column!r}; columns there: {shown or '(none)'}"
             " - pass the right one as text_column (--text-column)"
         )
 

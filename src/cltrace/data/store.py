@@ -11,7 +11,8 @@ A store is a folder:
     ...
 
 Every shard is written to a temporary file, hashed, fsynced and renamed; only then is the manifest
-(also written atomically) extended to list it. The manifest is the only truth: a shard it does not
+(also written atomically, and carrying a ``sha256`` of its own other keys, so that a damaged or
+hand-edited manifest is refused rather than read as another store) extended to list it. The manifest is the only truth: a shard it does not
 list (a harvest killed between the rename and the manifest update) is removed when the harvest
 resumes, and a listed shard whose size or sha256 differs is refused when read. So a store never
 holds a half-written shard that reads as good.
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 import uuid
@@ -50,7 +52,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "cltrace-activation-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+#: Manifest versions this cltrace reads; version 1 has no manifest ``sha256`` (its shards have theirs).
+STORE_READABLE = (1, 2)
 STORE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SHARD_BYTES = 256 * 2**20
 """Aim of a shard's size when the caller does not fix its contexts (large enough that the
@@ -90,6 +94,13 @@ def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's keys other than ``sha256`` itself, as canonical JSON (sorted keys, no
+    spaces); floats survive the JSON round trip exactly, so a re-read manifest hashes the same."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def shard_name(index: int) -> str:
@@ -180,7 +191,7 @@ class ActivationStore:
         """
         entry = self.shards[index]
         path = self.path / entry["file"]
-        redo = "delete the store and run `cltrace harvest` again"
+        redo = REDO_STORE
         if not path.is_file():
             raise CltraceError(f"activation store shard {path} is missing; {redo}")
         size = path.stat().st_size
@@ -197,12 +208,15 @@ class ActivationStore:
                 )
         try:
             tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CltraceError(f"activation store shard {path} cannot be read ({exc}); {redo}") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CltraceError(f"activation store shard {path} cannot be read ({text}); it is damaged: {redo}") from None
         x, y = tensors.get("x"), tensors.get("y")
         want = (entry["contexts"] * self.tokens_per_context, self.n_layers, self.d_model)
-        if x is None or y is None or tuple(x.shape) != want or tuple(y.shape) != want:
-            raise CltraceError(f"activation store shard {path} does not hold x and y of shape {want}; {redo}")
+        dtype = STORE_DTYPES[self.settings["dtype"]]
+        if x is None or y is None or tuple(x.shape) != want or tuple(y.shape) != want or x.dtype != dtype or y.dtype != dtype:
+            raise CltraceError(f"activation store shard {path} does not hold x and y of shape {want} in {dtype}; "
+                               f"it is damaged: {redo}")
         return x, y
 
     def read_contexts(self, start: int, count: int, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +247,12 @@ class ActivationStore:
         return torch.cat(xs), torch.cat(ys)
 
 
+REDO_STORE = "delete the store and run `cltrace harvest` again"
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the store at `path`, or a one-line error saying what is wrong."""
+    """The manifest of the store at `path`, checked against its ``sha256`` and for well-formed
+    fields, or a one-line error saying what is wrong."""
     file = path / MANIFEST
     if not path.is_dir():
         raise CltraceError(f"no activation store at '{path}'; write one with `cltrace harvest -o {path}`")
@@ -242,16 +260,97 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CltraceError(f"'{path}' holds no activation store ({MANIFEST} is missing); write one with `cltrace harvest`")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CltraceError(f"{file} is not valid JSON ({exc}); delete the store and harvest it again") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, a huge integer
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CltraceError(f"{file} is not valid JSON ({text}); it is damaged: {REDO_STORE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise CltraceError(f"{file} is not an activation store manifest")
-    if manifest.get("version") != STORE_VERSION:
+    version = manifest.get("version")
+    if not _is_int(version) or version not in STORE_READABLE:
+        newer = _is_int(version) and version > STORE_VERSION
         raise CltraceError(
-            f"activation store '{path}' has version {manifest.get('version')!r}; this cltrace reads version "
-            f"{STORE_VERSION}: harvest it again"
+            f"activation store '{path}' has version {version!r}; this cltrace reads versions "
+            f"{', '.join(map(str, STORE_READABLE))}: "
+            + ("upgrade cltrace, or harvest it again" if newer else f"the manifest is damaged: {REDO_STORE}")
         )
+    # Checked before any field is interpreted: any damage to the manifest reads as this one message.
+    recorded = manifest.get("sha256")
+    if recorded is None and version >= 2:
+        raise CltraceError(f"{file} has no sha256, which version {version} requires: it is damaged; {REDO_STORE}")
+    if recorded is not None and recorded != manifest_digest(manifest):
+        raise CltraceError(f"{file} does not match its sha256: it is damaged or was edited; {REDO_STORE}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CltraceError(f"{file} is damaged ({problem}); {REDO_STORE}")
     return manifest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    # Not required finite: an fp16 store of huge activations can hold inf norms, and says so.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SHARD_FILE = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of manifest `m` (a version 1 one has no checksum), or None."""
+
+    def count(v: Any, least: int = 0) -> bool:
+        return _is_int(v) and v >= least
+
+    def floats(v: Any, n: int) -> bool:
+        return isinstance(v, list) and len(v) == n and all(_is_num(x) for x in v)
+
+    if not isinstance(m.get("store_id"), str):
+        return "store_id is not a string"
+    settings = m.get("settings")
+    if not isinstance(settings, dict) or any(k not in settings for k in SETTING_KEYS):
+        return "settings lack keys"
+    if settings["dtype"] not in STORE_DTYPES or not count(settings["n_ctx"], 1):
+        return "settings hold an unknown dtype or a bad n_ctx"
+    if not isinstance(m.get("fingerprint"), dict):
+        return "fingerprint is not an object"
+    for key in ("n_layers", "d_model", "positions_per_context"):
+        if not count(m.get(key), 1):
+            return f"{key} is not a positive integer"
+    for key in ("target_tokens", "contexts", "tokens"):
+        if not count(m.get(key)):
+            return f"{key} is not an integer >= 0"
+    for key in ("complete", "source_exhausted"):
+        if not isinstance(m.get(key), bool):
+            return f"{key} is not true or false"
+    if not (m.get("position") is None or isinstance(m.get("position"), dict)):
+        return "position is neither null nor an object"
+    shards, L = m.get("shards"), m["n_layers"]
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    for i, s in enumerate(shards):
+        ok = (isinstance(s, dict) and isinstance(s.get("file"), str) and _SHARD_FILE.fullmatch(s["file"]) is not None
+              and count(s.get("contexts"), 1) and count(s.get("bytes")) and isinstance(s.get("sha256"), str)
+              and floats(s.get("x_norm_sum"), L) and floats(s.get("y_norm_sum"), L))
+        if not ok:
+            return f"shard entry {i} is malformed"
+    if sum(s["contexts"] for s in shards) != m["contexts"] or m["tokens"] != m["contexts"] * m["positions_per_context"]:
+        return "its context and token counts disagree with its shards"
+    stats = m.get("stats")
+    if not isinstance(stats, dict) or stats.get("tokens") != m["tokens"]:
+        return "stats do not match its tokens"
+    if m["tokens"] and not (floats(stats.get("scale_x"), L) and floats(stats.get("scale_y"), L)):
+        return "stats lack per-layer scales"
+    return None
+
+
+def write_manifest_file(path: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest` as the store at `path`'s manifest.json, atomically, stamped with the current
+    version and its ``sha256`` (both set in `manifest` too); a version 1 store extended gains both."""
+    manifest["version"] = STORE_VERSION
+    manifest["sha256"] = manifest_digest(manifest)
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1) + "\n", what="activation store manifest")
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -286,13 +385,26 @@ def _prepare_store_dir(out: Path, settings: dict[str, Any], fingerprint: dict[st
     """The manifest of a store at `out` to continue, None for a new store; refuses anything else."""
     if out.exists() and not out.is_dir():
         raise CltraceError(f"activation store '{out}' is a file; give a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+
+    def is_temp(p: Path) -> bool:
+        """A temporary file of a write a kill interrupted: cltrace.atomic's `.NAME.XXXX.tmp`, or the
+        `.tmpXXXXXX` safetensors (0.8) writes a shard through before renaming it."""
+        return p.is_file() and (p.name.startswith(".tmp") or (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+    if not out.is_dir() or all(is_temp(p) for p in out.iterdir()):
+        for p in out.iterdir() if out.is_dir() else ():
+            p.unlink()  # a harvest killed while writing its first manifest left only this
         return None
     if not (out / MANIFEST).is_file():
         raise CltraceError(f"'{out}' is not empty and holds no activation store; choose a new or empty folder")
     manifest = read_manifest(out)
     if not manifest["shards"]:
-        return None  # a harvest that failed before its first shard (e.g. too little text) left nothing to keep
+        # a harvest that failed (e.g. too little text) or was killed before its first shard was
+        # listed left nothing to keep: its temporary and unlisted files go too
+        for p in out.iterdir():
+            if is_temp(p) or (p.is_file() and p.name.startswith("shard-") and p.name.endswith(".safetensors")):
+                p.unlink()
+        return None
     if manifest["fingerprint"] != fingerprint:
         raise CltraceError(
             f"activation store '{out}' holds activations of another model ({describe_fingerprint(manifest['fingerprint'])}); "
@@ -309,7 +421,7 @@ def _prepare_store_dir(out: Path, settings: dict[str, Any], fingerprint: dict[st
     # renamed into place before the manifest could list it. It is rewritten from the same position.
     listed = {s["file"] for s in manifest["shards"]}
     for p in out.iterdir():
-        debris = (p.name.startswith(".") and p.name.endswith(".tmp")) or (
+        debris = is_temp(p) or (
             p.name.startswith("shard-") and p.name.endswith(".safetensors") and p.name not in listed)
         if debris and p.is_file():
             log.info("removing %s (left by an interrupted harvest)", p)
@@ -400,7 +512,7 @@ def harvest_to_store(
         manifest["contexts"] = sum(s["contexts"] for s in manifest["shards"])
         manifest["tokens"] = manifest["contexts"] * T
         manifest["stats"] = _stats(manifest["shards"], T, d, L)
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n", what="activation store manifest")
+        write_manifest_file(out, manifest)
 
     write_manifest()
     if done >= wanted:
@@ -472,6 +584,8 @@ __all__ = [
     "describe_fingerprint",
     "file_sha256",
     "harvest_to_store",
+    "manifest_digest",
     "model_fingerprint",
     "read_manifest",
+    "write_manifest_file",
 ]

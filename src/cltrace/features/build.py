@@ -45,6 +45,7 @@ from cltrace.features.store import (
     TokenScore,
     connect,
     read_meta,
+    seal_store,
     transaction,
     write_meta,
 )
@@ -306,20 +307,43 @@ def hist_bins(v: torch.Tensor, n_bins: int) -> torch.Tensor:
     return (v.log10().add_(4.0).mul_(8.0).floor_().add_(1.0)).clamp_(0, n_bins - 1).long()
 
 
+def _state_digest(dtype: str, shape: str, data: bytes) -> str:
+    """sha256 of one running tensor as stored (dtype, shape and bytes)."""
+    return hashlib.sha256(f"{dtype}|{shape}|".encode() + data).hexdigest()
+
+
 def _save_state(conn: Any, state: dict[str, torch.Tensor], names: Sequence[str] = STATE_NAMES) -> None:
+    """Store running tensors as raw blobs, each with its sha256 in meta (`state_sha256.NAME`), inside
+    the caller's transaction: SQLite checks its pages' structure, not what a blob holds, and a
+    flipped bit in a running top-k would silently change every page an extension writes."""
     rows = []
     for name in names:
         t = state[name].detach().cpu().contiguous()
         rows.append((name, str(t.dtype).removeprefix("torch."), json.dumps(list(t.shape)), t.view(torch.uint8).numpy().tobytes()))
     conn.executemany("INSERT OR REPLACE INTO state (name, dtype, shape, data) VALUES (?, ?, ?, ?)", rows)
+    write_meta(conn, {f"state_sha256.{name}": _state_digest(dtype, shape, data) for name, dtype, shape, data in rows})
 
 
-def _load_state(conn: Any, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+def _load_state(conn: Any, names: Sequence[str], device: torch.device, where: str = "the feature store") -> dict[str, torch.Tensor]:
+    """The running tensors `names` that are stored (checked against their sha256 where one is recorded)."""
     out = {}
     q = ",".join("?" * len(names))
+    digests = dict(conn.execute(f"SELECT key, value FROM meta WHERE key IN ({q})", [f"state_sha256.{n}" for n in names]))
     for name, dtype, shape, data in conn.execute(f"SELECT name, dtype, shape, data FROM state WHERE name IN ({q})", list(names)):
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        out[name] = raw.view(getattr(torch, dtype)).view(*json.loads(shape)).to(device)
+        want = digests.get(f"state_sha256.{name}")
+        ok = isinstance(dtype, str) and isinstance(shape, str) and isinstance(data, bytes)
+        if not ok or (want is not None and json.loads(want) != _state_digest(dtype, shape, data)):
+            raise CltraceError(
+                f"the build state '{name}' in {where} is damaged (it does not match its recorded sha256): "
+                "rebuild the store with `cltrace features build ... --overwrite`"
+            )
+        try:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out[name] = raw.view(getattr(torch, dtype)).view(*json.loads(shape)).to(device)
+        except (AttributeError, RuntimeError, TypeError, ValueError):  # a store written before the digests
+            raise CltraceError(
+                f"the build state '{name}' in {where} is damaged: rebuild the store with `cltrace features build ... --overwrite`"
+            ) from None
     return out
 
 
@@ -497,7 +521,7 @@ def build_feature_store(
                 raise CltraceError(
                     f"'{out}' was compacted (its build state dropped) and cannot be extended: build a new store"
                 )
-            state = _load_state(conn, STATE_NAMES, device)
+            state = _load_state(conn, STATE_NAMES, device, f"'{out}'")
             if set(state) != set(STATE_NAMES):
                 if int(meta["tokens"]) != 0 and meta.get("extendable") is not False:
                     raise CltraceError(f"'{out}' has no build state to extend: build a new store")
@@ -577,6 +601,7 @@ def build_feature_store(
         if not keep_state and conn.execute("SELECT COUNT(*) FROM state WHERE name != 'say'").fetchone()[0]:
             with transaction(conn):
                 conn.execute("DELETE FROM state WHERE name != 'say'")
+                conn.execute("DELETE FROM meta WHERE key GLOB 'state_sha256.*' AND key != 'state_sha256.say'")
                 write_meta(conn, {"extendable": False})
             conn.execute("VACUUM")
     finally:
@@ -714,6 +739,7 @@ def _finalize(
         conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
         conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", example_rows)
         write_meta(conn, {"status": "complete", "finalized_tokens": tokens, "finalized": time.time()})
+        seal_store(conn)  # last: it digests the pages and meta just written
     timings["pages_s"] = round(time.monotonic() - t, 2)
     log.info("wrote the pages of %d features (%d contexts shown): %.1f s", L * Fn, len(example_rows), timings["pages_s"])
     return timings

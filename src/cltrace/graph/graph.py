@@ -8,7 +8,10 @@ the vocabulary-mean logit (a logit node).
 
 On disk a graph is one safetensors file (`Graph.save` / `Graph.load`): the node columns and the
 COO edges as tensors, and the JSON metadata in the safetensors header together with
-``format: "cltrace-graph"`` and a ``schema_version``. Never a dense N×N matrix.
+``format: "cltrace-graph"``, a ``schema_version`` and (from schema version 2) a ``sha256`` of
+everything else in the file: the other header entries and every tensor's name, dtype, shape and
+bytes. Safetensors itself checks only that the header's offsets fit the file, so without it a
+flipped bit in the edge weights would load as a different graph. Never a dense N×N matrix.
 
 Node ids follow the circuit-tracer / Neuronpedia conventions (see DESIGN.md): features
 ``"{layer}_{feature}_{pos}"``, error nodes ``"{layer}_-1_{pos}"``, embeddings ``"E_{token}_{pos}"``,
@@ -18,6 +21,7 @@ logits ``"{n_layers+1}_{token}_{pos}"``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import heapq
 import json
 import math
@@ -33,7 +37,10 @@ from cltrace.atomic import atomic_write
 from cltrace.errors import CltraceError
 
 #: Version of the on-disk layout written by `Graph.save`; loading a newer one is refused.
-GRAPH_SCHEMA_VERSION = 1
+#: 1: no checksum (still read); 2: the header holds ``sha256`` (see `_graph_digest`), checked at load.
+GRAPH_SCHEMA_VERSION = 2
+#: The first schema version whose files must carry a ``sha256``.
+GRAPH_CHECKSUM_SINCE = 2
 #: The value of the ``format`` key in a graph file's safetensors header.
 GRAPH_FORMAT = "cltrace-graph"
 
@@ -229,15 +236,22 @@ class Graph:
         tensors["edges.source"] = self.edge_source.detach().cpu().contiguous()
         tensors["edges.weight"] = self.edge_weight.detach().cpu().contiguous()
         header = {"format": GRAPH_FORMAT, "schema_version": str(GRAPH_SCHEMA_VERSION), "metadata": meta_json}
+        header["sha256"] = _graph_digest(header, tensors)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), what="graph")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Graph:
-        """Read a graph written by `save`; CltraceError for a missing, truncated, foreign or newer file."""
+        """Read a graph written by `save`.
+
+        CltraceError (one line naming the file) for a missing, truncated, damaged, foreign or newer
+        file; a file of schema version 2 or later is checked against the sha256 in its header, so
+        damage anywhere in it is refused rather than read as a different graph.
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
+        redo = "re-create it (re-run the command that wrote it, e.g. `cltrace attribute`)"
         if not path.is_file():
             raise CltraceError(f"graph file '{path}' does not exist or is not a file; check the path")
         try:
@@ -251,29 +265,40 @@ class Graph:
                 try:
                     version = int(header.get("schema_version", ""))
                 except ValueError:
-                    raise CltraceError(f"'{path}' has an unreadable schema_version; the file is damaged") from None
+                    raise CltraceError(f"'{path}' has an unreadable schema_version; the file is damaged: {redo}") from None
                 if version > GRAPH_SCHEMA_VERSION:
                     raise CltraceError(
                         f"'{path}' uses graph schema_version {version}, newer than this cltrace reads "
-                        f"({GRAPH_SCHEMA_VERSION}); upgrade cltrace"
+                        f"({GRAPH_SCHEMA_VERSION}); upgrade cltrace, or if no newer cltrace wrote it the file is damaged: {redo}"
                     )
-                keys = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in keys}
+                if version < 1:
+                    raise CltraceError(f"'{path}' has schema_version {version}, which no cltrace writes; the file is damaged: {redo}")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except CltraceError:
             raise
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated / not safetensors
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:  # truncated / not safetensors
             raise CltraceError(
-                f"cannot read graph file '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "it is truncated or not a safetensors file, re-create it with Graph.save"
+                f"cannot read graph file '{path}' ({type(exc).__name__}: {_first_line(exc)}); "
+                f"it is truncated or damaged, or not a safetensors file: {redo}"
             ) from None
+        # Checked before anything is interpreted: any damage reads as this one message.
+        recorded = header.get("sha256")
+        if recorded is None and version >= GRAPH_CHECKSUM_SINCE:
+            raise CltraceError(f"graph file '{path}' has no sha256 in its header, which schema_version {version} requires; "
+                               f"the file is damaged: {redo}")
+        if recorded is not None and recorded != _graph_digest(header, tensors):
+            raise CltraceError(f"graph file '{path}' is damaged: its contents do not match the sha256 recorded in it; {redo}")
         needed = [f"nodes.{n}" for n in _NODE_COLUMNS] + ["edges.target", "edges.source", "edges.weight"]
         missing = [k for k in needed if k not in tensors]
         if missing:
-            raise CltraceError(f"graph file '{path}' lacks tensors {missing}; the file is damaged, re-create it")
+            raise CltraceError(f"graph file '{path}' lacks tensors {missing}; the file is damaged: {redo}")
         try:
             metadata = json.loads(header.get("metadata", "{}"))
-        except json.JSONDecodeError:
-            raise CltraceError(f"graph file '{path}' has unreadable JSON metadata; the file is damaged") from None
+        except (ValueError, RecursionError):
+            raise CltraceError(f"graph file '{path}' has unreadable JSON metadata; the file is damaged: {redo}") from None
+        if not isinstance(metadata, dict):
+            raise CltraceError(f"graph file '{path}' has metadata that is a JSON {type(metadata).__name__}, not an object; "
+                               f"the file is damaged: {redo}")
         nodes = NodeTable(
             **{n: tensors[f"nodes.{n}"] for n in _NODE_COLUMNS}, influence=tensors.get("nodes.influence"),
             extra={k[len("nodes.extra."):]: v for k, v in sorted(tensors.items()) if k.startswith("nodes.extra.")},
@@ -484,6 +509,31 @@ class Graph:
             edge_weight=self.edge_weight[keep_e].clone(),
             metadata=metadata,
         )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages can span several)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _graph_digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a graph file's content: its header entries other than ``sha256`` itself, then every
+    tensor (sorted by name) as name, dtype, shape and raw bytes.
+
+    Computed from what `Graph.save` hands to safetensors and from what `Graph.load` reads back, so
+    it does not depend on how safetensors lays the file out.
+    """
+    h = hashlib.sha256()
+    entries = sorted((k, v) for k, v in header.items() if k != "sha256")
+    names = sorted(tensors)
+    # The JSON prefix fixes every length, so the concatenated tensor bytes that follow are unambiguous.
+    layout = [entries, [[n, str(tensors[n].dtype), list(tensors[n].shape)] for n in names]]
+    h.update(json.dumps(layout, separators=(",", ":")).encode())
+    for n in names:
+        flat = tensors[n].detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().data)  # [numel * itemsize] raw little-endian bytes
+    return h.hexdigest()
 
 
 __all__ = ["GRAPH_FORMAT", "GRAPH_SCHEMA_VERSION", "PER_NODE_METADATA_KEYS", "Edge", "Graph", "GraphPath", "NodeKind", "NodeTable"]

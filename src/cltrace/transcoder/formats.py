@@ -2,7 +2,10 @@
 
 Native (`format="native"`), a directory holding
     config.json              TranscoderConfig fields, `format: "cltrace-transcoder"`,
-                             `format_version: 1` and `sha256: {"transcoder.safetensors": hex}`
+                             `format_version: 2`, `sha256: {"transcoder.safetensors": hex}` and
+                             `config_sha256`: the sha256 of the file's other keys (canonical JSON),
+                             so that a damaged config.json is refused rather than read as another
+                             config (version 1, without it, is still read)
     transcoder.safetensors   the module's state dict: W_enc, b_enc, b_dec, activation.threshold,
                              W_dec (PLT) or W_dec.{l} (CLT), W_skip (PLT with skip)
 
@@ -47,7 +50,10 @@ from cltrace.transcoder.activation import JumpReLU, TopK
 from cltrace.transcoder.transcoder import DTYPES, Transcoder, TranscoderConfig, make_transcoder
 
 NATIVE_FORMAT = "cltrace-transcoder"
-NATIVE_VERSION = 1
+NATIVE_VERSION = 2
+#: Native versions this cltrace reads; version 1 has no `config_sha256`.
+NATIVE_READABLE = (1, 2)
+CONFIG_DIGEST_KEY = "config_sha256"
 CONFIG_JSON = "config.json"
 WEIGHTS = "transcoder.safetensors"
 CT_CONFIG = "config.yaml"
@@ -193,21 +199,41 @@ def _write_native(tc: Transcoder, directory: Path) -> None:
         **tc.config.to_dict(),
         "sha256": {WEIGHTS: _sha256(directory / WEIGHTS)},
     }
+    meta[CONFIG_DIGEST_KEY] = _config_digest(meta)
     (directory / CONFIG_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _config_digest(meta: dict) -> str:
+    """sha256 of config.json's keys other than `config_sha256`, as canonical JSON (sorted keys, no
+    spaces), so that it survives re-indenting but not a changed value."""
+    body = {k: v for k, v in meta.items() if k != CONFIG_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _read_native(path: Path, verify: bool) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
-    meta = _read_json(path / CONFIG_JSON)
+    file = path / CONFIG_JSON
+    meta = _read_json(file)
     version = meta.get("format_version")
-    if version != NATIVE_VERSION:
+    is_int = isinstance(version, int) and not isinstance(version, bool)
+    if not is_int or version not in NATIVE_READABLE:
+        newer = is_int and version > NATIVE_VERSION
         raise CltraceError(
-            f"{path / CONFIG_JSON} has format_version {version!r}; this cltrace reads version {NATIVE_VERSION}: "
-            f"upgrade cltrace or re-export the transcoder"
+            f"{file} has format_version {version!r}; this cltrace reads versions "
+            f"{', '.join(map(str, NATIVE_READABLE))}: "
+            + ("upgrade cltrace" if newer else "the file is damaged or not cltrace's: re-export the transcoder")
         )
+    # Checked before any field is interpreted: a damaged config.json reads as this one message.
+    recorded = meta.get(CONFIG_DIGEST_KEY)
+    if recorded is None and version >= 2:
+        raise CltraceError(f"{file} has no {CONFIG_DIGEST_KEY}, which format_version {version} requires: the file is "
+                           "damaged; re-export the transcoder")
+    if recorded is not None and recorded != _config_digest(meta):
+        raise CltraceError(f"{file} does not match its {CONFIG_DIGEST_KEY}: the file is damaged or was edited; "
+                           "re-export the transcoder")
     checksums = meta.get("sha256")
     if not isinstance(checksums, dict) or not isinstance(checksums.get(WEIGHTS), str):
         raise CltraceError(f"{path / CONFIG_JSON} has no sha256 for {WEIGHTS}; re-export the transcoder")
-    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "sha256")}
+    fields = {k: v for k, v in meta.items() if k not in ("format", "format_version", "sha256", CONFIG_DIGEST_KEY)}
     try:
         config = TranscoderConfig.from_dict(fields)
     except CltraceError as e:
@@ -303,6 +329,10 @@ def _write_circuit_tracer(tc: Transcoder, directory: Path) -> None:
 def _read_circuit_tracer_clt(path: Path) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     model_id = _check_ct_config(path, "cross_layer_transcoder")
     n_layers = _count_layer_files(path, "W_enc_{}.safetensors")
+    n_decoders = _count_layer_files(path, "W_dec_{}.safetensors")
+    if n_decoders > n_layers:  # a lost last encoder file would otherwise read as a shallower CLT
+        raise CltraceError(f"{path / f'W_enc_{n_layers}.safetensors'} is missing but {path / f'W_dec_{n_layers}.safetensors'} "
+                           "exists; the circuit-tracer CLT directory is incomplete")
     state: dict[str, list[torch.Tensor]] = {"W_enc": [], "b_enc": [], "b_dec": [], "activation.threshold": []}
     decoders: dict[str, torch.Tensor] = {}
     # Layer 0 fixes the dimensions, the dtype and the activation; later layers must agree.
@@ -351,6 +381,8 @@ def _read_circuit_tracer_plt(path: Path) -> tuple[TranscoderConfig, dict[str, to
     has_threshold = "activation_function.threshold" in layers[0]
     has_skip = "W_skip" in layers[0]
     k_tensor = layers[0].get("k")  # circuit-tracer after 0.5.0 writes k into a TopK layer file
+    if k_tensor is not None and k_tensor.numel() != 1:
+        raise CltraceError(f"{path / 'layer_0.safetensors'}: tensor k has shape {tuple(k_tensor.shape)}, expected one value")
     dtype = layers[0]["W_enc"].dtype
     for i in range(n_layers):
         file = path / f"layer_{i}.safetensors"
@@ -427,9 +459,9 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CltraceError(
-            f"{file} cannot be read as safetensors ({e}); it is truncated or damaged: re-export it"
+            f"{file} cannot be read as safetensors ({_first_line(e)}); it is truncated or damaged: re-export it"
         ) from None
 
 
@@ -456,25 +488,31 @@ def _check_names(tensors: dict[str, torch.Tensor], file: Path, shapes: dict[str,
 
 def _read_json(file: Path) -> dict:
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CltraceError(f"{file} is not valid JSON ({e}); re-export the transcoder") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a huge integer
+        raise CltraceError(f"{file} is not valid JSON ({_first_line(e)}); it is damaged: re-export the transcoder") from None
     if not isinstance(data, dict):
-        raise CltraceError(f"{file} does not hold a JSON object")
+        raise CltraceError(f"{file} does not hold a JSON object; it is damaged: re-export the transcoder")
     return data
 
 
 def _read_ct_config(path: Path) -> dict:
     file = path / CT_CONFIG
     try:
-        data = yaml.safe_load(file.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CltraceError(f"{file} is not valid YAML ({e})") from None
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
+        raise CltraceError(f"{file} is not valid YAML ({_first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CltraceError(f"{file} does not hold a YAML mapping")
     return data
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (YAML and safetensors messages span several)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _sha256(file: Path) -> str:
