@@ -10,6 +10,10 @@ A run folder holds
     transcoder/      the trained transcoder, normalisation folded in (works on raw activations)
     eval.json        the final evaluation on held-out text (written by `train_transcoder`)
 
+Every file is written atomically, so a run killed at any point resumes (`--resume`) to the same
+weights as an uninterrupted run; the temporary files a kill leaves are removed when it resumes
+(`benchmarks/crash_safety.py` kills runs at random points and checks both).
+
 Inputs and targets are scaled per layer to mean norm √d_model with factors estimated on the
 first `norm_tokens` tokens; the factors live in the checkpoint and are folded into the saved
 weights at the end.
@@ -21,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +38,8 @@ from cltrace.errors import CltraceError
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource
 from cltrace.train.distributed import (
+    COMMON_FILE,
+    MANIFEST_FILE,
     FeatureShards,
     checkpoint_file,
     describe_checkpoint,
@@ -128,17 +135,51 @@ def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Ten
 
 # -- run folder --------------------------------------------------------------------------------------
 
+#: Files a run writes through `cltrace.atomic` (a kill mid-write leaves `.NAME.XXXX.tmp` beside them).
+_ATOMIC_FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, EVAL_FILE, STATE_FILE, MANIFEST_FILE, COMMON_FILE)
+
+
+def is_debris(path: Path) -> bool:
+    """Whether `path` in a run folder (or its checkpoint folder) is what a killed write left behind:
+    a temporary file of one of the run's own files, or a transcoder directory being swapped in."""
+    name = path.name
+    if name.startswith((f".{TRANSCODER_DIR}.tmp-", f".{TRANSCODER_DIR}.old-")):
+        return True
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in _ATOMIC_FILES)
+
+
+def remove_debris(out: Path) -> None:
+    """Delete what killed writes left in the run folder `out` and its checkpoint folder.
+
+    Called only once `out` is known to be this run's folder, when the run starts or resumes: the
+    files are never read, but each one can be as large as a checkpoint or a transcoder.
+    """
+    for folder in (out, out / CHECKPOINT_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if is_debris(path):
+                log.info("removing %s (left by an interrupted run)", path)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
 
 def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
     """Check `out` may hold this run; write config.json. Returns whether a checkpoint exists to resume.
 
     Refused: a file; a non-empty folder that is not a run folder; a run folder of another config
     (whatever `resume` says); this run's folder without `resume` (nothing is overwritten). A run
-    folder that never reached its first checkpoint is reused as if new.
+    folder that never reached its first checkpoint is reused as if new. A folder accepted loses the
+    temporary files of writes a kill interrupted (`remove_debris`); one holding nothing else (a run
+    killed while writing its first config.json) counts as empty.
     """
     if out.exists() and not out.is_dir():
         raise CltraceError(f"output '{out}' is a file; give a folder for the run")
     cfg_file = out / CONFIG_FILE
+    if out.is_dir() and not cfg_file.exists() and all(is_debris(p) for p in out.iterdir()):
+        remove_debris(out)  # a run killed while writing its config.json left only a temporary file
     if out.is_dir() and any(out.iterdir()):
         if not cfg_file.is_file():
             raise CltraceError(
@@ -152,6 +193,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
         if not started:
             # A run that failed before its first checkpoint (e.g. an empty text source) holds nothing
             # worth keeping: start it afresh with the new config.
+            remove_debris(out)
             atomic_write_text(cfg_file, config.to_json())
             metrics = out / METRICS_FILE
             if metrics.is_file():
@@ -171,6 +213,7 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
             raise CltraceError(
                 f"output folder '{out}' already holds this run; pass --resume to continue it, or choose a new folder"
             )
+        remove_debris(out)
         return has_checkpoint(out / CHECKPOINT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_file, config.to_json())

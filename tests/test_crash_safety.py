@@ -1,0 +1,112 @@
+"""Crash safety: runs killed at random points rerun to the uninterrupted output, and damaged files are refused.
+
+The kill points are benchmarks/crash_safety.py's (3 per operation here, 20 in the benchmark): training,
+harvest into an activation store, feature-store building and graph saving, each SIGKILLed at
+stratified random times, checked as a reader would see what it left, rerun and compared with an
+uninterrupted run. Below them, the debris a kill can leave must never block the next run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_train import Planted, planted_config
+
+from cltrace.errors import CltraceError
+from cltrace.train.trainer import prepare_run_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import crash_safety  # noqa: E402
+
+POINTS = 3
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("crash")
+    return crash_safety.run(list(crash_safety.OPS), POINTS, work, seed=0, log=lambda _: None)
+
+
+@pytest.mark.parametrize("op", crash_safety.OPS)
+def test_killed_operation_reruns_to_the_uninterrupted_output(figures: dict[str, Any], op: str) -> None:
+    r = figures["ops"][op]
+    assert r["failures"] == [], r["failures"]
+    assert r["killed"] >= POINTS - 1, r["kill_points"]  # a run faster than the reference may finish first, once
+    assert r["resumed_identical"] == POINTS, r["kill_points"]
+    for point in r["kill_points"]:
+        assert point["identical"] and "after_kill" in point, point
+    if op == "train":  # bit for bit, not only within 1e-6
+        assert r["resumed_bit_identical"] == POINTS
+    if op == "graph":  # the old graph or the new one, never anything else
+        assert {p["after_kill"] for p in r["kill_points"]} <= {"old graph intact", "new graph complete"}
+    else:  # a rerun leaves no temporary file of the killed run (a graph save's temp files are reported)
+        assert r["debris_after_rerun"] == []
+
+
+def test_damaged_outputs_are_refused_in_one_line(figures: dict[str, Any]) -> None:
+    damage = dict(figures["damage"])
+    assert set(damage) == {"training checkpoint (state.pt)", "transcoder weights", "transcoder config.json", "store shard",
+                           "store manifest.json", "feature store", "feature store build state (extended)", "graph"}
+    # a byte flipped or cut inside a build-state blob, which SQLite cannot see: the extension refuses it
+    assert set(damage.pop("feature store build state (extended)").values()) == {"refused"}
+    for kind, outcomes in damage.items():
+        assert outcomes["truncated to half"] == "refused", (kind, outcomes)
+        assert outcomes["middle byte flipped"] == "refused", (kind, outcomes)
+        for name, outcome in outcomes.items():
+            # "read, unchanged": the byte changed nothing the loader returns (e.g. a JSON file's last newline)
+            assert outcome in ("refused", "read, unchanged"), (kind, name, outcome)
+        assert sum(o == "refused" for o in outcomes.values()) >= len(outcomes) - 3, (kind, outcomes)
+
+
+# -- what a kill leaves never blocks the next run ------------------------------------------------------
+
+
+def test_a_harvest_killed_before_its_first_manifest_starts_afresh(tmp_path: Path) -> None:
+    import test_store
+
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / ".manifest.json.k1ll3d.tmp").write_text('{"format": "cltrace-activ')  # the temp file a kill left
+    store = test_store.harvest(tmp_path, out, test_store.POS * 3)
+    assert store.complete and store.contexts == 3
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    # killed while writing a shard: cltrace's temp file, and the one safetensors writes through
+    (out / ".shard-00001.safetensors.k1ll3d.tmp").write_bytes(b"half")
+    (out / ".tmpAbC123").write_bytes(b"half")
+    store = test_store.harvest(tmp_path, out, test_store.POS * 6)
+    assert store.complete and store.contexts == 6
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (mine / ".manifest.json.k1ll3d.tmp").write_text("{")
+    with pytest.raises(CltraceError, match="holds no activation store"):
+        test_store.harvest(tmp_path, mine, test_store.POS * 3)
+    assert sorted(p.name for p in mine.iterdir()) == [".manifest.json.k1ll3d.tmp", "notes.txt"]
+
+
+def test_a_resumed_run_removes_the_debris_of_killed_writes(tmp_path: Path) -> None:
+    cfg = planted_config(total_tokens=256 * 4, checkpoint_every=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.json.k1ll3d.tmp").write_text("{")  # killed while writing its first config.json
+    assert prepare_run_dir(run, cfg, resume=False) is False
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    from cltrace.train import Trainer
+
+    Trainer(cfg, Planted(n=512), run, progress=False, stop_after=2).run()
+    debris = [run / "checkpoint" / ".state.pt.k1ll3d.tmp", run / ".metrics.jsonl.k1ll3d.tmp", run / ".eval.json.x.tmp",
+              run / ".transcoder.tmp-0123456789ab" / "transcoder.safetensors", run / ".transcoder.old-0123456789ab" / "config.json"]
+    kept = [run / ".notes.tmp", run / "checkpoint" / "notes.txt"]  # not files a run writes: never touched
+    for path in debris + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("half")
+    with pytest.raises(CltraceError, match="already holds this run"):
+        prepare_run_dir(run, cfg, resume=False)  # refused: nothing touched
+    assert all(p.exists() for p in debris + kept)
+    assert prepare_run_dir(run, cfg, resume=True) is True
+    assert not any(p.exists() for p in debris) and not (run / ".transcoder.tmp-0123456789ab").exists()
+    assert all(p.exists() for p in kept)
