@@ -42,7 +42,12 @@ def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise CltraceError(f"cannot write {what}: directory '{directory}' does not exist; create it first")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    if path.is_dir():  # else os.replace would fail, only after the whole file was written
+        raise CltraceError(f"cannot write {what}: '{path}' is a folder; give a file name")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:  # a read-only folder, a name too long, ...
+        raise CltraceError(f"cannot write {what} in '{directory}' ({exc.strerror}): pick another place") from None
     os.close(fd)
     tmp = Path(name)
     try:

@@ -82,7 +82,7 @@ def predict(
     ids = loaded.encode(prompt)
     with torch.no_grad():
         logits = loaded.model(input_ids=ids[None].to(loaded.device), use_cache=False).logits[0]  # [pos, vocab]
-    probs, tokens = logits[-1].float().softmax(-1).topk(top)
+    probs, tokens = logits[-1].float().softmax(-1).topk(min(top, logits.shape[-1]))  # a vocabulary may be smaller
     shown = "|".join(loaded.decode_token(t) for t in ids.tolist())
     typer.echo(f"{loaded.name} · {ids.numel()} tokens: {shown}")
     for rank, (p, t) in enumerate(zip(probs.tolist(), tokens.tolist()), start=1):
@@ -129,7 +129,7 @@ def convert(
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here) or 'tiny'.")] = "default",
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 70 min) or 'tiny'.")] = "default",
     model: ModelOption = None,
     source: Annotated[
         Optional[str], typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")
@@ -288,7 +288,7 @@ def attribute(
     ] = False,
     max_memory: Annotated[
         Optional[float],
-        typer.Option("--max-memory", min=0.1, help="Refuse up front a graph estimated to need more GB (default: available RAM)."),
+        typer.Option("--max-memory", min=0.1, max=1e9, help="Refuse up front a graph estimated to need more GB (default: available RAM)."),
     ] = None,
 ) -> None:
     """Build, score and save the attribution graph of a prompt (the full graph; pruning is reported)."""
@@ -623,7 +623,7 @@ def features_label(
 def features_search(
     text: Annotated[str, typer.Argument(help="Text to find in labels (case-insensitive).")],
     db: FeatureDbOption = Path("features.db"),
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Most features to list.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10**9, help="Most features to list.")] = 50,
 ) -> None:
     """List the features whose label (or automatic label) contains TEXT."""
     from cltrace.features import FeatureStore
@@ -683,6 +683,8 @@ def serve(
         raise CltraceError(f"'{graph_dir}' is not a folder: pass the folder holding your graph files")
     if not serve_app.assets_built():
         raise CltraceError(serve_app.BUILD_HINT)
+    if not host.strip():  # uvicorn would take "" for every interface
+        raise CltraceError("--host is empty: pass the interface to bind, e.g. 127.0.0.1 (the default)")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

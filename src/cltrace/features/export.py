@@ -80,7 +80,10 @@ def export_feature_files(
         if "/" in scan or "\\" in scan or scan in ("", ".", ".."):
             scan = scan.replace("/", "-").replace("\\", "-").strip(".") or "cltrace"
         folder = Path(out_dir) / "features" / scan
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # OUT_DIR (or a folder on its way) is a file, unwritable, ...
+            raise CltraceError(f"cannot make the folder '{folder}' ({exc.strerror}): pick another OUT_DIR") from None
         transcoder_id = f"{scan}/{cfg['kind']}-{store.meta.get('fingerprint', '')[:12]}"
         wanted = (
             list(features)

@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 
 Mode = Literal["iterative", "constrained"]
 MODES = ("iterative", "constrained")
+#: Largest |value| or |factor| a parsed intervention may have: far past any real activation, and
+#: small enough that float32 activations and logits stay finite (1e308 overflowed float32).
+MAX_VALUE = 1e6
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = N
     number = value if value is not None else factor
     if not math.isfinite(number):
         raise _bad(spec, f"{val_text!r} is not a finite number")
+    if abs(number) > MAX_VALUE:
+        raise _bad(spec, f"{val_text!r} is beyond ±{MAX_VALUE:g}")
     start, end = parse_positions(spec, pos_text)
     if ":" in target:
         layer_text, _, feature_text = target.partition(":")

@@ -3,24 +3,31 @@ and the bundled front end (built from web/ into static/).
 
 Graphs are named by their path relative to the served folder, passed as the ``path`` query
 parameter; a path leading outside the folder is refused (403). Errors are JSON ``{"detail": one
-line}``: 400 for a request the graph or model cannot satisfy, 403 for a path outside the folder,
-404 for what does not exist, 413 for a body over the size limit, 422 for a malformed request.
+line}``: 400 for a request the graph or model cannot satisfy (or a body that is not UTF-8 JSON),
+403 for a path outside the folder, 404 for what does not exist, 413 for a body over the size limit
+(declared or streamed), 422 for a malformed request. No request gets a 5xx: tests/test_serve_fuzz.py
+fuzzes every operation from this schema.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from cltrace.errors import CltraceError
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
+from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve.jobs import Jobs, Loader, Models
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
@@ -29,6 +36,11 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 #: Largest request body accepted (bytes): saved work and interventions are small.
 MAX_BODY = 1 << 20
+#: Largest layer or feature index accepted: past int32 no transcoder has features, and tensors
+#: compared with a larger Python int overflow.
+MAX_INDEX = 2**31 - 1
+#: Largest |value| of an intervention: the command line's bound (far past any real activation).
+MAX_INTERVENTION = INTERVENTION_MAX_VALUE
 BUILD_HINT = "the web app's assets are not built: run `make setup` (or `cd web && npm ci && npm run build`)"
 
 
@@ -38,24 +50,27 @@ def assets_built() -> bool:
 
 
 GraphPath = Annotated[str, Query(min_length=1, max_length=1000, description="The graph file, relative to the served folder.")]
+#: A node id such as '3_117_5' (constrained, so that pydantic also refuses text that is not valid Unicode).
+NodeId = Annotated[str, Field(min_length=1, max_length=64)]
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
 
 # -- request bodies ----------------------------------------------------------------------------------
 
 class SupernodeBody(BaseModel):
     name: str = Field(min_length=1, max_length=100, description="Letters, digits, '_', '.', '-'.")
-    members: list[str] = Field(min_length=1, max_length=5000, description="Feature node ids 'layer_feature_pos'.")
+    members: list[NodeId] = Field(min_length=1, max_length=5000, description="Feature node ids 'layer_feature_pos'.")
 
 
 class StateBody(BaseModel):
     """The user's work on a graph: pinned nodes (the subgraph) and supernodes."""
 
-    pinned: list[str] = Field(default_factory=list, max_length=10000)
+    pinned: list[NodeId] = Field(default_factory=list, max_length=10000, description="Node ids.")
     supernodes: list[SupernodeBody] = Field(default_factory=list, max_length=1000)
 
 
 class LabelBody(BaseModel):
-    layer: int = Field(ge=0)
-    feature: int = Field(ge=0)
+    layer: Index
+    feature: Index
     label: str = Field(max_length=500, description="The new label; empty removes it.")
 
 
@@ -65,7 +80,8 @@ class InterventionItem(BaseModel):
     node: str | None = Field(default=None, max_length=64, description="A feature node id 'layer_feature_pos'.")
     supernode: str | None = Field(default=None, max_length=100, description="A saved supernode's name.")
     mode: Literal["scale", "set"] = "scale"
-    value: float = Field(description="The factor (scale) or the activation (set).", allow_inf_nan=False)
+    value: float = Field(ge=-MAX_INTERVENTION, le=MAX_INTERVENTION, allow_inf_nan=False,
+                         description="The factor (scale) or the activation (set).")
 
 
 class InterventionBody(BaseModel):
@@ -85,8 +101,19 @@ class NewGraphBody(BaseModel):
 # -- the app -----------------------------------------------------------------------------------------
 
 
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response ``{"detail": one line}``. Text the browser sent comes back in some
+    messages: characters that cannot be encoded (lone surrogates) become '?' instead of a 500."""
+    line = " ".join(str(detail).split()).encode("utf-8", "replace").decode("utf-8")
+    return JSONResponse({"detail": line}, status_code=status, headers=headers)
+
+
 class _LimitBody:
-    """ASGI middleware: refuse request bodies over `limit` bytes (413), declared or streamed."""
+    """ASGI middleware: refuse request bodies over `limit` bytes (413), declared or streamed.
+
+    The body is read in full before the app sees it (it is small), so that a chunked body without a
+    Content-Length is measured too and answered 413, rather than failing inside FastAPI's parsing.
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -94,36 +121,58 @@ class _LimitBody:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = JSONResponse({"detail": f"request body over {self.limit} bytes: send less"}, status_code=413)
+        too_big = _error(413, f"request body over {self.limit} bytes: send less")
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if length is not None and not length.strip().isdigit():
+            return await _error(400, "the Content-Length header is not a number of bytes: fix the client")(scope, receive, send)
+        if length is not None and int(length) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body: nobody to answer
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.limit:
-                raise _TooBig()
-            return message
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooBig:
-            await too_big(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then what follows the body: the client's disconnect
+
+        await self.app(scope, replay, send)
 
 
-class _TooBig(Exception):
-    pass
+class _Assets(StaticFiles):
+    """The front end's files; while they are not built, a 404 for each (not Starlette's 500 for a
+    missing folder: `/` says how to build them)."""
+
+    async def check_config(self) -> None:
+        if self.directory is not None and Path(self.directory).is_dir():
+            await super().check_config()
 
 
 def _one_line(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
+        if err.get("type") == "json_invalid":
+            return f"malformed request: the body is not valid JSON ({err.get('ctx', {}).get('error', 'invalid')}): send a JSON object"
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "malformed request: " + "; ".join(parts)
+
+
+def _finite(x: float) -> float | None:
+    """`x`, or None where it is infinite or NaN (which JSON cannot carry)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def create_app(
@@ -154,11 +203,21 @@ def create_app(
     @app.exception_handler(CltraceError)
     async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
         status = 403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound) else 400
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        return _error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _one_line(exc)}, status_code=422)
+        return _error(422, _one_line(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8
+            detail = "the request body is not UTF-8 JSON: send a JSON object"
+        return _error(exc.status_code, detail, headers=exc.headers)
 
     @app.get("/api/info", summary="The served folder, and whether assets and a feature store are there")
     def info() -> dict[str, Any]:
@@ -175,8 +234,6 @@ def create_app(
         edge_threshold: float = Query(DEFAULT_EDGE_THRESHOLD, ge=0.0, le=1.0),
         full: bool = Query(False, description="Every node and edge, unpruned."),
     ) -> Response:
-        import json
-
         view = workspace.view(path, node_threshold, edge_threshold, full)
         # json.dumps straight away: FastAPI's encoder walks 100,000-edge lists far more slowly.
         return Response(json.dumps(view, separators=(",", ":")), media_type="application/json")
@@ -190,7 +247,7 @@ def create_app(
         return workspace.save_state(path, body.pinned, [s.model_dump() for s in body.supernodes])
 
     @app.get("/api/graph/feature", summary="A feature's page: contexts, activations, promoted tokens, label")
-    def get_feature(path: GraphPath, layer: int = Query(ge=0), feature: int = Query(ge=0)) -> dict[str, Any]:
+    def get_feature(path: GraphPath, layer: int = Query(ge=0, le=MAX_INDEX), feature: int = Query(ge=0, le=MAX_INDEX)) -> dict[str, Any]:
         return workspace.feature_page(path, layer, feature)
 
     @app.put("/api/graph/label", summary="Set or remove a feature's label (feature store, else sidecar)")
@@ -207,7 +264,7 @@ def create_app(
         return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
 
     @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
-    def get_job(job_id: str) -> dict[str, Any]:
+    def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
         return jobs.get(job_id)
 
     @app.get("/", include_in_schema=False)
@@ -216,7 +273,8 @@ def create_app(
             return JSONResponse({"detail": BUILD_HINT}, status_code=503)
         return FileResponse(STATIC / "index.html")
 
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    # StaticFiles serves only files inside STATIC: '..', encoded or not, and symlinks leading out are 404
+    app.mount("/static", _Assets(directory=STATIC, check_dir=False), name="static")
     return app
 
 
@@ -252,16 +310,17 @@ def _intervene(workspace: Workspace, models: Models, path: str, body: Interventi
         rows, _, prediction = compare_with_graph(rm, graph, specs, prompt)
 
     def tokens(items: list) -> list[dict[str, Any]]:
-        return [{"token": t.token, "text": t.text, "probability": t.probability, "logit": t.logit} for t in items]
+        return [{"token": t.token, "text": t.text, "probability": _finite(t.probability), "logit": _finite(t.logit)}
+                for t in items]
 
     change = result.logit_change
     return {
         "interventions": [str(iv) for iv in specs],
         "before": tokens(result.top_before),
         "after": tokens(result.top_after),
-        "logit_change": {str(t.token): float(change[t.token]) for t in result.top_before + result.top_after},
+        "logit_change": {str(t.token): _finite(change[t.token]) for t in result.top_before + result.top_after},
         "graph_prediction": [
-            {"node": r.node_id, "label": r.label, "predicted": r.predicted, "measured": r.actual}
+            {"node": r.node_id, "label": r.label, "predicted": _finite(r.predicted), "measured": _finite(r.actual)}
             for r in rows if r.kind == "logit"
         ],
         "features_changed": result.n_changed_features(),

@@ -112,6 +112,7 @@ class Jobs:
         self.models = models
         self.max_jobs = max_jobs
         self._jobs: dict[str, Job] = {}
+        self._outputs: dict[str, Path] = {}  # job id -> the file it will write, until it has
         self._lock = threading.Lock()
 
     def submit(self, prompt: str, name: str | None = None, like: str | None = None, max_feature_nodes: int = 7500) -> Job:
@@ -120,12 +121,14 @@ class Jobs:
         if not prompt.strip():
             raise CltraceError("the prompt is empty: type the text whose next token to explain")
         metadata = dict(self.workspace.graph(like).metadata) if like else {}
-        out = self.workspace.new_graph_path(name or prompt)
         job = Job(id=uuid.uuid4().hex[:12], prompt=prompt)
         with self._lock:
             running = sum(j.status in ("queued", "running") for j in self._jobs.values())
             if running >= 4:
                 raise CltraceError("4 graphs are already being computed: wait for one to finish")
+            # a name unused on disk and by the jobs not yet saved: two jobs never write one file
+            out = self.workspace.new_graph_path(name or prompt, taken=set(self._outputs.values()))
+            self._outputs[job.id] = out
             self._jobs[job.id] = job
             while len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
                 oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "error")), None)
@@ -175,3 +178,6 @@ class Jobs:
         except Exception as exc:  # noqa: BLE001 - a background thread must report, never vanish silently
             log.exception("graph job %s failed", job.id)
             job.status, job.error = "error", f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._outputs.pop(job.id, None)

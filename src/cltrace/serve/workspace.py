@@ -21,6 +21,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,17 @@ class Workspace:
         candidate = Path(rel)
         if candidate.is_absolute():
             raise PathRefused(f"'{rel}' is an absolute path: give a path relative to the served folder")
-        full = (self.root / candidate).resolve()
-        if not full.is_relative_to(self.root):
-            raise PathRefused(f"'{rel}' is outside the served folder: only files under {self.root} are served")
-        if must_exist and not full.is_file():
-            raise NotFound(f"no graph '{rel}' in the served folder: pick one from the list")
+        shown = rel if len(rel) <= 100 else rel[:100] + "..."
+        try:
+            full = (self.root / candidate).resolve()
+            if not full.is_relative_to(self.root):
+                raise PathRefused(f"'{shown}' is outside the served folder: only files under {self.root} are served")
+            exists = full.is_file()
+        except (OSError, ValueError):
+            # a name too long for the file system, a symlink loop, text the file system cannot encode
+            raise NotFound(f"no graph '{shown}' in the served folder: pick one from the list") from None
+        if must_exist and not exists:
+            raise NotFound(f"no graph '{shown}' in the served folder: pick one from the list")
         return full
 
     def rel(self, path: Path) -> str:
@@ -367,14 +374,15 @@ class Workspace:
             self._write_sidecar(path, data)
         return "sidecar"
 
-    def new_graph_path(self, name: str) -> Path:
-        """A fresh graph file path in the served folder for a graph called `name`."""
+    def new_graph_path(self, name: str, taken: Collection[Path] = ()) -> Path:
+        """A fresh graph file path in the served folder for a graph called `name`, neither on disk
+        nor in `taken` (the paths of graphs still being computed)."""
         import re
 
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:60] or "graph"
         path = self.root / f"{stem}{GRAPH_SUFFIX}"
         k = 2
-        while path.exists():
+        while path.exists() or path.is_symlink() or path in taken:  # a dangling link is taken too
             path = self.root / f"{stem}-{k}{GRAPH_SUFFIX}"
             k += 1
         return path
