@@ -93,3 +93,23 @@ def test_readme_python_example_names_real_functions() -> None:
         for line in body.splitlines():
             if line.startswith("from cltrace"):
                 exec(line, {})  # noqa: S102 - our own README's import lines
+
+
+def test_input_surfaces_name_tests_that_exist() -> None:
+    """docs/input-surfaces.md cites the tests behind each behaviour: every cited file and test must exist
+    (`::name` after a file; a bare `::name` refers to the file cited last; `*` matches a name's tail)."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "input-surfaces.md").read_text(encoding="utf-8")
+    cited = re.findall(r"`((?:test_\w+\.py)?(?:::[\w*]+)?)`", text)
+    assert len(cited) >= 40, "the document should cite the tests behind its rows"
+    current = None
+    for ref in cited:
+        file, _, name = ref.partition("::")
+        if file:
+            current = root / "tests" / file
+            assert current.is_file(), f"docs/input-surfaces.md cites {file}, which does not exist"
+        if name:
+            assert current is not None, f"{ref} follows no file"
+            pattern = re.escape(name).replace(r"\*", r"\w*")
+            assert re.search(rf"^def {pattern}\b", current.read_text(encoding="utf-8"), re.M), (
+                f"docs/input-surfaces.md cites {current.name}::{name}, which is not a test there")
