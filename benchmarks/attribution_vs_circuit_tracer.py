@@ -43,7 +43,7 @@ from attribution_long import realistic_random_clt  # noqa: E402
 from circuit_tracer_format import ensure_venv  # noqa: E402
 from common import write_result  # noqa: E402
 
-from cltrace.graph.attribution import available_memory_bytes  # noqa: E402
+from cltrace.resources import available_memory_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_TEXT = (

@@ -488,7 +488,7 @@ def test_estimate_counts_what_attribute_then_does() -> None:
 def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypatch) -> None:
     """With no limit given, the limit is the memory available now; a prompt whose forward run alone
     (attention patterns grow with tokens squared) would not fit is refused before the model runs."""
-    import cltrace.graph.attribution as attribution_module
+    import cltrace.graph.attribution as attribution_module  # it reads available memory through its own name
 
     rm, _ = case("gemma2", "clt")
     ids = prompt_ids()

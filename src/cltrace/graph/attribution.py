@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from cltrace.errors import CltraceError
+from cltrace.resources import available_memory_bytes
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 from cltrace.graph.targets import LogitTarget, TargetSpec, select_targets
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
@@ -168,17 +169,6 @@ def _matmul_rate() -> float:
         torch.mm(a, a)
         n += 1
     return 2 * 512**3 * n / (time.perf_counter() - t0)
-
-
-def available_memory_bytes() -> int | None:
-    """The memory the kernel says is available now (MemAvailable), or None where it does not say."""
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def estimate_attribution(

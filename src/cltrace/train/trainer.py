@@ -35,6 +35,7 @@ import torch
 
 from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
+from cltrace.resources import available_memory_bytes
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource
 from cltrace.train.distributed import (
@@ -220,6 +221,30 @@ def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
     return False
 
 
+def training_memory_bytes(config: TrainConfig, n_layers: int, d_model: int) -> int:
+    """A lower bound on training's memory, the model aside: the transcoder's weights, gradients and
+    Adam's two moments (four fp32 copies), the shuffle buffer of inputs and targets, one step's
+    pre-activations, activations and reconstructions."""
+    L, F, d = n_layers, config.n_features, d_model
+    decoder = F * d * L * (L + 1) // 2 if config.kind == "clt" else F * d * L + (L * d * d if config.skip else 0)
+    params = L * F * d + decoder + 3 * L * F + L * d
+    harvest_bytes = 2 if config.harvest_dtype in ("bfloat16", "float16") else 4
+    buffer = config.shuffle_contexts * config.n_ctx * L * d * 2 * harvest_bytes  # [tokens, layer, d] x and y
+    step = config.batch_tokens * L * (3 * F + 4 * d) * 4
+    return 16 * params + buffer + step
+
+
+def refuse_if_too_big(config: TrainConfig, n_layers: int, d_model: int) -> None:
+    """Refuse, before anything is written, a config whose training would not fit in available memory."""
+    need, available = training_memory_bytes(config, n_layers, d_model), available_memory_bytes()
+    if available is not None and need > available:
+        raise CltraceError(
+            f"training {config.n_features} features per layer on {n_layers} layers of width {d_model} needs at least "
+            f"{need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB available: lower n_features "
+            "(or shuffle_contexts, batch_tokens)"
+        )
+
+
 # -- trainer -----------------------------------------------------------------------------------------
 
 
@@ -253,6 +278,7 @@ class Trainer:
         self.layout = init_layout()  # None in one process; under torchrun, the layout the CLI set (or all-features)
         self.is_main = self.layout is None or self.layout.is_main
         self.device = self.layout.device if self.layout is not None else torch.device("cpu")
+        refuse_if_too_big(config, data.n_layers, data.d_model)
         self.has_checkpoint = on_main(self.layout, lambda: prepare_run_dir(self.out, config, resume))
         (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
         self.fingerprint = data.fingerprint()
