@@ -409,17 +409,25 @@ class _Attribution:
                 mass.index_add_(0, cols.long(), factor * w.abs().double())
         return mass - seed
 
+    @property
+    def _heads(self) -> int:
+        mcfg = self.model.config
+        return getattr(mcfg, "num_attention_heads", None) or mcfg.n_head  # GPT-2 names it n_head
+
+    @functools.cached_property
+    def _weight_bytes(self) -> int:
+        """The model's and the transcoder's parameters, held throughout."""
+        return sum(t.numel() * t.element_size() for t in (*self.model.model.parameters(), *self.tc.parameters()))
+
     def _refuse_long_prompt(self) -> None:
         """Refuse a prompt whose forward run alone would not fit, before running it: the run keeps
         every layer's attention pattern ([heads, pos, pos] each), the transcoder's pre-activations and
         activations ([pos, layer, features] each) and four [pos, layer, d_model] tensors."""
         if self.limit is None:
             return
-        mcfg = self.model.config
-        heads = getattr(mcfg, "num_attention_heads", None) or mcfg.n_head  # GPT-2 names it n_head
         P, L, d, F = int(self.ids.numel()), self.tc.config.n_layers, self.tc.config.d_model, self.tc.config.n_features
-        need = 4 * (L * heads * P * P + 2 * P * L * F + 4 * P * L * d + P * self.model.vocab_size)
-        params = sum(t.numel() * t.element_size() for t in (*self.model.model.parameters(), *self.tc.parameters()))
+        need = 4 * (L * self._heads * P * P + 2 * P * L * F + 4 * P * L * d + P * self.model.vocab_size)
+        params = self._weight_bytes
         if params + need > self.limit:
             raise CltraceError(
                 f"a prompt of {P} tokens needs at least {(params + need) / 2**30:.1f} GB for its forward run alone "
@@ -450,7 +458,7 @@ class _Attribution:
         n_rows = len(self.targets) + n_feature_rows
         batch = self._batch_size(n_feature_rows)
         n_batches = -(-len(self.targets) // batch) + -(-n_feature_rows // batch)
-        params = sum(t.numel() * t.element_size() for t in (*self.model.model.parameters(), *self.tc.parameters()))
+        params = self._weight_bytes
         run = self.run
         run_bytes = sum(t.numel() * t.element_size() for t in (
             run.logits, run.resid_mid, run.mlp_out, run.pre_activations, run.activations, run.reconstruction, run.error,
@@ -469,8 +477,7 @@ class _Attribution:
         peak = params + run_bytes + passes + backward + decoders + edges
         # Work: per pass the frozen backward (attention OV and output projections, pattern products)
         # over about half the layers, then the edge products with every active feature's decoders.
-        mcfg = self.model.config
-        heads = getattr(mcfg, "num_attention_heads", None) or mcfg.n_head  # GPT-2 names it n_head
+        mcfg, heads = self.model.config, self._heads
         kv = (getattr(mcfg, "num_key_value_heads", None) or heads) * d // heads
         layer_flops = 2 * batch * P * (d * d + d * kv) + 2 * batch * P * P * d
         pass_flops = layer_flops * L / 2 + 2 * batch * self.decoder_cache_bytes / 4  # padded slot decoders
