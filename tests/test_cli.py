@@ -122,3 +122,41 @@ def test_attribute_then_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, _, err = run_cli("export", str(tmp_path / "cut.cltg"), "-o", str(tmp_path / "cut.json"), capsys=capsys)
     assert_one_line_error(code, err, "cut.cltg")
     assert not (tmp_path / "cut.json").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`attribute -o`, `trace -o` and `export -o` check where they will write before loading the model
+    (or the graph): one line naming the path, instead of a failure after the whole computation."""
+    import cltrace.graph.graph
+    import cltrace.model
+
+    class Started(Exception):
+        pass
+
+    def started(*_args: object, **_kwargs: object) -> None:
+        raise Started("the command started its work before checking its output path")
+
+    monkeypatch.setattr(cltrace.model, "load_model", started)
+    monkeypatch.setattr(cltrace.graph.graph.Graph, "load", started)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.txt").write_text("mine")
+    (tmp_path / "busy" / "graph.safetensors").mkdir(parents=True)
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "locked" and real_access(p, mode, **kw))
+
+    attribute = ("attribute", "The cat sat", "-t", str(tmp_path / "clt"), "-o")
+    for args, needles in [
+        ((*attribute, str(tmp_path / "dir")), (f"'{tmp_path / 'dir'}' is a folder", "give a file name")),
+        ((*attribute, str(tmp_path / "missing" / "g.cltg")), (str(tmp_path / "missing"), "does not exist", "create it")),
+        ((*attribute, str(tmp_path / "locked" / "g.cltg")), (str(tmp_path / "locked"), "not writable", "pick another place")),
+        (("trace", "The cat sat", "-o", str(tmp_path / "file.txt")), ("file.txt", "is a file, not a folder")),
+        (("trace", "The cat sat", "-o", str(tmp_path / "busy")), ("graph.safetensors' is a folder",)),
+        (("trace", "The cat sat", "-o", str(tmp_path / "locked" / "new" / "t")), ("locked", "not writable")),
+        (("export", str(tmp_path / "g.cltg"), "-o", str(tmp_path / "dir")), ("is a folder", "give a file name")),
+        (("export", str(tmp_path / "g.cltg"), "-o", str(tmp_path / "missing" / "g.json")), ("does not exist",)),
+    ]:
+        code, _, err = run_cli(*args, capsys=capsys)
+        assert_one_line_error(code, err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "dir", "file.txt", "locked"]  # nothing written

@@ -110,3 +110,37 @@ def test_a_resumed_run_removes_the_debris_of_killed_writes(tmp_path: Path) -> No
     assert prepare_run_dir(run, cfg, resume=True) is True
     assert not any(p.exists() for p in debris) and not (run / ".transcoder.tmp-0123456789ab").exists()
     assert all(p.exists() for p in kept)
+
+
+def test_a_graph_save_removes_the_temp_files_of_killed_saves_of_that_graph(tmp_path: Path) -> None:
+    """Saves killed mid-write leave `.NAME.*.tmp` beside the graph: the next save of the same graph
+    removes those of dead writers, and nothing else (a live writer's, a fresh one, another file's)."""
+    import os
+    import subprocess
+    import time
+
+    from test_graph import small_graph
+
+    from cltrace.atomic import STALE_TEMP_AGE
+
+    done = subprocess.Popen([sys.executable, "-c", ""])
+    done.wait()  # a writer that is gone: its pid runs no more
+    stale = [f".g.safetensors.{done.pid}-k1ll3d_1.tmp", ".g.safetensors.k1ll3d_2.tmp"]  # the second: no pid in it
+    kept = [
+        f".g.safetensors.{os.getpid()}-wr1t1ng_.tmp",  # a writer still running
+        ".other.safetensors.k1ll3d_3.tmp",  # another graph's
+        ".g.safetensors.x.k1ll3d_4.tmp",  # the graph g.safetensors.x's
+        "g.safetensors.k1ll3d_5.tmp",  # not hidden: not a name cltrace writes
+        ".g.safetensors.abc.tmp",  # not mkstemp's 8 characters
+    ]
+    old = time.time() - 10 * STALE_TEMP_AGE
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"half")
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / ".g.safetensors.fr3sh___.tmp").write_bytes(b"half")  # young: maybe a write under way
+    (tmp_path / ".g.safetensors.f0ld3r__.tmp").mkdir()  # not a file
+    os.utime(tmp_path / ".g.safetensors.f0ld3r__.tmp", (old, old))
+    kept += [".g.safetensors.fr3sh___.tmp", ".g.safetensors.f0ld3r__.tmp"]
+
+    small_graph().save(tmp_path / "g.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["g.safetensors", *kept])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -573,3 +574,17 @@ def test_cli_bad_input_on_a_tiny_model(tiny_cli: tuple[str, str], capsys: pytest
     for sets, needle in cases:
         code, _, err = cli(*sets)
         assert_one_line_error(code, err, needle)
+
+
+def test_cli_absurd_position_names_the_prompt_length(tiny_cli: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A position past any prompt is refused with the prompt's real length, not the placeholder the
+    command used for "length not known yet" (sys.maxsize) before the model was loaded."""
+    from conftest import assert_one_line_error
+
+    model_dir, clt_dir = tiny_cli
+    huge = "99999999999999999999"  # past sys.maxsize
+    for spec in (f"1:2@{huge}=0", f"1:2@{huge}-=x2", f"1:2@1-{huge}=0"):
+        code, _, err = run_cli("intervene", "abcdef", "--transcoder", clt_dir, "--model", model_dir, "--set", spec,
+                               capsys=capsys)
+        assert_one_line_error(code, err, f"position {huge} is beyond the prompt (", " tokens, positions 0..")
+        assert str(sys.maxsize) not in err

@@ -305,6 +305,23 @@ def test_new_graph_runs_in_the_background(client: TestClient, folder: dict[str, 
     assert int((graph.nodes.kind == int(NodeKind.FEATURE)).sum()) <= 50
 
 
+def test_a_job_over_the_limit_gets_429(client: TestClient) -> None:
+    """The job past the concurrent limit is told to try again later (429), in the usual JSON shape."""
+    from cltrace.serve.jobs import MAX_RUNNING, Job
+
+    jobs = client.app.state.jobs
+    busy = {f"busy{i}": Job(id=f"busy{i}", prompt="x", status="running") for i in range(MAX_RUNNING)}
+    jobs._jobs.update(busy)  # as if MAX_RUNNING graphs were being computed
+    try:
+        r = client.post("/api/jobs", json={"prompt": "The World Health Organization (W", "name": "too-many"})
+    finally:
+        for job_id in busy:
+            jobs._jobs.pop(job_id, None)
+    assert r.status_code == 429, r.text
+    assert r.json() == {"detail": f"{MAX_RUNNING} graphs are already being computed: wait for one to finish, then try again"}
+    assert "429" in client.get("/openapi.json").json()["paths"]["/api/jobs"]["post"]["responses"]
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 

@@ -261,6 +261,18 @@ def test_wrong_model_or_settings_are_refused(tmp_path: Path) -> None:
         StoreSource(str(tmp_path / "nowhere"), 1)
 
 
+def test_n_ctx_the_model_cannot_take_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """An absurd n_ctx is named as such (not blamed on disk space), and too small a one is no
+    division by zero; the store folder is not created."""
+    out = tmp_path / "store"
+    with pytest.raises(CltraceError, match=r"n_ctx 1000000000000 is larger than the model's context of 64 tokens: "
+                                           r"lower --n-ctx to 64 or less"):
+        harvest(tmp_path, out, tokens=16, n_ctx=10**12)
+    with pytest.raises(CltraceError, match=rf"raise --n-ctx to at least {FIRST_POSITION + 1}"):
+        harvest(tmp_path, out, tokens=16, n_ctx=FIRST_POSITION)
+    assert not out.exists()
+
+
 # -- command line ------------------------------------------------------------------------------------
 
 

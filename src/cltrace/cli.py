@@ -298,8 +298,10 @@ def attribute(
     from cltrace.replacement import ReplacementModel
     from cltrace.transcoder import load_transcoder
 
+    from cltrace.atomic import check_writable
     from cltrace.train.default import resolve_transcoder
 
+    check_writable(output, "graph")  # a bad -o fails now, not after the whole graph is computed
     loaded = load_model(model)
     transcoder = resolve_transcoder(transcoder, model, model=loaded)  # 'default' -> its folder in the cache
     replacement = ReplacementModel(loaded, load_transcoder(transcoder))
@@ -365,10 +367,11 @@ def trace(
     from cltrace.features import FeatureStore
     from cltrace.model import load_model
     from cltrace.replacement import ReplacementModel
-    from cltrace.trace.run import ensure_feature_db, trace_prompt
+    from cltrace.trace.run import check_trace_folder, ensure_feature_db, trace_prompt
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    check_trace_folder(out)  # a bad --out fails now, not after the model, feature pages and graph
     loaded = load_model(model)
     tc_path = resolve_transcoder(Path(transcoder), model, model=loaded)
     tc = load_transcoder(tc_path)
@@ -405,9 +408,11 @@ def export(
     edge_threshold: Annotated[float, typer.Option("--edge-threshold", min=0.0, max=1.0)] = 0.98,
 ) -> None:
     """Export a graph, pruned, to the JSON that circuit-tracer's and Neuronpedia's front ends read."""
+    from cltrace.atomic import check_writable
     from cltrace.graph.export import write_neuronpedia_json
     from cltrace.graph.graph import Graph
 
+    check_writable(output, "graph JSON")  # before reading the graph
     data = write_neuronpedia_json(
         Graph.load(graph), output, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold
     )
@@ -487,8 +492,8 @@ def intervene(
     from cltrace.train.default import resolve_transcoder
 
     loaded_transcoder = load_transcoder(resolve_transcoder(transcoder, model))
-    # layers and features can be checked before the (slow) model load; positions need the prompt
-    check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, sys.maxsize)
+    # layers and features can be checked before the (slow) model load; positions need the prompt's length
+    check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, None)
     loaded = load_model(model)
     replacement = ReplacementModel(loaded, loaded_transcoder)
     ids = loaded.encode(prompt)

@@ -471,6 +471,17 @@ def harvest_to_store(
     )
     harvester = Harvester(loaded, dtype=STORE_DTYPES[dtype], max_batch=harvest_batch,
                           autocast_bf16=harvest_dtype == "bfloat16")
+    # before the disk-space estimate, which an absurd n_ctx turns into a misleading "not enough space"
+    if n_ctx > loaded.max_context:
+        raise CltraceError(
+            f"n_ctx {n_ctx} is larger than the model's context of {loaded.max_context} tokens: "
+            f"lower --n-ctx to {loaded.max_context} or less"
+        )
+    if n_ctx <= harvester.first_position:
+        raise CltraceError(
+            f"n_ctx {n_ctx} leaves no position to store (the first {harvester.first_position} of each context are "
+            f"not harvested): raise --n-ctx to at least {harvester.first_position + 1}"
+        )
     T = harvester.positions_per_context(n_ctx)  # stored tokens per context
     L, d = loaded.n_layers, loaded.d_model
     per_token = bytes_per_token(L, d, dtype)

@@ -22,10 +22,9 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
-from cltrace.atomic import atomic_write_text
+from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import (
@@ -202,9 +201,7 @@ def write_neuronpedia_json(
     `slug` defaults to the file name without ``.json``. With `update_index`, also add (or replace)
     the graph's metadata in ``graph-metadata.json`` beside it, the index the local front end lists.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise CltraceError(f"cannot write '{path}': directory '{path.parent}' does not exist; create it first")
+    path = check_writable(path, "graph JSON")  # before the conversion, not after it
     slug = slug or path.stem
     data = to_neuronpedia_json(graph, slug=slug, scan=scan, **kwargs)
     atomic_write_text(path, json.dumps(data, allow_nan=False))

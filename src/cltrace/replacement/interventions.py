@@ -226,8 +226,14 @@ def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = N
     return supernodes[target].interventions(value=value, factor=factor, start=start, end=end)
 
 
-def check_interventions(interventions: Sequence[Intervention], n_layers: int, n_features: int, n_prompt: int) -> None:
-    """One-line CltraceError for a layer or feature out of range or a position beyond the prompt."""
+def check_interventions(
+    interventions: Sequence[Intervention], n_layers: int, n_features: int, n_prompt: int | None
+) -> None:
+    """One-line CltraceError for a layer or feature out of range or a position beyond the prompt.
+
+    `n_prompt` None: the prompt's length is not known yet (the command line checks layers and
+    features before loading the model); positions are then checked on the next call, with it.
+    """
     for iv in interventions:
         if not 0 <= iv.layer < n_layers:
             raise CltraceError(
@@ -237,6 +243,8 @@ def check_interventions(interventions: Sequence[Intervention], n_layers: int, n_
             raise CltraceError(
                 f"intervention {iv}: feature {iv.feature} is out of range: layer {iv.layer} has features 0..{n_features - 1}"
             )
+        if n_prompt is None:
+            continue
         if iv.start is not None and iv.start >= n_prompt:
             raise CltraceError(
                 f"intervention {iv}: position {iv.start} is beyond the prompt ({n_prompt} tokens, positions 0..{n_prompt - 1})"

@@ -5,7 +5,8 @@ Graphs are named by their path relative to the served folder, passed as the ``pa
 parameter; a path leading outside the folder is refused (403). Errors are JSON ``{"detail": one
 line}``: 400 for a request the graph or model cannot satisfy (or a body that is not UTF-8 JSON),
 403 for a path outside the folder, 404 for what does not exist, 413 for a body over the size limit
-(declared or streamed), 422 for a malformed request. No request gets a 5xx: tests/test_serve_fuzz.py
+(declared or streamed), 422 for a malformed request, 429 for a new graph while the most allowed are
+being computed. No request gets a 5xx: tests/test_serve_fuzz.py
 fuzzes every operation from this schema.
 """
 
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException
 from cltrace.errors import CltraceError
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
-from cltrace.serve.jobs import Jobs, Loader, Models
+from cltrace.serve.jobs import Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,9 @@ def create_app(
 
     @app.exception_handler(CltraceError)
     async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
-        status = 403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound) else 400
+        # TooBusy is no bad request: the same one succeeds once a job finishes
+        status = (403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound)
+                  else 429 if isinstance(exc, TooBusy) else 400)
         return _error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -259,7 +262,8 @@ def create_app(
     def post_intervene(path: GraphPath, body: InterventionBody = Body()) -> dict[str, Any]:
         return _intervene(workspace, models, path, body)
 
-    @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background")
+    @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
+              responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
     def post_job(body: NewGraphBody) -> dict[str, Any]:
         return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
 

@@ -18,6 +18,13 @@ from cltrace.serve.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
 
+#: New graphs computed at once; one more is refused (HTTP 429) until one finishes.
+MAX_RUNNING = 4
+
+
+class TooBusy(CltraceError):
+    """Too many graphs are being computed to start another now (HTTP 429: try again later)."""
+
 #: Builds the replacement model for a graph's metadata (tests pass their own tiny one).
 Loader = Callable[[dict[str, Any]], Any]
 
@@ -124,8 +131,8 @@ class Jobs:
         job = Job(id=uuid.uuid4().hex[:12], prompt=prompt)
         with self._lock:
             running = sum(j.status in ("queued", "running") for j in self._jobs.values())
-            if running >= 4:
-                raise CltraceError("4 graphs are already being computed: wait for one to finish")
+            if running >= MAX_RUNNING:
+                raise TooBusy(f"{MAX_RUNNING} graphs are already being computed: wait for one to finish, then try again")
             # a name unused on disk and by the jobs not yet saved: two jobs never write one file
             out = self.workspace.new_graph_path(name or prompt, taken=set(self._outputs.values()))
             self._outputs[job.id] = out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cltrace.atomic import atomic_write_text
+from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.cache import cache_dir
 from cltrace.graph.attribution import attribute
 from cltrace.graph.graph import Graph, NodeKind
@@ -67,6 +67,16 @@ def ensure_feature_db(loaded: Any, transcoder: Any, n_tokens: int, progress: boo
                                autocast_bf16=True)
 
 
+def check_trace_folder(folder: str | Path) -> Path:
+    """Refuse up front, in one line, a `folder` that `trace_prompt` could not write its files into
+    (a file, an unwritable place, or one of its files' names taken by a folder)."""
+    folder = check_writable(folder, "trace", folder=True)
+    if folder.is_dir():
+        for name, what in ((GRAPH_FILE, "graph"), (PICTURE_FILE, "picture"), (REPORT_FILE, "report")):
+            check_writable(folder / name, what)
+    return folder
+
+
 def trace_prompt(
     replacement: ReplacementModel,
     prompt: str,
@@ -86,7 +96,7 @@ def trace_prompt(
     `feature_db`: an open `FeatureStore` for the transcoder (labels and where features fire), or None.
     `transcoder_path` is recorded in the graph so that `cltrace serve` can intervene on it.
     """
-    folder = Path(folder)
+    folder = check_trace_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     graph = attribute(replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
                       progress=progress)
@@ -115,5 +125,5 @@ def trace_prompt(
     return TraceResult(graph, pruned, report, folder)
 
 
-__all__ = ["GRAPH_FILE", "PICTURE_FILE", "REPORT_FILE", "TraceResult", "ensure_feature_db", "feature_db_path",
-           "trace_prompt"]
+__all__ = ["GRAPH_FILE", "PICTURE_FILE", "REPORT_FILE", "TraceResult", "check_trace_folder", "ensure_feature_db",
+           "feature_db_path", "trace_prompt"]
