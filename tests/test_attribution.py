@@ -523,6 +523,70 @@ def test_decoders_gathered_on_each_pass_give_the_same_graph() -> None:
     torch.testing.assert_close(gathered.edge_weight, cached.edge_weight, rtol=1e-6, atol=1e-7)
 
 
+def same_graph(got: Graph, expected: Graph, what: str) -> None:
+    assert got.n_edges == expected.n_edges, what
+    assert torch.equal(got.edge_source, expected.edge_source) and torch.equal(got.edge_target, expected.edge_target), what
+    torch.testing.assert_close(got.edge_weight, expected.edge_weight, rtol=1e-5, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize("family, kind", [("llama", "clt"), ("gpt2", "plt")])
+def test_rows_recomputed_give_the_same_exact_graph(family: str, kind: str) -> None:
+    """Long prompts keep the rows in bf16 for the ordering and compute the edges again: with every
+    feature visited the graph is the fp32 one, and a capped one still sums to its targets exactly."""
+    rm, full = case(family, kind)
+    config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, recompute_rows=True, progress=False)
+    recomputed = attribute(rm, prompt_ids(), config=config)
+    assert recomputed.metadata["settings"]["rows_recomputed"] and not full.metadata["settings"]["rows_recomputed"]
+    same_graph(recomputed, full, "recomputed rows")
+    capped = attribute(rm, prompt_ids(), config=AttributionConfig(max_feature_nodes=20, batch_size=4, recompute_rows=True,
+                                                                  progress=False))
+    incoming = torch.zeros(capped.n_nodes, dtype=torch.float64).index_add_(0, capped.edge_target, capped.edge_weight.double())
+    value = torch.tensor(capped.metadata["target_value"], dtype=torch.float64)
+    constant = torch.tensor(capped.metadata["target_constant"], dtype=torch.float64)
+    rows = (capped.nodes.kind == NodeKind.FEATURE) | (capped.nodes.kind == NodeKind.LOGIT)
+    assert_close_rel((incoming + constant)[rows], value[rows], 1.0, "capped, recomputed completeness")
+
+
+def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(monkeypatch) -> None:
+    """A limit that fp32 rows would pass but bf16 rows fit picks the second pass up front; rows that
+    outgrow their budget on the way go to bf16, and past that the work stops with one clear line."""
+    import dataclasses
+
+    from cltrace.graph import attribution as attribution_module
+    from cltrace.graph.attribution import estimate_attribution
+
+    rm, full = case("qwen2", "clt")
+    config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, progress=False)
+    fp32 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=False))
+    bf16 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=True))
+    assert bf16.row_bytes * 2 == fp32.row_bytes > 0 and bf16.peak_bytes < fp32.peak_bytes
+    limited = dataclasses.replace(config, max_memory_bytes=fp32.peak_bytes - 1)
+    chosen = estimate_attribution(rm, prompt_ids(), config=limited)
+    assert chosen.recompute_rows and "second pass" in chosen.summary()
+    graph = attribute(rm, prompt_ids(), config=limited)
+    assert graph.metadata["settings"]["rows_recomputed"]
+    same_graph(graph, full, "recomputed under a memory limit")
+
+    # With every feature visited the rows take exactly the estimate; understate it so that the
+    # budget (the limit less everything else) is 60% of the fp32 rows: they go to bf16 half-way.
+    real = attribution_module._Attribution.estimate
+
+    def understated(share: float):
+        def estimate(self, recompute=None):
+            est = real(self, recompute)
+            return dataclasses.replace(est, row_bytes=int(est.row_bytes * share))
+        return estimate
+
+    exact = dataclasses.replace(config, recompute_rows=False, max_memory_bytes=fp32.peak_bytes)
+    monkeypatch.setattr(attribution_module._Attribution, "estimate", understated(0.6))
+    graph = attribute(rm, prompt_ids(), config=exact)
+    assert graph.metadata["settings"]["rows_recomputed"]
+    same_graph(graph, full, "rows moved to bf16 on the way")
+    monkeypatch.setattr(attribution_module._Attribution, "estimate", understated(0.4))
+    with pytest.raises(CltraceError, match=r"outgrew their .* GB budget after \d+ rows: lower --max-feature-nodes"):
+        attribute(rm, prompt_ids(), config=exact)
+
+
 def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
     from conftest import assert_one_line_error, run_cli
     from test_graph import _rewrite_header

@@ -19,6 +19,12 @@ decoder, attention, norms, position embeddings), features at position 0 (the BOS
 not nodes), and active features beyond the node cap. Rows are visited in order of estimated
 influence on the logits (logit rows first, then feature rows by their influence through the rows
 known so far, as circuit-tracer does), up to `max_feature_nodes` feature rows.
+
+A row of layer l has sources below l only (features and error nodes of layers < l, and the
+embeddings), so each row is kept dense over that prefix of the column space. In fp32 the kept rows
+are the graph's edges. On long prompts, where fp32 rows of every active feature would not fit, the
+rows are kept in bfloat16 for the influence ordering only, and the rows finally visited are
+computed again, exactly, keeping just the columns of the graph's nodes (a second pass).
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ class AttributionConfig:
     max_memory_bytes: int | None = None
     """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: the
     memory the kernel says is available when the graph starts)."""
+
+    recompute_rows: bool | None = None
+    """Keep the visited rows in bfloat16 for the influence ordering only and compute the graph's
+    edges again, exactly, in a second pass (about twice the backward work, a quarter of the row
+    memory with half the bytes per entry and only the graph's columns kept). None: only when fp32
+    rows would not fit in the memory limit (long prompts)."""
 
     def validate(self) -> None:
         """Raise CltraceError naming the first impossible value."""
@@ -145,6 +157,10 @@ class AttributionEstimate:
     seconds: float
     """Estimated time of the attribution itself (model loading not included)."""
     decoders_cached: bool
+    recompute_rows: bool = False
+    """Whether the rows are kept in bfloat16 and the graph's edges computed again (long prompts)."""
+    row_bytes: int = 0
+    """Of peak_bytes, the rows kept between passes."""
 
     def summary(self) -> str:
         """One line: tokens, active features, rows, time and memory."""
@@ -152,6 +168,7 @@ class AttributionEstimate:
             f"{self.n_tokens} tokens, {self.n_active_features} active features, {self.n_feature_rows} feature rows + "
             f"{self.n_logit_rows} logit rows in {self.n_batches} passes of {self.batch_size}: about "
             f"{_duration(self.seconds)} and {self.peak_bytes / 2**30:.2f} GB peak memory"
+            + (" (rows kept in bf16, edges computed in a second pass)" if self.recompute_rows else "")
         )
 
 
@@ -257,12 +274,41 @@ class _Attribution:
             self.cache_decoders = self.decoder_cache_bytes <= cfg.decoder_cache_bytes  # cached in build()
             self.embeds = self.model.model.get_input_embeddings()(self.ids[None].to(self.device)).detach()  # [1, pos, d]
             self.error = run.error.float()  # [pos, layer, d]
+            # Row layer l's sources, its prefix of the column space: the features of layers < l
+            # (columns [0, n_below[l]), the features being layer-major), the error nodes of layers < l
+            # and the embeddings.
+            per_layer = torch.bincount(layers, minlength=L)  # [layer]
+            self.n_below = [0, *torch.cumsum(per_layer, 0).tolist()]  # [L + 1]
         self.W_enc, self.b_enc = self.tc.W_enc.detach(), self.tc.b_enc.detach()
-        # Per row layer (L: logits), blocks of rows stored CSR-like: (row nodes [k] int32, nonzero
-        # edges per row [k], source cols [nnz] int32, weights [nnz], Σ|weight| per row [k]); 8 bytes
-        # an edge. The row sums give the influence estimate its row-normalised weights.
-        self.blocks: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(L + 1)]
+        # Per row layer (L: logits), blocks of rows: (row nodes [k], edges [k, prefix width] dense
+        # over the layer's prefix, Σ|edge| per row [k]). The row sums give the influence estimate its
+        # row-normalised weights.
+        self.blocks: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(L + 1)]
+        self.row_dtype = torch.float32
+        self.row_bytes = 0  # held in self.blocks
+        self.row_budget: int | None = None  # bytes the rows may take (set in build)
         self.timing: dict[str, float] = {}
+
+    def _width(self, layer: int) -> int:
+        """Columns in row layer `layer`'s prefix."""
+        return self.n_below[layer] + layer * self.n_pos + self.n_pos
+
+    def _prefix(self, edges: torch.Tensor, layer: int) -> torch.Tensor:
+        """edges [k, n_cols] → [k, width]: the columns a row of `layer` can have."""
+        return torch.cat([
+            edges[:, : self.n_below[layer]], edges[:, self.ERR0 : self.ERR0 + layer * self.n_pos], edges[:, self.EMB0 : self.LOG0],
+        ], 1)
+
+    def _scatter_prefix(self, target: torch.Tensor, values: torch.Tensor, layer: int) -> None:
+        """target [n_cols] += values [width] laid out as row layer `layer`'s prefix."""
+        a, e = self.n_below[layer], layer * self.n_pos
+        target[:a] += values[:a]
+        target[self.ERR0 : self.ERR0 + e] += values[a : a + e]
+        target[self.EMB0 : self.LOG0] += values[a + e :]
+
+    def _prefix_nodes(self, col_to_node: torch.Tensor, layer: int) -> torch.Tensor:
+        """Node of each column of row layer `layer`'s prefix (-1: not a node of the graph)."""
+        return self._prefix(col_to_node[None], layer)[0]
 
     def _slot_decoders(
         self, t: int, layers: torch.Tensor, positions: torch.Tensor, features: torch.Tensor, rank: torch.Tensor
@@ -364,32 +410,52 @@ class _Attribution:
         return edges
 
     def _process(self, rows: list[tuple[str, int]], bar: tqdm) -> None:
-        """Compute rows in batches and store their nonzero edges."""
+        """Compute rows in batches and keep them, per run of rows of one layer, dense over that layer's prefix."""
         B = self.batch
         for start in range(0, len(rows), B):
             chunk = rows[start : start + B]
             dense = self._rows(chunk)
             with torch.no_grad():
-                nodes = torch.tensor(
-                    [self.LOG0 + i if kind == "logit" else i for kind, i in chunk], dtype=torch.int32, device=self.device
-                )
-                layer_of = [self.n_layers if kind == "logit" else self.f_layer_list[i] for kind, i in chunk]
-                nz = dense != 0
-                per_row = nz.sum(1)  # [rows] nonzero edges per row
-                cols = nz.nonzero()[:, 1].to(torch.int32)  # row-major: rows of one layer are contiguous
-                w = dense[nz]
                 norm = dense.abs().sum(1).clamp(min=1e-8)  # row sums of |A|, for the influence estimate
-                del dense, nz
-                bounds = [0, *torch.cumsum(per_row, 0).tolist()]
-                lo = 0
-                while lo < len(chunk):  # one stored block per run of rows of one layer, CSR-like
-                    hi = lo
-                    while hi < len(chunk) and layer_of[hi] == layer_of[lo]:
-                        hi += 1
-                    at = slice(bounds[lo], bounds[hi])
-                    self.blocks[layer_of[lo]].append((nodes[lo:hi], per_row[lo:hi], cols[at], w[at], norm[lo:hi]))
-                    lo = hi
+                for layer, lo, hi in self._layer_runs(chunk):
+                    nodes = torch.tensor(self._columns(chunk[lo:hi]), device=self.device)
+                    block = self._prefix(dense[lo:hi], layer)
+                    self._keep(layer, (nodes, block, norm[lo:hi]))
+                del dense
             bar.update(len(chunk))
+
+    def _layer_runs(self, chunk: list[tuple[str, int]]) -> list[tuple[int, int, int]]:
+        """(layer, start, end) of each run of consecutive rows of one layer."""
+        layer_of = [self.n_layers if kind == "logit" else self.f_layer_list[i] for kind, i in chunk]
+        runs, lo = [], 0
+        for hi in range(1, len(chunk) + 1):
+            if hi == len(chunk) or layer_of[hi] != layer_of[lo]:
+                runs.append((layer_of[lo], lo, hi))
+                lo = hi
+        return runs
+
+    def _columns(self, rows: list[tuple[str, int]]) -> list[int]:
+        return [self.LOG0 + i if kind == "logit" else i for kind, i in rows]
+
+    def _keep(self, layer: int, block: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Store a block of rows; past the row budget in fp32, every row so far goes to bfloat16 and the
+        graph's edges will be recomputed (see AttributionConfig.recompute_rows)."""
+        nodes, values, norm = block
+        values = values.to(self.row_dtype)
+        size = values.numel() * values.element_size()
+        if self.row_budget is not None and self.row_bytes + size > self.row_budget and self.row_dtype == torch.float32:
+            self.row_dtype = torch.bfloat16
+            self.blocks = [[(n, v.to(torch.bfloat16), r) for n, v, r in blocks] for blocks in self.blocks]
+            self.row_bytes //= 2
+            values, size = values.to(torch.bfloat16), size // 2
+        if self.row_budget is not None and self.row_bytes + size > self.row_budget:
+            raise CltraceError(
+                f"the attribution rows outgrew their {self.row_budget / 2**30:.1f} GB budget after "
+                f"{sum(len(b[0]) for blocks in self.blocks for b in blocks)} rows: lower --max-feature-nodes, "
+                "shorten the prompt, or raise --max-memory"
+            )
+        self.blocks[layer].append((nodes, values, norm))
+        self.row_bytes += size
 
     def _influence(self) -> torch.Tensor:
         """Each node's influence on the logits through the rows known so far: Σ over paths of the
@@ -403,10 +469,14 @@ class _Attribution:
         mass = torch.zeros(self.n_cols, dtype=torch.float64, device=self.device)
         mass[self.LOG0 :] = probs.to(self.device)
         seed = mass.clone()
+        chunk = 1 << 18  # columns per product, bounding the float64 copy of a block
         for layer in range(self.n_layers, -1, -1):
-            for nodes, per_row, cols, w, norm in self.blocks[layer]:
-                factor = (mass[nodes.long()] / norm.double()).repeat_interleave(per_row)  # [nnz]
-                mass.index_add_(0, cols.long(), factor * w.abs().double())
+            for nodes, values, norm in self.blocks[layer]:
+                factor = mass[nodes] / norm.double()  # [k]
+                flow = torch.cat([
+                    factor @ values[:, c : c + chunk].abs().double() for c in range(0, values.shape[1], chunk)
+                ])  # [width]
+                self._scatter_prefix(mass, flow, layer)
         return mass - seed
 
     @property
@@ -443,16 +513,27 @@ class _Attribution:
         fits = max(1, self.cfg.pass_memory_bytes // per_copy)
         return min(self.cfg.batch_size, fits, max(len(self.targets), n_feature_rows, 1))
 
-    def estimate(self) -> AttributionEstimate:
+    def estimate(self, recompute: bool | None = None) -> AttributionEstimate:
         """What building the graph will take, from the prompt's run alone (nothing else computed).
+
+        `recompute`: estimate with the rows in bfloat16 and a second, exact pass (True), in fp32 (False),
+        or as `build` will choose (None: the config's recompute_rows, else the second pass only when
+        fp32 rows would not fit in the memory limit).
 
         Peak memory counts what is held at once: the model and transcoder, the prompt's run
         (activations, frozen attention patterns), the batched frozen forward kept for the backward
-        passes and one pass's gradients, the decoders (cached or one slot's gathered), the stored
-        edges (8 bytes each, about half the columns of a row nonzero) and their conversion into the
-        graph. Time: the floating-point work of the forward and backward passes and of the edge
-        products, at this machine's measured matrix-product rate.
+        passes and one pass's gradients, the decoders (cached or one slot's gathered), the kept rows
+        (dense over their layer's prefix of the columns; the visited rows taken to have the layers of
+        the active features on average) and their conversion into the graph's COO edges (36 bytes an
+        edge with the sort, about half of a row's graph columns nonzero). Time: the floating-point
+        work of the forward and backward passes and of the edge products, at this machine's measured
+        matrix-product rate.
         """
+        if recompute is None:
+            recompute = self.cfg.recompute_rows
+        if recompute is None:
+            fp32 = self.estimate(recompute=False)
+            return fp32 if self.limit is None or fp32.peak_bytes <= self.limit else self.estimate(recompute=True)
         cfg, L, P, d = self.cfg, self.n_layers, self.n_pos, self.d
         n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
         n_rows = len(self.targets) + n_feature_rows
@@ -467,37 +548,48 @@ class _Attribution:
         # Slot inputs, captured residuals, block outputs and what autograd keeps, then one pass's
         # gradients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors in all (measured).
         passes = _COPIES_PER_ROW * batch * P * L * d * 4
-        backward = batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4
+        backward = 2 * batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4  # a pass's rows and their prefixes
         tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
         widest = max((x.padded_bytes for x in self.slots if x is not None), default=0)
         decoders = tables + (self.decoder_cache_bytes if self.cache_decoders else 2 * widest)
-        n_edges = int(0.5 * n_rows * self.n_cols)
-        kept = int(0.5 * n_rows * (n_feature_rows + L * P + P))
-        edges = 8 * n_edges + 36 * kept  # the rows as stored, then the graph's COO edges and their sort
-        peak = params + run_bytes + passes + backward + decoders + edges
+        mean_width = (
+            sum(self._width(layer) * (self.n_below[layer + 1] - self.n_below[layer]) for layer in range(L)) / self.n_act
+            if self.n_act else 0.0
+        )
+        entries = len(self.targets) * self._width(L) + n_feature_rows * mean_width
+        rows = int(entries * (2 if recompute else 4))
+        kept = 36 * int(0.5 * n_rows * (n_feature_rows + L * P + P))
+        held = params + run_bytes + passes + backward + decoders
+        # fp32 rows are turned into the graph's edges block by block, each freed once read; bf16 rows
+        # are all freed before the second pass.
+        peak = held + (rows + kept if not recompute else max(rows, kept))
         # Work: per pass the frozen backward (attention OV and output projections, pattern products)
         # over about half the layers, then the edge products with every active feature's decoders.
         mcfg, heads = self.model.config, self._heads
         kv = (getattr(mcfg, "num_key_value_heads", None) or heads) * d // heads
         layer_flops = 2 * batch * P * (d * d + d * kv) + 2 * batch * P * P * d
         pass_flops = layer_flops * L / 2 + 2 * batch * self.decoder_cache_bytes / 4  # padded slot decoders
-        seconds = (n_batches * pass_flops + 2 * layer_flops * L) / _matmul_rate() + 0.02 * n_batches
+        all_batches = n_batches * (2 if recompute else 1)
+        seconds = (all_batches * pass_flops + 2 * layer_flops * L) / _matmul_rate() + 0.02 * all_batches
         return AttributionEstimate(
             n_tokens=P, n_active_features=self.n_act, n_feature_rows=n_feature_rows, n_logit_rows=len(self.targets),
             n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), seconds=float(seconds),
-            decoders_cached=self.cache_decoders,
+            decoders_cached=self.cache_decoders, recompute_rows=bool(recompute), row_bytes=rows,
         )
 
     def build(self) -> Graph:
         cfg = self.cfg
+        est = self.estimate()
         if self.limit is not None:
-            est = self.estimate()
             if est.peak_bytes > self.limit:
                 raise CltraceError(
                     f"this graph needs about {est.peak_bytes / 2**30:.1f} GB ({est.summary()}), more than the "
                     f"{self.limit / 2**30:.1f} GB allowed: lower --max-feature-nodes or --batch-size, "
                     "shorten the prompt, or raise --max-memory"
                 )
+            # What the rows may take: the limit less all else; an fp32 start that outgrows it goes to bf16.
+            self.row_budget = self.limit - (est.peak_bytes - est.row_bytes)
+        self.row_dtype = torch.bfloat16 if est.recompute_rows else torch.float32
         if self.cache_decoders:
             with torch.no_grad():
                 for slot in self.slots:
@@ -531,11 +623,74 @@ class _Attribution:
             self.timing["feature_rows_s"] = time.perf_counter() - t
         finally:
             bar.close()
+        t = time.perf_counter()
+        edges = self._edges(visited)
+        self.timing["edges_s"] = time.perf_counter() - t
         del self.slots_in, self.emb_in, self.out_logits, self.out_resid  # frees the batched autograd graph
         t = time.perf_counter()
-        graph = self._graph(visited)
+        graph = self._graph(visited, edges)
         graph.metadata["timing"]["graph_s"] = time.perf_counter() - t
         return graph
+
+    def _edges(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The graph's edges (target node, source node, weight), sorted by target then source: from the
+        fp32 rows kept, or (rows kept in bf16) from the visited rows computed again."""
+        L, P = self.n_layers, self.n_pos
+        sel = selected.nonzero(as_tuple=True)[0]
+        n_sel = int(sel.numel())
+        n_nodes = n_sel + L * P + P + len(self.targets)
+        col_to_node = torch.full((self.n_cols,), -1, dtype=torch.long, device=self.device)
+        col_to_node[sel] = torch.arange(n_sel, device=self.device)
+        col_to_node[self.ERR0 :] = torch.arange(n_sel, n_nodes, device=self.device)
+        prefix_nodes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        targets, sources, kept_weights = [], [], []
+
+        def take(layer: int, nodes: torch.Tensor, values: torch.Tensor) -> None:
+            """Keep the nonzero edges of a block of rows [k, width] from the graph's nodes."""
+            if layer not in prefix_nodes:
+                node_of = self._prefix_nodes(col_to_node, layer)
+                keep = (node_of >= 0).nonzero(as_tuple=True)[0]
+                prefix_nodes[layer] = keep, node_of[keep]
+            keep, node_of = prefix_nodes[layer]
+            sub = values[:, keep].float()  # [k, kept columns]
+            r, c = (sub != 0).nonzero(as_tuple=True)
+            targets.append(col_to_node[nodes][r])
+            sources.append(node_of[c])
+            kept_weights.append(sub[r, c])
+
+        if self.row_dtype == torch.float32:
+            # Each block freed as soon as it is read, so the rows are never held twice in full.
+            for layer, layer_blocks in enumerate(self.blocks):
+                while layer_blocks:
+                    nodes, values, _ = layer_blocks.pop(0)
+                    take(layer, nodes, values)
+        else:
+            self.blocks = [[] for _ in range(L + 1)]  # the bf16 rows served the ordering only
+            self.row_bytes = 0
+            rows = [("logit", i) for i in range(len(self.targets))]
+            feats = sel[torch.argsort(self.f_layer[sel], stable=True)]
+            rows += [("feature", int(i)) for i in feats]
+            bar = tqdm(total=len(rows), desc="exact edges", unit="row", file=sys.stderr, disable=not self.cfg.progress, leave=False)
+            with bar:
+                for start in range(0, len(rows), self.batch):
+                    chunk = rows[start : start + self.batch]
+                    dense = self._rows(chunk)
+                    with torch.no_grad():
+                        for layer, lo, hi in self._layer_runs(chunk):
+                            nodes = torch.tensor(self._columns(chunk[lo:hi]), device=self.device)
+                            take(layer, nodes, self._prefix(dense[lo:hi], layer))
+                    del dense
+                    bar.update(len(chunk))
+        self.blocks = []
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        target = torch.cat(targets) if targets else empty
+        source = torch.cat(sources) if sources else empty
+        weights = torch.cat(kept_weights) if kept_weights else torch.zeros(0, device=self.device)
+        for pieces in (targets, sources, kept_weights):
+            pieces.clear()
+        order = torch.argsort(target * n_nodes + source)
+        return target[order], source[order], weights[order]
 
     def _constants(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's value and its constant parts: ([n_sel] feature, [n_logits] logit) × (bias, all)."""
@@ -565,34 +720,11 @@ class _Attribution:
             logit = torch.stack([torch.stack([t.value(logits[k]) for t in self.targets]) for k in range(2)])
         return feat[0], feat[1], logit[0], logit[1]
 
-    def _graph(self, selected: torch.Tensor) -> Graph:
+    def _graph(self, selected: torch.Tensor, edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Graph:
         run, L, P = self.run, self.n_layers, self.n_pos
         sel = selected.nonzero(as_tuple=True)[0]
         n_sel, n_logits = int(sel.numel()), len(self.targets)
-        n_nodes = n_sel + L * P + P + n_logits
-        col_to_node = torch.full((self.n_cols,), -1, dtype=torch.long, device=self.device)
-        col_to_node[sel] = torch.arange(n_sel, device=self.device)
-        col_to_node[self.ERR0 :] = torch.arange(n_sel, n_nodes, device=self.device)
-
-        # Edges from features left out of the graph are dropped block by block, each block freed as
-        # soon as it is read, so the rows are never held twice in full.
-        targets, sources, kept_weights = [], [], []
-        for layer_blocks in self.blocks:
-            while layer_blocks:
-                nodes, per_row, cols, w, _ = layer_blocks.pop(0)
-                source = col_to_node[cols.long()]
-                keep = source >= 0
-                targets.append(col_to_node[nodes.long()].repeat_interleave(per_row)[keep])
-                sources.append(source[keep])
-                kept_weights.append(w[keep])
-        self.blocks = []
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        target = torch.cat(targets) if targets else empty
-        source = torch.cat(sources) if sources else empty
-        weights = torch.cat(kept_weights) if kept_weights else torch.zeros(0, device=self.device)
-        del targets, sources, kept_weights
-        order = torch.argsort(target * n_nodes + source)
-        target, source, weights = target[order], source[order], weights[order]
+        target, source, weights = edges
 
         ids = self.ids.to(self.device)
         last = P - 1
@@ -632,7 +764,8 @@ class _Attribution:
             "model": self.model.name,
             "n_layers": L,
             "transcoder": self.tc.config.to_dict(),
-            "settings": {**dataclasses.asdict(self.cfg), "live_skip": self.live_skip},
+            "settings": {**dataclasses.asdict(self.cfg), "live_skip": self.live_skip,
+                         "rows_recomputed": self.row_dtype != torch.float32},
             "targets": [t.to_dict() for t in self.targets],
             "n_active_features": self.n_act,
             "n_bos_features": int((run.activations[0] != 0).sum()),
