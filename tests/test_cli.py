@@ -126,7 +126,7 @@ def test_attribute_then_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """`attribute -o`, `trace -o` and `export -o` check where they will write before loading the model
+    """`attribute -o`, `trace -o`, `export -o` and `eval --json` check where they will write before loading the model
     (or the graph): one line naming the path, instead of a failure after the whole computation."""
     import cltrace.graph.graph
     import cltrace.model
@@ -156,6 +156,8 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path, monkeypa
         (("trace", "The cat sat", "-o", str(tmp_path / "locked" / "new" / "t")), ("locked", "not writable")),
         (("export", str(tmp_path / "g.cltg"), "-o", str(tmp_path / "dir")), ("is a folder", "give a file name")),
         (("export", str(tmp_path / "g.cltg"), "-o", str(tmp_path / "missing" / "g.json")), ("does not exist",)),
+        (("eval", str(tmp_path / "clt"), "--json", str(tmp_path / "dir")), ("evaluation JSON", "is a folder")),
+        (("eval", str(tmp_path / "clt"), "--json", str(tmp_path / "missing" / "e.json")), ("does not exist",)),
     ]:
         code, _, err = run_cli(*args, capsys=capsys)
         assert_one_line_error(code, err, *needles)

@@ -250,17 +250,20 @@ def eval_command(
     """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
     import json
 
+    from cltrace.atomic import atomic_write_text, check_writable
     from cltrace.eval import evaluate, format_table
     from cltrace.model import load_model
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    if json_out is not None:
+        check_writable(json_out, "evaluation JSON")  # a bad --json fails now, not after the evaluation
     tc = load_transcoder(resolve_transcoder(transcoder, model))
     loaded = load_model(model)
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
     typer.echo(format_table(result))
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n", "evaluation JSON")
         typer.echo(f"wrote {json_out}")
 
 
