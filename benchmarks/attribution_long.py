@@ -47,6 +47,7 @@ attribute_s = time.perf_counter() - t
 graph.save(out)
 print(json.dumps({"attribute_s": attribute_s, "n_active": graph.metadata["n_active_features"],
                   "n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "timing": graph.metadata["timing"],
+                  "row_bytes": graph.metadata.get("row_bytes"),
                   "settings": graph.metadata["settings"]}))
 '''
 
@@ -107,7 +108,8 @@ def main() -> int:
         "n_tokens": len(ids), "transcoder": "seeded random 30x256 JumpReLU CLT" if args.transcoder == "random" else clt,
         "batch_size": args.batch_size, "max_feature_nodes": args.max_feature_nodes,
         "estimate": {"summary": estimate.summary(), "peak_gb": round(estimate.peak_bytes / 2**30, 2),
-                     "seconds": round(estimate.seconds, 1), "batch_size": estimate.batch_size},
+                     "seconds": round(estimate.seconds, 1), "batch_size": estimate.batch_size,
+                     "row_gb": round(estimate.row_bytes / 2**30, 2), "recompute_rows": estimate.recompute_rows},
         "run": result,
         "within_24gb": result["ended"] == "ok" and result["peak_rss_gb"] <= 24.0,
     }

@@ -103,6 +103,7 @@ attribute_s = time.perf_counter() - t
 graph.save(out)
 print(json.dumps({"load_s": load_s, "attribute_s": attribute_s, "n_active": graph.metadata["n_active_features"],
                   "n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "timing": graph.metadata["timing"],
+                  "row_bytes": graph.metadata.get("row_bytes"),
                   "self_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
 

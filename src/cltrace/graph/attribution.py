@@ -286,6 +286,7 @@ class _Attribution:
         self.blocks: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(L + 1)]
         self.row_dtype = torch.float32
         self.row_bytes = 0  # held in self.blocks
+        self.max_row_bytes = 0
         self.row_budget: int | None = None  # bytes the rows may take (set in build)
         self.timing: dict[str, float] = {}
 
@@ -456,6 +457,7 @@ class _Attribution:
             )
         self.blocks[layer].append((nodes, values, norm))
         self.row_bytes += size
+        self.max_row_bytes = max(self.max_row_bytes, self.row_bytes)
 
     def _influence(self) -> torch.Tensor:
         """Each node's influence on the logits through the rows known so far: Σ over paths of the
@@ -777,5 +779,6 @@ class _Attribution:
             "target_constant": constant.tolist(),
             "target_bias": bias.tolist(),
             "timing": {**self.timing, "total_s": time.perf_counter() - self.t0},
+            "row_bytes": self.max_row_bytes,  # the most the kept rows took at once
         }
         return Graph(nodes, target.cpu(), source.cpu(), weights.float().cpu(), metadata)
