@@ -152,7 +152,9 @@ def train_planted(out: str, feature_parallel: int, stop_after: int = 0, die_rank
     from cltrace.train.distributed import init_layout, shutdown
 
     try:
-        init_layout(feature_parallel, timeout_s=20)
+        # A short collective timeout bounds how long the survivors of a killed rank wait; a healthy run
+        # gets a long one, so that a loaded machine (ranks starved for seconds) cannot fail it.
+        init_layout(feature_parallel, timeout_s=20 if die_rank >= 0 else 180)
         src = DyingPlanted(die_rank, die_at) if die_rank >= 0 else planted_source()
         Trainer(planted_run_config(), src, out, resume=True, progress=False, stop_after=stop_after or None).run()
         shutdown()
