@@ -112,3 +112,32 @@ def test_bad_default_preset_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pat
     code, _, err = run_cli("convert", "default", str(tmp_path / "out"), capsys=capsys)
     assert_one_line_error(code, err, "CLTRACE_DEFAULT_PRESET")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_second_process_waits_for_the_default_transcoder_being_trained(
+    tiny_default: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one process trains the default transcoder, another asking for it waits, says so, and
+    then uses the finished one instead of training it a second time."""
+    import threading
+    import time
+
+    from cltrace.locks import acquire, release
+    from cltrace.train.default import default_transcoder_path
+
+    target, run = default_paths()
+    run.parent.mkdir(parents=True)
+    first = acquire(run.parent / f"{run.name}.lock", "the first process")
+    steps = count_steps(monkeypatch)
+
+    def finish_first() -> None:
+        time.sleep(1.0)
+        target.mkdir(parents=True)  # the first process's transcoder arrives
+        release(first)
+
+    threading.Thread(target=finish_first).start()
+    said: list[str] = []
+    t0 = time.perf_counter()
+    assert default_transcoder_path(echo=said.append, **tiny_default) == target
+    assert time.perf_counter() - t0 >= 0.9 and steps == []
+    assert len(said) == 1 and "another process is training the default transcoder" in said[0] and "waiting" in said[0]

@@ -318,6 +318,28 @@ def test_output_folder_holding_another_run_is_refused(tmp_path: Path) -> None:
     assert before == after
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path: Path) -> None:
+    """Two runs on one folder would interleave their checkpoints: the second is refused, one line,
+    before it writes anything; once the first is gone (its lock with it) the folder trains."""
+    from cltrace.locks import acquire, release
+
+    cfg = resume_config().with_overrides({"total_tokens": 16 * 4})
+    out = tmp_path / "run"
+    out.mkdir()
+    other = acquire(out, "the other run")  # a lock of its own, as another process would hold
+    try:
+        with pytest.raises(CltraceError, match=r"run folder '.*run' is in use by another process.*choose another folder"):
+            tiny_train(tmp_path, out, cfg)
+        assert list(out.iterdir()) == []
+    finally:
+        release(other)
+    tiny_train(tmp_path, out, cfg)
+    assert (out / "transcoder").is_dir()
+    again = acquire(out, "a later run")  # the finished run gave its lock back
+    assert again is not None
+    release(again)
+
+
 def test_checkpoint_from_another_model_is_refused(tmp_path: Path) -> None:
     cfg = resume_config().with_overrides({"total_tokens": 16 * 8})
     trainer_out = tmp_path / "run"

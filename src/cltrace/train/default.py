@@ -27,6 +27,7 @@ from typing import Any
 
 from cltrace.cache import cache_dir
 from cltrace.errors import CltraceError
+from cltrace.locks import locked
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import PRESETS, TrainConfig, preset
 from cltrace.train.run import train_transcoder
@@ -82,6 +83,20 @@ def default_transcoder_path(
     if target.is_dir():
         shutil.rmtree(run / CHECKPOINT_DIR, ignore_errors=True)  # left if a run died right after the move
         return target
+    # One process trains it; any other asking meanwhile (a second command, the server) waits for it.
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with locked(run.parent / f"{run.name}.lock", "the default transcoder's training", wait=True,
+                on_wait=lambda: echo(f"another process is training the default transcoder in {run}: waiting for it")):
+        if target.is_dir():
+            return target
+        return _train_default(name, config, target, run, echo, progress, model, source, tokenize, bos_id)
+
+
+def _train_default(
+    name: str, config: TrainConfig, target: Path, run: Path, echo: Callable[[str], None], progress: bool,
+    model: LoadedModel | None, source: Any, tokenize: Callable[[str], Sequence[int]] | None, bos_id: int | None,
+) -> Path:
+    """Train the default transcoder into `run` (resuming it) and move it to `target`."""
     started = (run / CHECKPOINT_DIR).is_dir()
     echo(
         f"the default transcoder is not in the cache yet: {'resuming' if started else 'training'} it with the "

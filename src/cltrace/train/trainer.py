@@ -35,6 +35,7 @@ import torch
 
 from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
+from cltrace.locks import acquire, release
 from cltrace.resources import available_memory_bytes
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource
@@ -279,7 +280,8 @@ class Trainer:
         self.is_main = self.layout is None or self.layout.is_main
         self.device = self.layout.device if self.layout is not None else torch.device("cpu")
         refuse_if_too_big(config, data.n_layers, data.d_model)
-        self.has_checkpoint = on_main(self.layout, lambda: prepare_run_dir(self.out, config, resume))
+        self._lock: int | None = None  # the run folder's lock, held by the main process until run() ends
+        self.has_checkpoint = on_main(self.layout, lambda: self._claim_run_dir(resume))
         (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
         self.fingerprint = data.fingerprint()
         dtype = _DTYPES[config.dtype]
@@ -400,9 +402,27 @@ class Trainer:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.buffer_index)
         return torch.randperm(n, generator=g)
 
+    def _claim_run_dir(self, resume: bool) -> bool:
+        """Lock the run folder (made if missing), then `prepare_run_dir`: a second process on the same
+        folder is refused before it touches anything."""
+        if not self.out.exists():
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.is_dir():
+            self._lock = acquire(self.out, f"run folder '{self.out}'")
+        try:
+            return prepare_run_dir(self.out, self.config, resume)
+        except BaseException:
+            release(self._lock)
+            self._lock = None
+            raise
+
     def run(self) -> Transcoder:
-        with failures_as_errors(self.layout, self._resume_hint):
-            return self._run()
+        try:
+            with failures_as_errors(self.layout, self._resume_hint):
+                return self._run()
+        finally:
+            release(self._lock)
+            self._lock = None
 
     def _resume_hint(self) -> str:
         return describe_checkpoint(self.out / CHECKPOINT_DIR)
