@@ -44,8 +44,11 @@ def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harves
     n = min(config.batch_tokens, x.shape[0])
     xb = x[:n] / x[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
     yb = y[:n] / y[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
-    times = []
-    for _ in range(2):
+    # The first steps of a process are slow while the kernels for each shape are picked (about 10
+    # steps on a CPU): time steps for a few seconds and keep the fastest of the last three.
+    times: list[float] = []
+    deadline = time.perf_counter() + 4.0
+    while len(times) < 3 or (len(times) < 12 and time.perf_counter() < deadline):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
             loss = transcoder_loss(tc, xb, yb, config.sparsity_lambda, config.sparsity_c, config.preact_lambda,
@@ -54,7 +57,7 @@ def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harves
         loss["total"].backward()
         opt.step()
         times.append(time.perf_counter() - t)
-    train_tps = n / min(times)
+    train_tps = n / min(times[-3:])
     total = config.total_steps * config.batch_tokens
     harvested = 0 if config.store else total
     seconds = harvested / harvest_tps + total / train_tps + 2 * config.eval_tokens / harvest_tps
