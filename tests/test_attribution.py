@@ -310,6 +310,19 @@ def test_cap_keeps_the_most_influential_features(family: str) -> None:
     full_keys = feature_keys(full)
     expected = {full_keys[i] for i in reference_selection(full, cap, batch * interval)}
     assert set(kept) == expected
+    # Rounds ordered by influence (capped) and the plain layer-by-layer visit (uncapped, checked
+    # against the naive backward above) give every edge between kept nodes alike.
+    def edges_by_id(graph: Graph) -> dict[tuple[str, str], float]:
+        ids = graph.node_ids()
+        return {(ids[t], ids[s]): w for t, s, w in zip(graph.edge_target.tolist(), graph.edge_source.tolist(),
+                                                       graph.edge_weight.tolist())}
+
+    capped_edges, full_edges = edges_by_id(capped), edges_by_id(full)
+    kept_ids = set(capped.node_ids())
+    between_kept = {k: w for k, w in full_edges.items() if k[0] in kept_ids and k[1] in kept_ids}
+    assert capped_edges.keys() == between_kept.keys()
+    scale = max(abs(w) for w in between_kept.values())
+    assert max(abs(capped_edges[k] - w) for k, w in between_kept.items()) <= 1e-5 * scale
     # The kept rows are the same rows as in the full graph, less the sources left out, whose
     # effect the constant term takes up: completeness still holds.
     incoming = torch.zeros(capped.n_nodes, dtype=torch.float64).index_add_(0, capped.edge_target, capped.edge_weight.double())

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from cltrace.errors import CltraceError
-from cltrace.resources import available_memory_bytes
+from cltrace.resources import available_memory_bytes, return_freed_memory
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 from cltrace.graph.targets import LogitTarget, TargetSpec, select_targets
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
@@ -223,6 +223,7 @@ class _Attribution:
 
     def __init__(self, replacement: ReplacementModel, prompt: str | torch.Tensor, targets, cfg: AttributionConfig) -> None:
         self.t0 = time.perf_counter()
+        return_freed_memory()  # passes free as much as they allocate: without it, the heap only grows
         self.rm, self.cfg, self.prompt = replacement, cfg, prompt
         self.model, self.tc = replacement.model, replacement.transcoder
         self.ids = replacement.input_ids(prompt)
@@ -612,6 +613,13 @@ class _Attribution:
             t = time.perf_counter()
             visited = torch.zeros(self.n_act, dtype=torch.bool, device=self.device)
             n_visited = 0
+            if n_feature_rows == self.n_act:
+                # Every active feature becomes a node, so the visiting order cannot change the graph:
+                # visit them layer by layer (their own order), each pass starting at its rows' layer,
+                # with no influence estimate between rounds.
+                visited[:] = True
+                n_visited = self.n_act
+                self._process([("feature", i) for i in range(self.n_act)], bar)
             while n_visited < n_feature_rows:
                 influence = self._influence()[: self.n_act]
                 ranked = torch.argsort(influence, descending=True, stable=True)
