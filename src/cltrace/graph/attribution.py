@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -202,20 +203,37 @@ def estimate_attribution(
 
 
 @dataclass
+class _DecoderGroup:
+    """Positions of one slot whose windows are padded to one width (see `_Attribution._slot_decoders`)."""
+
+    positions: torch.Tensor | None  # [k] the positions, ascending (None: every position)
+    index: torch.Tensor  # [k, width] row of the slot's table at each window place; padding: the last row
+    target: torch.Tensor  # [k * width] flat (pos * max_rank + rank) the product goes to; padding: the last
+    cached: torch.Tensor | None = None  # [k, width, d] the gathered decoders, when they are kept
+
+
+@dataclass
 class _SlotDecoders:
-    """The decoders writing into one MLP slot, padded per position: see `_Attribution.__init__`."""
+    """The decoders writing into one MLP slot: a table and its position groups."""
 
     table: torch.Tensor  # [n_rows, d] decoder vectors towards this slot; the last row is zeros
-    index: torch.Tensor  # [pos, width] row of `table` at each position's window place
-    target: torch.Tensor  # [pos * width] flat (pos * max_rank + rank) the product goes to; padding: the last
-    cached: torch.Tensor | None = None  # [pos, width, d] the gathered decoders, when they are kept
+    groups: list[_DecoderGroup]
+
+    def group_bytes(self, group: _DecoderGroup) -> int:
+        return group.index.numel() * self.table.shape[1] * 4
 
     @property
     def padded_bytes(self) -> int:
-        return self.index.numel() * self.table.shape[1] * 4
+        return sum(self.group_bytes(g) for g in self.groups)
 
-    def gather(self) -> torch.Tensor:
-        return self.table[self.index]  # [pos, width, d]
+    def gather(self, group: _DecoderGroup) -> torch.Tensor:
+        return self.table[group.index]  # [k, width, d]
+
+
+#: Positions whose window of decoders is over 2**-k of a slot's widest go into group k (the last
+#: group takes the rest): the sink position's window can be several times wider than the others',
+#: and one padding width for all positions made most of the products and gathers zeros.
+_MAX_DECODER_GROUPS = 4
 
 
 class _Attribution:
@@ -255,9 +273,10 @@ class _Attribution:
 
         # What each feature writes, laid out per MLP slot t: the features writing into slot t (for
         # a CLT those of layers <= t, for a PLT those of layer t) are, at each position, a window of
-        # consecutive ranks in that position's (layer, feature) order. Slot t's decoders form a
-        # [pos, width_t, d] block (zero rows past a position's window), so that its edges for every
-        # position come from one batched matrix product per slot. Decoders are kept unscaled (the
+        # consecutive ranks in that position's (layer, feature) order. Slot t's decoders form, per group
+        # of positions with windows of similar widths, a [positions, width, d] block (zero rows past a
+        # position's window), so that its edges come from one batched matrix product per group (a
+        # few per slot). Decoders are kept unscaled (the
         # activations multiply the result), and either cached (short prompts) or gathered from the
         # transcoder's own weights on each pass, so memory stays bounded on long prompts.
         with torch.no_grad():
@@ -330,7 +349,6 @@ class _Attribution:
         lo = torch.full((P,), self.max_rank, dtype=torch.long, device=self.device)
         lo.scatter_reduce_(0, pos, r, reduce="amin")
         j = r - lo[pos]  # place within the position's window
-        width = int(j.max()) + 1
         # Rows of the slot's decoder table: the distinct active features of the source layers (not
         # all of them: on short prompts that would copy the whole decoder), towards slot t, in
         # (layer, feature) order; one zero row last for the padding.
@@ -341,11 +359,25 @@ class _Attribution:
             *(tc.decoder_vectors(s, d_feat[d_layer == s])[:, t - tc.output_layers(s).start] for s in sources),
             torch.zeros(1, self.d, dtype=tc.W_enc.dtype, device=self.device),
         ]).float()  # [n_distinct + 1, d]
-        index = torch.full((P, width), table.shape[0] - 1, dtype=torch.long, device=self.device)
-        index[pos, j] = row
-        target = torch.full((P, width), P * self.max_rank, dtype=torch.long, device=self.device)
-        target[pos, j] = pos * self.max_rank + r
-        return _SlotDecoders(table, index, target.reshape(-1))
+        # Positions grouped by window width (powers of two below the widest), each group padded to its own.
+        counts = torch.bincount(pos, minlength=P)  # [pos] window width
+        present = counts > 0
+        group_of = torch.full((P,), -1, dtype=torch.long, device=self.device)
+        group_of[present] = torch.log2(counts.max() / counts[present].double()).floor().long().clamp(max=_MAX_DECODER_GROUPS - 1)
+        groups = []
+        for k in group_of[present].unique().tolist():
+            members = (group_of == k).nonzero(as_tuple=True)[0]  # [m] ascending
+            local = torch.full((P,), -1, dtype=torch.long, device=self.device)
+            local[members] = torch.arange(members.numel(), device=self.device)
+            mine = (group_of[pos] == k).nonzero(as_tuple=True)[0]
+            at_g, j_g = local[pos[mine]], j[mine]
+            width = int(counts[members].max())
+            index = torch.full((members.numel(), width), table.shape[0] - 1, dtype=torch.long, device=self.device)
+            index[at_g, j_g] = row[mine]
+            target = torch.full((members.numel(), width), P * self.max_rank, dtype=torch.long, device=self.device)
+            target[at_g, j_g] = pos[mine] * self.max_rank + r[mine]
+            groups.append(_DecoderGroup(None if members.numel() == P else members, index, target.reshape(-1)))
+        return _SlotDecoders(table, groups)
 
     # -- the batched frozen forward and its backward passes --------------------------------------
 
@@ -404,10 +436,12 @@ class _Attribution:
                 slot = self.slots[t]
                 if slot is None:
                     continue
-                vecs = slot.cached if slot.cached is not None else slot.gather()  # [pos, width, d]
-                part = torch.bmm(g[t].transpose(0, 1), vecs.transpose(1, 2))  # [pos, n, width]
-                out.index_add_(1, slot.target, part.permute(1, 0, 2).reshape(n, -1))
-                del part, vecs
+                for group in slot.groups:
+                    vecs = group.cached if group.cached is not None else slot.gather(group)  # [k, width, d]
+                    g_t = g[t] if group.positions is None else g[t][:, group.positions]  # [n, k, d]
+                    part = torch.bmm(g_t.transpose(0, 1), vecs.transpose(1, 2))  # [k, n, width]
+                    out.index_add_(1, group.target, part.permute(1, 0, 2).reshape(n, -1))
+                    del part, vecs, g_t
             edges[:, : self.n_act] = out[:, self.f_flat] * self.f_act
         return edges
 
@@ -553,7 +587,7 @@ class _Attribution:
         passes = _COPIES_PER_ROW * batch * P * L * d * 4
         backward = 2 * batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4  # a pass's rows and their prefixes
         tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
-        widest = max((x.padded_bytes for x in self.slots if x is not None), default=0)
+        widest = max((x.group_bytes(g) for x in self.slots if x is not None for g in x.groups), default=0)
         decoders = tables + (self.decoder_cache_bytes if self.cache_decoders else 2 * widest)
         mean_width = (
             sum(self._width(layer) * (self.n_below[layer + 1] - self.n_below[layer]) for layer in range(L)) / self.n_act
@@ -596,8 +630,8 @@ class _Attribution:
         if self.cache_decoders:
             with torch.no_grad():
                 for slot in self.slots:
-                    if slot is not None:
-                        slot.cached = slot.gather()
+                    for group in slot.groups if slot is not None else []:
+                        group.cached = slot.gather(group)
         n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
         n_rows = len(self.targets) + n_feature_rows
         batch = self._batch_size(n_feature_rows)  # copies in the forward
@@ -633,14 +667,21 @@ class _Attribution:
             self.timing["feature_rows_s"] = time.perf_counter() - t
         finally:
             bar.close()
+        if self.row_dtype == torch.float32:  # the edges are in the rows kept: the passes are done
+            self._free_forward()
         t = time.perf_counter()
         edges = self._edges(visited)
         self.timing["edges_s"] = time.perf_counter() - t
-        del self.slots_in, self.emb_in, self.out_logits, self.out_resid  # frees the batched autograd graph
+        self._free_forward()
         t = time.perf_counter()
         graph = self._graph(visited, edges)
         graph.metadata["timing"]["graph_s"] = time.perf_counter() - t
         return graph
+
+    def _free_forward(self) -> None:
+        """Drop the batched frozen forward (and with it its autograd graph) once no pass needs it."""
+        for name in ("slots_in", "emb_in", "out_logits", "out_resid"):
+            self.__dict__.pop(name, None)
 
     def _edges(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The graph's edges (target node, source node, weight), sorted by target then source: from the
@@ -654,7 +695,11 @@ class _Attribution:
         col_to_node[self.ERR0 :] = torch.arange(n_sel, n_nodes, device=self.device)
         prefix_nodes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        targets, sources, kept_weights = [], [], []
+        # Each row's edges, sources ascending (a prefix's node ids grow with its columns), as one
+        # segment of a piece per block of rows; the rows are then laid out by target. No sort of the
+        # edges and 8 bytes an edge held beside the graph's own 20.
+        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (source int32 [e], weight [e]) per block
+        segments: list[tuple[int, int, int, int]] = []  # (target node, piece, start, count) per row
 
         def take(layer: int, nodes: torch.Tensor, values: torch.Tensor) -> None:
             """Keep the nonzero edges of a block of rows [k, width] from the graph's nodes."""
@@ -664,10 +709,11 @@ class _Attribution:
                 prefix_nodes[layer] = keep, node_of[keep]
             keep, node_of = prefix_nodes[layer]
             sub = values[:, keep].float()  # [k, kept columns]
-            r, c = (sub != 0).nonzero(as_tuple=True)
-            targets.append(col_to_node[nodes][r])
-            sources.append(node_of[c])
-            kept_weights.append(sub[r, c])
+            r, c = (sub != 0).nonzero(as_tuple=True)  # row-major: each row's edges together
+            counts = torch.bincount(r, minlength=len(nodes)).tolist()
+            starts = [0, *itertools.accumulate(counts)]
+            segments.extend(zip(col_to_node[nodes].tolist(), itertools.repeat(len(pieces)), starts, counts))
+            pieces.append((node_of[c].to(torch.int32), sub[r, c]))
 
         if self.row_dtype == torch.float32:
             # Each block freed as soon as it is read, so the rows are never held twice in full.
@@ -693,14 +739,18 @@ class _Attribution:
                     del dense
                     bar.update(len(chunk))
         self.blocks = []
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        target = torch.cat(targets) if targets else empty
-        source = torch.cat(sources) if sources else empty
-        weights = torch.cat(kept_weights) if kept_weights else torch.zeros(0, device=self.device)
-        for pieces in (targets, sources, kept_weights):
-            pieces.clear()
-        order = torch.argsort(target * n_nodes + source)
-        return target[order], source[order], weights[order]
+        n_edges = sum(count for *_, count in segments)
+        target = torch.empty(n_edges, dtype=torch.long, device=self.device)
+        source = torch.empty(n_edges, dtype=torch.long, device=self.device)
+        weights = torch.empty(n_edges, device=self.device)
+        at = 0
+        for node, piece, start, count in sorted(segments):  # one row per target node
+            src, w = pieces[piece]
+            target[at : at + count] = node
+            source[at : at + count] = src[start : start + count]
+            weights[at : at + count] = w[start : start + count]
+            at += count
+        return target, source, weights
 
     def _constants(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's value and its constant parts: ([n_sel] feature, [n_logits] logit) × (bias, all)."""
