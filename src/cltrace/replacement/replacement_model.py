@@ -11,8 +11,9 @@ constrained interventions.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,10 +48,15 @@ class FrozenOutput:
     """What the frozen replacement model computes from given MLP-slot outputs."""
 
     logits: torch.Tensor  # [batch, pos, vocab] the unembedding's output, before any final soft-capping
-    resid_mid: torch.Tensor  # [batch, pos, layer, d_model] what the transcoder's encoder would read
-    resid_mid_layers: list[torch.Tensor] = field(default_factory=list)
-    """The same per layer, each [batch, pos, d_model] as computed (not stacked): a backward pass
-    seeded at layer l's tensor only walks the layers below l."""
+    resid_mid_layers: list[torch.Tensor]
+    """What the transcoder's encoder would read, per layer, each [batch, pos, d_model] as computed (not
+    stacked): a backward pass seeded at layer l's tensor only walks the layers below l."""
+
+    @functools.cached_property
+    def resid_mid(self) -> torch.Tensor:
+        """[batch, pos, layer, d_model], stacked when first asked for (a batched attribution forward
+        never asks: the copy would be as large as all its layers' tensors)."""
+        return torch.stack(self.resid_mid_layers, dim=2)
 
 
 class ReplacementModel:
@@ -160,7 +166,7 @@ class ReplacementModel:
                 self.model.model(**inputs, use_cache=False, **extra)
         finally:
             handle.remove()
-        return FrozenOutput(captured[0], torch.stack(slots.resid_mid, dim=2), list(slots.resid_mid))
+        return FrozenOutput(captured[0], list(slots.resid_mid))
 
     @contextlib.contextmanager
     def _slots(
