@@ -140,8 +140,9 @@ def resolve_config(config: AttributionConfig | None, **overrides: object) -> Att
 
 
 #: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
-#: fp32 tensors (seen: about 6 at 98 and 1,024 tokens on the default model).
-_COPIES_PER_ROW = 7
+#: fp32 tensors (seen: about 3 at 100 tokens on the default model, once freed memory went back to the
+#: kernel; 6 before).
+_COPIES_PER_ROW = 4
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,21 @@ class AttributionEstimate:
     batch_size: int
     peak_bytes: int
     """Estimated peak resident memory of the whole process, model included."""
-    seconds: float
-    """Estimated time of the attribution itself (model loading not included)."""
+    flops: float
+    """Floating-point work of the passes and products (see `seconds`)."""
+    overhead_s: float
+    """Time spent besides the floating-point work (a fixed cost per pass)."""
     decoders_cached: bool
     recompute_rows: bool = False
     """Whether the rows are kept in bfloat16 and the graph's edges computed again (long prompts)."""
     row_bytes: int = 0
     """Of peak_bytes, the rows kept between passes."""
+
+    @property
+    def seconds(self) -> float:
+        """Estimated time of the attribution itself (model loading not included), at this machine's
+        matrix-product rate (measured on first use: building a graph needs only the memory figures)."""
+        return self.flops / (_ACHIEVED_RATE * _matmul_rate()) + self.overhead_s
 
     def summary(self) -> str:
         """One line: tokens, active features, rows, time and memory."""
@@ -176,6 +185,11 @@ class AttributionEstimate:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+#: The share of the square matrix-product rate that the passes achieve (seen: about 0.4 at 10 and 100
+#: tokens on the default model, with the backward's smaller products and the decoder gathers).
+_ACHIEVED_RATE = 0.4
 
 
 @functools.cache
@@ -583,8 +597,8 @@ class _Attribution:
             run.logits, run.resid_mid, run.mlp_out, run.pre_activations, run.activations, run.reconstruction, run.error,
             *run.freeze_state.patterns.values(), *run.freeze_state.norm_scales.values(),
         ))
-        # Slot inputs, captured residuals, block outputs and what autograd keeps, then one pass's
-        # gradients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors in all (measured).
+        # Slot inputs, captured residuals and what autograd keeps, then one pass's gradients and the
+        # forward's transients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors (measured).
         passes = _COPIES_PER_ROW * batch * P * L * d * 4
         backward = 2 * batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4  # a pass's rows and their prefixes
         tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
@@ -596,10 +610,12 @@ class _Attribution:
         )
         entries = len(self.targets) * self._width(L) + n_feature_rows * mean_width
         rows = int(entries * (2 if recompute else 4))
-        kept = 36 * int(0.5 * n_rows * (n_feature_rows + L * P + P))
+        # The graph's edges (seen: about a quarter of each row's graph columns nonzero at 100 tokens;
+        # counted at 0.3): 20 bytes an edge in the graph, 8 more while they are laid out.
+        kept = 28 * int(0.3 * n_rows * (n_feature_rows + L * P + P))
         held = params + run_bytes + passes + backward + decoders
         # fp32 rows are turned into the graph's edges block by block, each freed once read; bf16 rows
-        # are all freed before the second pass.
+        # are all freed before the second pass. (Counted as if the passes' memory were still held.)
         peak = held + (rows + kept if not recompute else max(rows, kept))
         # Work: per pass the frozen backward (attention OV and output projections, pattern products)
         # over about half the layers, then the edge products with every active feature's decoders.
@@ -608,10 +624,10 @@ class _Attribution:
         layer_flops = 2 * batch * P * (d * d + d * kv) + 2 * batch * P * P * d
         pass_flops = layer_flops * L / 2 + 2 * batch * self.decoder_cache_bytes / 4  # padded slot decoders
         all_batches = n_batches * (2 if recompute else 1)
-        seconds = (all_batches * pass_flops + 2 * layer_flops * L) / _matmul_rate() + 0.02 * all_batches
+        flops = all_batches * pass_flops + 2 * layer_flops * L
         return AttributionEstimate(
             n_tokens=P, n_active_features=self.n_act, n_feature_rows=n_feature_rows, n_logit_rows=len(self.targets),
-            n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), seconds=float(seconds),
+            n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), flops=float(flops), overhead_s=0.02 * all_batches,
             decoders_cached=self.cache_decoders, recompute_rows=bool(recompute), row_bytes=rows,
         )
 
@@ -743,6 +759,7 @@ class _Attribution:
                             take(layer, nodes, self._prefix(dense[lo:hi], layer))
                     del dense
                     bar.update(len(chunk))
+            self._free_forward()
         self.blocks = []
         n_edges = sum(count for *_, count in segments)
         target = torch.empty(n_edges, dtype=torch.long, device=self.device)
