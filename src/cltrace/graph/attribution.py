@@ -658,19 +658,22 @@ class _Attribution:
         self.timing["forward_s"] = time.perf_counter() - t
         bar = tqdm(total=n_rows, desc="attribution", unit="row", file=sys.stderr, disable=not cfg.progress, leave=False)
         try:
-            t = time.perf_counter()
-            self._process([("logit", i) for i in range(len(self.targets))], bar)
-            self.timing["logit_rows_s"] = time.perf_counter() - t
-            t = time.perf_counter()
+            logit_rows = [("logit", i) for i in range(len(self.targets))]
             visited = torch.zeros(self.n_act, dtype=torch.bool, device=self.device)
             n_visited = 0
+            t = time.perf_counter()
             if n_feature_rows == self.n_act:
                 # Every active feature becomes a node, so the visiting order cannot change the graph:
                 # visit them layer by layer (their own order), each pass starting at its rows' layer,
-                # with no influence estimate between rounds.
+                # the logit rows last (sharing the top layer's pass), with no influence estimate.
                 visited[:] = True
                 n_visited = self.n_act
-                self._process([("feature", i) for i in range(self.n_act)], bar)
+                self._process([("feature", i) for i in range(self.n_act)] + logit_rows, bar)
+                self.timing["logit_rows_s"] = 0.0  # counted in feature_rows_s
+            else:
+                self._process(logit_rows, bar)
+                self.timing["logit_rows_s"] = time.perf_counter() - t
+                t = time.perf_counter()
             while n_visited < n_feature_rows:
                 influence = self._influence()[: self.n_act]
                 ranked = torch.argsort(influence, descending=True, stable=True)
