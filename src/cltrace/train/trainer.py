@@ -282,41 +282,46 @@ class Trainer:
         refuse_if_too_big(config, data.n_layers, data.d_model)
         self._lock: int | None = None  # the run folder's lock, held by the main process until run() ends
         self.has_checkpoint = on_main(self.layout, lambda: self._claim_run_dir(resume))
-        (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        self.fingerprint = data.fingerprint()
-        dtype = _DTYPES[config.dtype]
-        tc_config = TranscoderConfig(
-            kind=config.kind, n_layers=data.n_layers, d_model=data.d_model, n_features=config.n_features,
-            activation=config.activation, topk_k=config.topk_k, skip=config.skip,
-            model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
-        )
-        self.tc = Transcoder.random(tc_config, seed=config.seed).to(dtype)
-        if isinstance(self.tc.activation, JumpReLU):
-            with torch.no_grad():
-                self.tc.activation.threshold.fill_(config.threshold_init)
-            self.tc.activation.bandwidth = float(config.bandwidth)
-        # Several ranks: every rank draws the same full initial weights (so runs on any number of
-        # ranks are comparable), keeps its slice of the features and drops the rest.
-        self.shards = FeatureShards(self.layout, self.tc) if self.layout is not None else None
-        if self.shards is not None:
-            self.tc_config = self.tc.config
-            self.tc = None
-        params = self.shards.parameters() if self.shards is not None else self.tc.parameters()
-        # fused: one kernel for all parameters, 3x faster than the per-tensor loop on the 68M decoder
-        # parameters of the default preset (0.03 s against 0.09 s a step on the 2-core CPU).
-        self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), fused=True)
-        self.step = 0
-        self.tokens = 0
-        self.buffer_start: dict[str, Any] | None = None  # data position of the current buffer's start
-        self.buffer_index = 0
-        self.step_in_buffer = 0
-        self.scale_x: torch.Tensor | None = None
-        self.scale_y: torch.Tensor | None = None
-        n_local = self.shards.end - self.shards.start if self.shards is not None else config.n_features
-        self.last_fired = torch.zeros(data.n_layers, n_local, dtype=torch.int64)
-        self.elapsed = 0.0
-        if self.has_checkpoint:
-            self._load_checkpoint()
+        try:
+            (self.out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            self.fingerprint = data.fingerprint()
+            dtype = _DTYPES[config.dtype]
+            tc_config = TranscoderConfig(
+                kind=config.kind, n_layers=data.n_layers, d_model=data.d_model, n_features=config.n_features,
+                activation=config.activation, topk_k=config.topk_k, skip=config.skip,
+                model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
+            )
+            self.tc = Transcoder.random(tc_config, seed=config.seed).to(dtype)
+            if isinstance(self.tc.activation, JumpReLU):
+                with torch.no_grad():
+                    self.tc.activation.threshold.fill_(config.threshold_init)
+                self.tc.activation.bandwidth = float(config.bandwidth)
+            # Several ranks: every rank draws the same full initial weights (so runs on any number of
+            # ranks are comparable), keeps its slice of the features and drops the rest.
+            self.shards = FeatureShards(self.layout, self.tc) if self.layout is not None else None
+            if self.shards is not None:
+                self.tc_config = self.tc.config
+                self.tc = None
+            params = self.shards.parameters() if self.shards is not None else self.tc.parameters()
+            # fused: one kernel for all parameters, 3x faster than the per-tensor loop on the 68M decoder
+            # parameters of the default preset (0.03 s against 0.09 s a step on the 2-core CPU).
+            self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), fused=True)
+            self.step = 0
+            self.tokens = 0
+            self.buffer_start: dict[str, Any] | None = None  # data position of the current buffer's start
+            self.buffer_index = 0
+            self.step_in_buffer = 0
+            self.scale_x: torch.Tensor | None = None
+            self.scale_y: torch.Tensor | None = None
+            n_local = self.shards.end - self.shards.start if self.shards is not None else config.n_features
+            self.last_fired = torch.zeros(data.n_layers, n_local, dtype=torch.int64)
+            self.elapsed = 0.0
+            if self.has_checkpoint:
+                self._load_checkpoint()
+        except BaseException:  # refused (a checkpoint of another model, ...): the folder is free again at once
+            release(self._lock)
+            self._lock = None
+            raise
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
