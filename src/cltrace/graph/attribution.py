@@ -291,9 +291,9 @@ class _Attribution:
         # consecutive ranks in that position's (layer, feature) order. Slot t's decoders form, per group
         # of positions with windows of similar widths, a [positions, width, d] block (zero rows past a
         # position's window), so that its edges come from one batched matrix product per group (a
-        # few per slot). Decoders are kept unscaled (the
-        # activations multiply the result), and either cached (short prompts) or gathered from the
-        # transcoder's own weights on each pass, so memory stays bounded on long prompts.
+        # few per slot). Decoders are kept unscaled (the activations multiply the result), and either
+        # cached (short prompts) or gathered from the slot's table on each pass, so memory stays
+        # bounded on long prompts.
         with torch.no_grad():
             by_pos = torch.argsort(positions, stable=True)  # (layer, feature) order within a position
             rank = torch.empty_like(by_pos)
