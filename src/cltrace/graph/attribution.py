@@ -687,12 +687,9 @@ class _Attribution:
             self.timing["feature_rows_s"] = time.perf_counter() - t
         finally:
             bar.close()
-        if self.row_dtype == torch.float32:  # the edges are in the rows kept: the passes are done
-            self._free_forward()
         t = time.perf_counter()
-        edges = self._edges(visited)
+        edges = self._edges(visited)  # frees the passes' memory once no pass is left
         self.timing["edges_s"] = time.perf_counter() - t
-        self._free_forward()
         t = time.perf_counter()
         graph = self._graph(visited, edges)
         graph.metadata["timing"]["graph_s"] = time.perf_counter() - t
@@ -740,6 +737,7 @@ class _Attribution:
             pieces.append((node_of[c].to(torch.int32), sub[r, c]))
 
         if self.row_dtype == torch.float32:
+            self._free_forward()  # the edges are in the rows kept: no pass is left
             # Each block freed as soon as it is read, so the rows are never held twice in full.
             for layer, layer_blocks in enumerate(self.blocks):
                 while layer_blocks:
