@@ -157,6 +157,10 @@ class ReplacementModel:
         unembed = self.model.model.get_output_embeddings()
         captured: list[torch.Tensor] = []
         handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        # With logits_to_keep the unembedding gets a strided slice of the last positions, and torch's
+        # linear then multiplies it by a broadcast copy of the weight per batch row: 6x slower, both
+        # ways, than the same product on a contiguous input (0.29 s against 0.05 s at batch 32).
+        contiguous = unembed.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         try:
             with (
@@ -166,6 +170,7 @@ class ReplacementModel:
                 self.model.model(**inputs, use_cache=False, **extra)
         finally:
             handle.remove()
+            contiguous.remove()
         return FrozenOutput(captured[0], list(slots.resid_mid))
 
     @contextlib.contextmanager
