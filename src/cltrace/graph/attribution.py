@@ -141,9 +141,22 @@ def resolve_config(config: AttributionConfig | None, **overrides: object) -> Att
 
 
 #: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
-#: fp32 tensors (seen: about 3 at 100 tokens on the default model, once freed memory went back to the
-#: kernel; 6 before).
-_COPIES_PER_ROW = 4
+#: fp32 tensors (at most 2 at 100 tokens on the default model since the forward keeps neither its
+#: inputs nor its resid_mid outputs; 4 before, 6 before freed memory went back to the kernel).
+_COPIES_PER_ROW = 2
+
+#: The share of a row's graph columns that hold an edge at 100 tokens or fewer (seen on the default
+#: model: 27% at 9 tokens, 26% at 100); longer prompts have relatively fewer (14% at 1,024).
+_EDGE_DENSITY = 0.3
+
+
+def _edge_density(n_tokens: int) -> float:
+    """The expected share of a row's graph columns holding an edge (see _EDGE_DENSITY)."""
+    return _EDGE_DENSITY * min(1.0, (100 / max(n_tokens, 1)) ** 0.3)
+
+
+#: Resident memory of the interpreter with torch and transformers imported (0.34 GB on Linux).
+_RUNTIME_BYTES = 350 * 2**20
 
 
 @dataclass(frozen=True)
@@ -586,12 +599,14 @@ class _Attribution:
         or as `build` will choose (None: the config's recompute_rows, else the second pass only when
         fp32 rows would not fit in the memory limit).
 
-        Peak memory counts what is held at once: the model and transcoder, the prompt's run
-        (activations, frozen attention patterns), the batched frozen forward kept for the backward
-        passes and one pass's gradients, the decoders (cached or one slot's gathered), the kept rows
-        (dense over their layer's prefix of the columns; the visited rows taken to have the layers of
-        the active features on average) and their conversion into the graph's COO edges (36 bytes an
-        edge with the sort, about half of a row's graph columns nonzero). Time: the floating-point
+        Peak memory counts what is held at once: the runtime, the model and transcoder, the prompt's
+        run (activations, frozen attention patterns), and the larger of two phases. While rows are
+        computed: the batched frozen forward kept for the backward passes, one pass's gradients, the
+        decoders (cached or one slot's gathered) and the kept rows (dense over their layer's prefix of
+        the columns; the visited rows taken to have the layers of the active features on average).
+        Then their conversion into the graph's COO edges (28 bytes an edge while laid out, 30% of a
+        row's graph columns taken to be nonzero) beside the rows (fp32) or the forward (bf16 rows,
+        computed again). Time: the floating-point
         work of the forward and backward passes and of the edge products, at this machine's measured
         matrix-product rate.
         """
@@ -611,8 +626,8 @@ class _Attribution:
             run.logits, run.resid_mid, run.mlp_out, run.pre_activations, run.activations, run.reconstruction, run.error,
             *run.freeze_state.patterns.values(), *run.freeze_state.norm_scales.values(),
         ))
-        # Slot inputs, captured residuals and what autograd keeps, then one pass's gradients and the
-        # forward's transients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors (measured).
+        # What autograd keeps of the batched forward, one pass's gradients and the forward's
+        # transients: about _COPIES_PER_ROW [batch, pos, layer, d] fp32 tensors.
         passes = _COPIES_PER_ROW * batch * P * L * d * 4
         backward = 2 * batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4  # a pass's rows and their prefixes
         tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
@@ -624,13 +639,14 @@ class _Attribution:
         )
         entries = len(self.targets) * self._width(L) + n_feature_rows * mean_width
         rows = int(entries * (2 if recompute else 4))
-        # The graph's edges (seen: about a quarter of each row's graph columns nonzero at 100 tokens;
-        # counted at 0.3): 20 bytes an edge in the graph, 8 more while they are laid out.
-        kept = 28 * int(0.3 * n_rows * (n_feature_rows + L * P + P))
-        held = params + run_bytes + passes + backward + decoders
-        # fp32 rows are turned into the graph's edges block by block, each freed once read; bf16 rows
-        # are all freed before the second pass. (Counted as if the passes' memory were still held.)
-        peak = held + (rows + kept if not recompute else max(rows, kept))
+        # The graph's edges: 20 bytes an edge in the graph, 8 more while they are laid out.
+        kept = 28 * int(_edge_density(P) * n_rows * (n_feature_rows + L * P + P))
+        base = _RUNTIME_BYTES + params + run_bytes
+        work = passes + backward + decoders
+        if recompute:  # bf16 rows are all freed before the second pass, which needs the forward again
+            peak = base + work + max(rows, kept)
+        else:  # the forward and decoders are freed before the fp32 rows become edges (each block freed once read)
+            peak = base + rows + max(work, kept)
         # Work: per pass the frozen backward (attention OV and output projections, pattern products)
         # over about half the layers, then the edge products with every active feature's decoders.
         mcfg, heads = self.model.config, self._heads
