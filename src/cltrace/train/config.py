@@ -290,9 +290,11 @@ TINY_PRESET = TrainConfig(
 #: at L0 <= 64): the default CLT with 6x the tokens (quality kept improving with tokens: NMSE 0.59 after
 #: 150k, 0.47 after 500k) and half the sparsity penalty (the default's L0 of 31 leaves room under 64).
 #: Measured (benchmarks/results/train_quality_preset.json): NMSE 0.365, spliced top-1 46.5% at L0 60, so
-#: it meets the top-1 and L0 bars and misses the NMSE bar by 0.015. About 70 minutes of training on this
-#: 2-core CPU when it is idle. Untried next step: 384 features, lambda 8e-4 and a 30% learning-rate decay
-#: (most of the last gains came while the rate decayed), about 100 minutes.
+#: it meets the top-1 and L0 bars and misses the NMSE bar by 0.015. It took 129 minutes on this 2-core CPU
+#: while shared; the default preset's measured pace (1.3 steps/s with harvest) makes it about 150 minutes
+#: idle, under the 3-hour limit. Untried next step: 384 features, lambda 8e-4 and a 30% learning-rate decay
+#: (most of the last gains came while the rate decayed): its estimate says 188 minutes, over that limit,
+#: so it needs fewer tokens or a faster step first.
 QUALITY_PRESET = dataclasses.replace(DEFAULT_PRESET, total_tokens=3_000_000, sparsity_lambda=7e-4)
 
 PRESETS: dict[str, TrainConfig] = {"default": DEFAULT_PRESET, "quality": QUALITY_PRESET, "tiny": TINY_PRESET}
