@@ -228,3 +228,29 @@ def test_subgraph_and_validate():
     bad.nodes.kind = bad.nodes.kind.flip(0)
     with pytest.raises(CltraceError, match="ordered"):
         bad.validate()
+
+
+def test_package_names_are_the_modules_objects_and_loading_a_graph_needs_no_model_stack(tmp_path):
+    """`from cltrace.graph import ...` gives the same objects as the submodules; only the names that
+    compute graphs import transformers, so a process that just reads graphs stays light."""
+    import importlib
+    import subprocess
+    import sys
+
+    import cltrace.graph as package
+
+    modules = {name: importlib.import_module(f"cltrace.graph.{name}") for name in ("attribution", "export", "prune")}
+    assert package.Graph is Graph and package.NodeKind is NodeKind
+    assert package.attribute is modules["attribution"].attribute
+    assert package.prune is modules["prune"].prune  # the function, though a submodule has its name
+    assert package.write_neuronpedia_json is modules["export"].write_neuronpedia_json
+    assert all(getattr(package, name) is not None for name in package.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        package.nonexistent  # noqa: B018
+    script = (
+        "import sys; from cltrace.graph import Graph, prune; "
+        "assert 'transformers' not in sys.modules, 'reading graphs imported transformers'; "
+        "from cltrace.graph import attribute; assert 'transformers' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
