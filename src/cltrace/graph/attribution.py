@@ -143,8 +143,9 @@ def resolve_config(config: AttributionConfig | None, **overrides: object) -> Att
 
 
 #: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
-#: fp32 tensors (at most 2 at 100 tokens on the default model since the forward keeps neither its
-#: inputs nor its resid_mid outputs; 4 before, 6 before freed memory went back to the kernel).
+#: fp32 tensors (at most 2 at 100 tokens and about 2.5 at 1,024 on the default model since the forward
+#: keeps neither its inputs nor its resid_mid outputs; 4 before, 6 before freed memory went back to the
+#: kernel).
 _COPIES_PER_ROW = 2
 
 #: The share of a row's graph columns that hold an edge at 100 tokens or fewer (seen on the default
@@ -434,7 +435,7 @@ class _Attribution:
         # Where each layer's resid_mid enters the autograd graph: passes seed their gradients there,
         # and the [batch, pos, d] tensors themselves are not kept (one per layer).
         self.out_resid = [get_gradient_edge(t) for t in out.resid_mid_layers]
-        self.resid_shape, self.resid_dtype = out.resid_mid_layers[0].shape, out.resid_mid_layers[0].dtype  # [batch, pos, d]
+        self.resid_dtype = out.resid_mid_layers[0].dtype
         self.raw_logits = out.logits[0, -1].detach()
         self.batch = batch
 
@@ -454,7 +455,7 @@ class _Attribution:
                     [self.targets[i].seed(seeds[L].shape[-1], seeds[L].dtype, self.device) for _, i in items]
                 )
             else:
-                seeds[layer] = torch.zeros(self.resid_shape, dtype=self.resid_dtype, device=self.device)
+                seeds[layer] = torch.zeros(self.batch, P, d, dtype=self.resid_dtype, device=self.device)
                 seeds[layer][b_idx, self.f_pos[idx]] = self.W_enc[layer, self.f_feat[idx]].to(seeds[layer].dtype)
         top = max(by_layer)
         outputs = [self.out_logits if layer == L else self.out_resid[layer] for layer in seeds]
@@ -606,8 +607,8 @@ class _Attribution:
         computed: the batched frozen forward kept for the backward passes, one pass's gradients, the
         decoders (cached or one slot's gathered) and the kept rows (dense over their layer's prefix of
         the columns; the visited rows taken to have the layers of the active features on average).
-        Then their conversion into the graph's COO edges (28 bytes an edge while laid out, 30% of a
-        row's graph columns taken to be nonzero) beside the rows (fp32) or the forward (bf16 rows,
+        Then their conversion into the graph's COO edges (28 bytes an edge while laid out, a share of
+        each row's graph columns nonzero that falls on long prompts: `_edge_density`) beside the rows (fp32) or the forward (bf16 rows,
         computed again). Time: the floating-point
         work of the forward and backward passes and of the edge products, at this machine's measured
         matrix-product rate.
