@@ -399,8 +399,10 @@ class CrossLayerTranscoder(Transcoder):
         return recon.view(n_rows, L, d) + self.b_dec
 
     def decoder_norms(self) -> torch.Tensor:
-        # ‖W_dec,i‖ over all target layers: the sum of squares runs over [L - l, d].
-        return torch.stack([w.pow(2).sum(dim=(1, 2)).sqrt() for w in self.W_dec])  # [L, F]
+        # ‖W_dec,i‖ over all target layers: the norm runs over [L - l, d]. vector_norm rather than
+        # pow-sum-sqrt: its backward is one pass over the decoders instead of three (training spent
+        # 0.1 s of a 0.53 s step here at the default preset's size).
+        return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in self.W_dec])  # [L, F]
 
     def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         self._check_layer(layer)
