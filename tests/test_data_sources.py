@@ -254,6 +254,16 @@ def test_heldout_and_train_never_share_a_document() -> None:
     assert seen["train"] <= {100 + ids[d] for d in docs[:400] if not is_heldout(d, 0.2)}
 
 
+def assert_resumes_from_every_batch(full: list, cfg: PackConfig) -> None:
+    """Resuming from the position after any batch of `full` gives exactly the batches after it."""
+    for k in range(len(full)):
+        saved = json.loads(json.dumps(full[k].position.to_dict()))  # as a checkpoint stores it
+        rest = list(pack_batches(DOCS, char_tok, cfg, start=PackPosition.from_dict(saved)))
+        assert len(rest) == len(full) - k - 1
+        for a, b in zip(rest, full[k + 1 :]):
+            assert torch.equal(a.tokens, b.tokens) and a.position == b.position
+
+
 @pytest.mark.parametrize("sep_id", [3, None])
 def test_resume_yields_exactly_the_remaining_batches(sep_id: int | None) -> None:
     cfg = PackConfig(n_ctx=6, batch_size=2, bos_id=1, sep_id=sep_id, heldout_fraction=0.25)
@@ -262,12 +272,7 @@ def test_resume_yields_exactly_the_remaining_batches(sep_id: int | None) -> None
     # positions land both inside documents and exactly on document ends
     assert any(b.position.token_offset > 0 for b in full)
     assert any(b.position.token_offset == 0 for b in full)
-    for k in range(len(full)):
-        saved = json.loads(json.dumps(full[k].position.to_dict()))  # as a checkpoint stores it
-        rest = list(pack_batches(DOCS, char_tok, cfg, start=PackPosition.from_dict(saved)))
-        assert len(rest) == len(full) - k - 1
-        for a, b in zip(rest, full[k + 1 :]):
-            assert torch.equal(a.tokens, b.tokens) and a.position == b.position
+    assert_resumes_from_every_batch(full, cfg)
     assert full[-1].position.contexts == 2 * len(full)
 
 
@@ -290,11 +295,46 @@ def test_resume_with_another_stream_is_refused() -> None:
         PackPosition.from_dict({"doc_index": "x"})
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_mixing_yields_each_pool_of_contexts_once_in_a_new_order(drop_last: bool) -> None:
+    plain = PackConfig(n_ctx=6, batch_size=1, bos_id=1, sep_id=2, heldout_fraction=0.0, drop_last=False)
+    contexts = torch.cat([b.tokens for b in pack_batches(DOCS, char_tok, plain)])  # [n, n_ctx], stream order
+    mixed = PackConfig(n_ctx=6, batch_size=3, bos_id=1, sep_id=2, heldout_fraction=0.0, mix_contexts=12,
+                       drop_last=drop_last)
+    batches = [b.tokens for b in pack_batches(DOCS, char_tok, mixed)]
+    assert len(contexts) % 12 and len(contexts) % 3  # a short last pool and a short last batch
+    got = torch.cat(batches)
+    assert len(got) == (len(contexts) // 3 * 3 if drop_last else len(contexts))
+    for p in range(0, len(got), 12):  # every pool holds the contexts of that stretch of the stream
+        pool, stretch = sorted(got[p : p + 12].tolist()), contexts[p : p + 12].tolist()
+        if len(stretch) == 12 or not drop_last:
+            assert pool == sorted(stretch)
+        else:  # the short last pool without its short last batch
+            assert len(pool) == len(stretch) // 3 * 3 and all(pool.count(r) <= stretch.count(r) for r in pool)
+    assert not torch.equal(got[:12], contexts[:12])  # and not in stream order
+    assert all(b.shape[0] == 3 for b in batches[:-1])
+
+
+def test_mixed_stream_resumes_exactly_from_every_batch() -> None:
+    cfg = PackConfig(n_ctx=5, batch_size=2, bos_id=1, sep_id=3, heldout_fraction=0.25, mix_contexts=8)
+    full = list(pack_batches(DOCS, char_tok, cfg))
+    assert len(full) > 12 and any(b.position.pool_offset > 0 for b in full)
+    assert_resumes_from_every_batch(full, cfg)
+    # a position of the unmixed stream is refused by the mixed one, and the other way round
+    plain = PackConfig(n_ctx=5, batch_size=2, bos_id=1, sep_id=3, heldout_fraction=0.25)
+    with pytest.raises(CltraceError, match="another stream"):
+        next(iter(pack_batches(DOCS, char_tok, plain, start=full[0].position)))
+    with pytest.raises(CltraceError, match="another stream"):
+        next(iter(pack_batches(DOCS, char_tok, cfg, start=next(iter(pack_batches(DOCS, char_tok, plain))).position)))
+
+
 def test_bad_pack_configs() -> None:
     with pytest.raises(CltraceError, match="n_ctx must be at least 2"):
         PackConfig(n_ctx=1, batch_size=1, bos_id=0)
     with pytest.raises(CltraceError, match="batch_size"):
         PackConfig(n_ctx=4, batch_size=0, bos_id=0)
+    with pytest.raises(CltraceError, match="mix_contexts must be 1 or a multiple of batch_size=4"):
+        PackConfig(n_ctx=4, batch_size=4, bos_id=0, mix_contexts=6)
     with pytest.raises(CltraceError, match=r"heldout_fraction must be in \[0, 1\)"):
         PackConfig(n_ctx=4, batch_size=1, bos_id=0, heldout_fraction=1.0)
     with pytest.raises(CltraceError, match="holds no documents"):
@@ -308,6 +348,9 @@ def test_too_little_text_for_one_batch() -> None:
     cfg = PackConfig(n_ctx=3, batch_size=100, bos_id=0, heldout_fraction=0.0)
     with pytest.raises(CltraceError, match="fewer than batch_size=100"):
         list(pack_batches(["short text"], char_tok, cfg))
+    mixed = PackConfig(n_ctx=3, batch_size=100, bos_id=0, heldout_fraction=0.0, mix_contexts=200)
+    with pytest.raises(CltraceError, match="fewer than batch_size=100"):
+        list(pack_batches(["short text"], char_tok, mixed))
 
 
 # ---------------------------------------------------------------- default corpus

@@ -119,14 +119,17 @@ class RoundedStream(HarvestSource):
             yield x.to(torch.bfloat16), y.to(torch.bfloat16), pos
 
 
-def test_training_from_store_equals_training_from_stream(tmp_path: Path) -> None:
-    cfg = resume_config().with_overrides({"harvest_batch": 1, "eval_tokens": 0, "total_tokens": 16 * 16})
+@pytest.mark.parametrize("mix", [1, 8])
+def test_training_from_store_equals_training_from_stream(tmp_path: Path, mix: int) -> None:
+    """A store harvested with the run's mixing (none, or pools of two buffers) trains exactly as the stream."""
+    cfg = resume_config().with_overrides({"harvest_batch": 1, "eval_tokens": 0, "total_tokens": 16 * 16,
+                                          "mix_contexts": mix})
     steps_per_buffer = cfg.shuffle_contexts * POS // cfg.batch_tokens
     need = -(-cfg.total_steps // steps_per_buffer) * cfg.shuffle_contexts  # contexts of the run: one epoch
-    harvest(tmp_path, tmp_path / "store", tokens=need * POS)
+    harvest(tmp_path, tmp_path / "store", tokens=need * POS, mix_contexts=mix)
     model = tiny_model("llama")
     stream = RoundedStream(model, FileSource(tmp_path / "docs.txt", txt_split="paragraph"), tok, cfg.n_ctx,
-                           cfg.shuffle_contexts, cfg.harvest_batch, cfg.heldout_fraction, bos_id=0)
+                           cfg.shuffle_contexts, cfg.harvest_batch, cfg.heldout_fraction, bos_id=0, mix_contexts=mix)
     Trainer(cfg, stream, tmp_path / "from-stream", progress=False).run()
     store_cfg = cfg.with_overrides({"store": str(tmp_path / "store"), "source": "text"})
     train_transcoder(store_cfg, tmp_path / "from-store", model=model, tokenize=tok, progress=False, bos_id=0,
@@ -252,6 +255,8 @@ def test_wrong_model_or_settings_are_refused(tmp_path: Path) -> None:
                          source=text, progress=False, bos_id=0)
     with pytest.raises(CltraceError, match=r"other settings \(n_ctx=17->9"):
         harvest(tmp_path, tmp_path / "store", tokens=16 * 12, n_ctx=9)
+    with pytest.raises(CltraceError, match=r"other settings \(mix_contexts=1->8"):  # extending must keep the order
+        harvest(tmp_path, tmp_path / "store", tokens=16 * 12, mix_contexts=8)
     assert {p.name: p.read_bytes() for p in (tmp_path / "store").iterdir()} == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -217,6 +217,9 @@ def harvest(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
     shard_contexts: Annotated[Optional[int], typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
     heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of documents held out (never stored).")] = 0.01,
+    mix_contexts: Annotated[int, typer.Option(
+        "--mix-contexts", min=1, help="Store the contexts in shuffled pools of this many (1: in text order), so that training "
+        "reads mixed text (as `cltrace train` does when it harvests on the fly).")] = 4096,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Harvest every layer's transcoder inputs and targets into a sharded activation store (resumes and extends OUT)."""
@@ -229,7 +232,7 @@ def harvest(
     st = harvest_to_store(
         loaded, text, out, tokens, model_spec=model or "default", source_spec=source, text_column=text_column,
         n_ctx=n_ctx, dtype=dtype.value, harvest_dtype=compute_dtype.value, shard_contexts=shard_contexts,
-        harvest_batch=batch_size, heldout_fraction=heldout_fraction, progress=not quiet,
+        harvest_batch=batch_size, heldout_fraction=heldout_fraction, mix_contexts=mix_contexts, progress=not quiet,
     )
     note = " (the text ran out: that is all of it)" if st.manifest["source_exhausted"] else ""
     typer.echo(

@@ -20,6 +20,7 @@ would have yielded next.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -52,12 +53,20 @@ class PackConfig:
     """Salt of the held-out hash: change it to draw a different held-out set."""
     drop_last: bool = True
     """Drop a final batch with fewer than ``batch_size`` contexts (else yield it smaller)."""
+    mix_contexts: int = 1
+    """Pack this many contexts ahead and yield them in a shuffled order (1: in stream order). Documents
+    are long (a 64-context batch of the default corpus holds 2 to 20 of them), so consecutive
+    contexts share a subject; mixing makes every batch draw from across the pool."""
 
     def __post_init__(self) -> None:
         if self.n_ctx < 2:
             raise CltraceError(f"n_ctx must be at least 2 (BOS plus one token), not {self.n_ctx}")
         if self.batch_size < 1:
             raise CltraceError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.mix_contexts < 1 or (self.mix_contexts > 1 and self.mix_contexts % self.batch_size):
+            raise CltraceError(
+                f"mix_contexts must be 1 or a multiple of batch_size={self.batch_size}, not {self.mix_contexts}"
+            )
         if self.split not in ("train", "heldout"):
             raise CltraceError(f"split must be 'train' or 'heldout', not {self.split!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -71,11 +80,13 @@ class PackConfig:
         """Identifies the token stream; a resume position is only valid for the same key.
 
         ``batch_size`` and ``drop_last`` are not part of it: positions fall on context boundaries,
-        so a run may resume with another batch size.
+        so a run may resume with another batch size. ``mix_contexts`` is (when above 1): it sets
+        the order of the contexts.
         """
+        mix = f";mix={self.mix_contexts}" if self.mix_contexts > 1 else ""
         return (
             f"n_ctx={self.n_ctx};bos={self.bos_id};sep={self.sep_id};split={self.split};"
-            f"heldout={self.heldout_fraction!r};seed={self.split_seed}"
+            f"heldout={self.heldout_fraction!r};seed={self.split_seed}{mix}"
         )
 
 
@@ -92,6 +103,9 @@ class PackPosition:
     """Contexts yielded so far (tokens seen = contexts * n_ctx)."""
     stream_key: str = ""
     """``PackConfig.stream_key()`` of the stream; empty matches any (a fresh start)."""
+    pool_offset: int = 0
+    """With ``mix_contexts`` > 1: contexts of the current pool already yielded. The fields above
+    then give the pool's start, from which a resume packs the pool again."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form."""
@@ -106,6 +120,7 @@ class PackPosition:
                 token_offset=int(d["token_offset"]),
                 contexts=int(d.get("contexts", 0)),
                 stream_key=str(d.get("stream_key", "")),
+                pool_offset=int(d.get("pool_offset", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CltraceError(
@@ -212,10 +227,12 @@ def pack_batches(
 
     Yields:
         :class:`PackedBatch` items: ``tokens`` LongTensor [batch, n_ctx] and the resume position.
+        With ``config.mix_contexts`` > 1 the contexts come in pools of that many, each pool in
+        an order drawn from its start (see :func:`_mixed_batches`).
 
     Raises:
-        CltraceError: ``start`` was saved for a different stream (other n_ctx, ids or split), or
-            a fresh stream could not fill a single context.
+        CltraceError: ``start`` was saved for a different stream (other n_ctx, ids, split or
+            mixing), or a fresh stream could not fill a single context (or batch).
     """
     start = start or PackPosition()
     key = config.stream_key()
@@ -224,9 +241,16 @@ def pack_batches(
             f"saved data position belongs to another stream ({start.stream_key}), not this one "
             f"({key}); resume with the same packing settings or start afresh"
         )
-    if start.doc_index < 0 or start.token_offset < 0:
+    if start.doc_index < 0 or start.token_offset < 0 or start.pool_offset < 0:
         raise CltraceError(f"bad data position {start}; indices must be >= 0")
+    if config.mix_contexts > 1:
+        return _mixed_batches(source, tokenize, config, start)
+    return _batches_in_order(source, tokenize, config, start)
 
+
+def _batches_in_order(source: Iterable[str], tokenize: Tokenize, config: PackConfig, start: PackPosition) -> Iterator[PackedBatch]:
+    """`pack_batches` in stream order (the position already checked)."""
+    key = config.stream_key()
     body = config.n_ctx - 1  # tokens after BOS in each context
     fresh = start.doc_index == 0 and start.token_offset == 0 and start.contexts == 0
     want_heldout = config.split == "heldout"
@@ -283,4 +307,44 @@ def pack_batches(
             f"the '{config.split}' split of this source has fewer than {body} tokens, not enough "
             f"for one context of n_ctx={config.n_ctx}; use more text, a smaller n_ctx, or another "
             "heldout_fraction"
+        )
+
+
+def _mixed_batches(source: Iterable[str], tokenize: Tokenize, config: PackConfig, start: PackPosition) -> Iterator[PackedBatch]:
+    """`pack_batches` with mixing: pools of `mix_contexts` contexts packed in stream order, each
+    yielded in a random order seeded by the pool's start, so a resume that packs the pool again
+    draws the same order and skips the `pool_offset` contexts already yielded."""
+    key = config.stream_key()
+    one_by_one = PackConfig(config.n_ctx, 1, config.bos_id, config.sep_id, config.split, config.heldout_fraction,
+                            config.split_seed, drop_last=False)
+    pool_start = PackPosition(start.doc_index, start.token_offset, start.contexts, one_by_one.stream_key())
+    skip = start.pool_offset
+    fresh = start.doc_index == 0 and start.token_offset == 0 and start.contexts == 0 and skip == 0
+    contexts = _batches_in_order(source, tokenize, one_by_one, pool_start)
+    yielded = False
+    while pool := list(itertools.islice(contexts, config.mix_contexts)):  # one context per item
+        if skip > len(pool):
+            raise CltraceError(
+                f"saved data position {start} points past the end of its pool of {len(pool)} contexts; "
+                "the source or tokenizer changed since it was saved"
+            )
+        g = torch.Generator().manual_seed(config.split_seed * 1_000_003 + pool_start.contexts)
+        rows = torch.cat([b.tokens for b in pool])[torch.randperm(len(pool), generator=g)]  # [pool, n_ctx]
+        end = pool[-1].position
+        for i in range(skip, len(pool), config.batch_size):
+            j = min(i + config.batch_size, len(pool))
+            if j - i < config.batch_size and config.drop_last:
+                break
+            after = (PackPosition(end.doc_index, end.token_offset, end.contexts, key) if j == len(pool) else
+                     PackPosition(pool_start.doc_index, pool_start.token_offset, pool_start.contexts, key, pool_offset=j))
+            yielded = True
+            yield PackedBatch(rows[i:j], after)
+        skip = 0
+        pool_start = end
+        if len(pool) < config.mix_contexts:
+            break
+    if fresh and not yielded:
+        raise CltraceError(
+            f"the '{config.split}' split of this source fills fewer than batch_size={config.batch_size} contexts; "
+            "use more text, a smaller batch_size, or drop_last=False"
         )

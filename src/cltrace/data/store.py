@@ -64,6 +64,8 @@ per-file costs vanish, small enough that a shard and a shuffle buffer fit in mem
 #: settings are all equal (plus the model fingerprint).
 SETTING_KEYS = ("model", "source", "text_column", "n_ctx", "heldout_fraction", "split_seed", "bos_id", "sep_id",
                 "first_position", "dtype", "harvest_dtype")
+#: Settings added after the first stores were written, with the value those stores were harvested with.
+LATER_SETTINGS = {"mix_contexts": 1}
 
 
 def model_fingerprint(loaded: LoadedModel) -> dict[str, Any]:
@@ -410,8 +412,8 @@ def _prepare_store_dir(out: Path, settings: dict[str, Any], fingerprint: dict[st
             f"activation store '{out}' holds activations of another model ({describe_fingerprint(manifest['fingerprint'])}); "
             "choose a new folder"
         )
-    diff = [f"{k}={manifest['settings'].get(k)!r}->{settings[k]!r}" for k in SETTING_KEYS
-            if manifest["settings"].get(k) != settings[k]]
+    had = {**LATER_SETTINGS, **manifest["settings"]}
+    diff = [f"{k}={had.get(k)!r}->{settings[k]!r}" for k in (*SETTING_KEYS, *LATER_SETTINGS) if had.get(k) != settings[k]]
     if diff:
         raise CltraceError(
             f"activation store '{out}' was harvested with other settings ({', '.join(diff[:4])}); "
@@ -448,6 +450,7 @@ def harvest_to_store(
     split_seed: int = 0,
     bos_id: int | None = None,
     sep_id: int | None = None,
+    mix_contexts: int = 1,
     progress: bool = True,
 ) -> ActivationStore:
     """Harvest `tokens` training tokens of `source` through `loaded` into the store at `out`.
@@ -456,6 +459,8 @@ def harvest_to_store(
     position (after a kill) or extended (a larger `tokens`); a store of another model or other
     settings, or a non-empty folder that is no store, is refused. `model_spec` and `source_spec`
     are recorded so that `cltrace train --store` can reopen the same model and held-out text.
+    `mix_contexts` > 1 stores the contexts in pools of that many, each shuffled
+    (`PackConfig.mix_contexts`), so that a run reading the store in order sees mixed text.
     If the text runs out first, the store is completed with what there was (and says so).
     """
     if dtype not in STORE_DTYPES:
@@ -467,7 +472,7 @@ def harvest_to_store(
     out = Path(out)
     tokenize, pack = model_packing(
         loaded, n_ctx, 1, tokenize=tokenize, bos_id=bos_id, sep_id=sep_id, split="train",
-        heldout_fraction=heldout_fraction, split_seed=split_seed,
+        heldout_fraction=heldout_fraction, split_seed=split_seed, mix_contexts=mix_contexts,
     )
     harvester = Harvester(loaded, dtype=STORE_DTYPES[dtype], max_batch=harvest_batch,
                           autocast_bf16=harvest_dtype == "bfloat16")
@@ -492,7 +497,7 @@ def harvest_to_store(
     settings = {"model": model_spec, "source": source_spec, "text_column": text_column, "n_ctx": n_ctx,
                 "heldout_fraction": heldout_fraction, "split_seed": split_seed, "bos_id": pack.bos_id,
                 "sep_id": pack.sep_id, "first_position": harvester.first_position, "dtype": dtype,
-                "harvest_dtype": harvest_dtype}
+                "harvest_dtype": harvest_dtype, "mix_contexts": mix_contexts}
     fingerprint = model_fingerprint(loaded)
     manifest = _prepare_store_dir(out, settings, fingerprint)
     wanted = math.ceil(tokens / T)  # contexts

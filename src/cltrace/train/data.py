@@ -44,6 +44,9 @@ class ActivationSource(ABC):
 class HarvestSource(ActivationSource):
     """Text → packed contexts → model → (x, y), one shuffle buffer of `buffer_contexts` contexts at a time.
 
+    With `mix_contexts` > 1 the contexts are packed that many ahead (rounded up to whole buffers) and
+    shuffled before harvest (see `PackConfig.mix_contexts`).
+
     The text source is re-read from the start when it runs out (an epoch); the position records
     the epoch and the packing position.
     """
@@ -63,6 +66,7 @@ class HarvestSource(ActivationSource):
         sep_id: int | None = None,
         dtype: torch.dtype = torch.float32,
         autocast_bf16: bool = False,
+        mix_contexts: int = 1,
     ) -> None:
         self.loaded = loaded
         self.source = source
@@ -73,6 +77,7 @@ class HarvestSource(ActivationSource):
         _, self.pack = model_packing(
             loaded, n_ctx, buffer_contexts, tokenize=tokenize, bos_id=bos_id, sep_id=sep_id, split=split,
             heldout_fraction=heldout_fraction, split_seed=split_seed,
+            mix_contexts=1 if mix_contexts <= 1 else -(-mix_contexts // buffer_contexts) * buffer_contexts,
         )
 
     def fingerprint(self) -> dict[str, Any]:

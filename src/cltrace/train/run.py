@@ -124,7 +124,7 @@ def train_transcoder(
     else:
         data = HarvestSource(model, source, tokenize, config.n_ctx, config.shuffle_contexts, config.harvest_batch,
                              config.heldout_fraction, config.split_seed, bos_id=bos_id,
-                             autocast_bf16=config.harvest_dtype == "bfloat16")
+                             autocast_bf16=config.harvest_dtype == "bfloat16", mix_contexts=config.mix_contexts)
     trainer = Trainer(config, data, out, resume=resume, progress=progress, model_id=config.model, stop_after=stop_after)
     if estimate:
         harvester = data.harvester if isinstance(data, HarvestSource) else Harvester(
