@@ -1,12 +1,14 @@
 """The NMSE-L0 trade-off: train several CLTs that differ in size or sparsity, evaluate each, write the table.
 
-Each point is a `cltrace train --preset default --set ...` run (the default model and corpus), so a point
+Each point is a `cltrace train --preset PRESET --set ...` run (the default model and corpus), so a point
 is exactly what a user would get with those overrides. Runs that already finished are read back, not
-trained again, so the sweep can be stopped and restarted.
+trained again, and a stopped one is resumed, so the sweep can be stopped and restarted. Each point
+says whether it meets the quality bar (mean NMSE <= 0.35, spliced top-1 >= 30%, mean L0 <= 64).
 
     .venv/bin/python benchmarks/train_sweep.py --work /tmp/sweep \
         --point n_features=256,sparsity_lambda=1.5e-3 --point n_features=256,sparsity_lambda=7e-4 \
         --set total_tokens=150000
+    .venv/bin/python benchmarks/train_sweep.py --preset quality --work /tmp/q --name train_quality_preset
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from pathlib import Path
 
 from common import write_result
 
-KEYS = ("nmse_mean", "l0_mean", "spliced_top1", "spliced_kl", "dead_fraction", "n_tokens")
+KEYS = ("nmse_mean", "l0_mean", "spliced_top1", "spliced_kl", "dead_fraction", "n_tokens", "train_seconds", "train_tokens")
+BAR = {"nmse_mean_max": 0.35, "spliced_top1_min": 0.30, "l0_mean_max": 64}
 
 
-def run_point(work: Path, overrides: list[str], name: str) -> dict:
+def run_point(work: Path, overrides: list[str], name: str, preset: str = "default") -> dict:
     """Train and evaluate one point (or read it back if its run folder already holds eval.json)."""
     out = work / name
     eval_path = out / "eval.json"
     seconds = None
     if not eval_path.exists():
-        cmd = [sys.executable, "-m", "cltrace", "train", "--preset", "default", "-o", str(out), "--quiet"]
+        cmd = [sys.executable, "-m", "cltrace", "train", "--preset", preset, "-o", str(out), "--quiet"]
         if (out / "config.json").exists():
             cmd.append("--resume")
         for item in overrides:
@@ -41,7 +44,9 @@ def run_point(work: Path, overrides: list[str], name: str) -> dict:
         seconds = time.perf_counter() - t
     figures = json.loads(eval_path.read_text())
     config = json.loads((out / "config.json").read_text())
-    return {"name": name, "overrides": overrides, "wall_seconds": seconds,
+    meets = (figures["nmse_mean"] <= BAR["nmse_mean_max"] and figures["spliced_top1"] >= BAR["spliced_top1_min"]
+             and figures["l0_mean"] <= BAR["l0_mean_max"])
+    return {"name": name, "preset": preset, "overrides": overrides, "wall_seconds": seconds, "meets_bar": meets,
             "n_features": config["n_features"], "sparsity_lambda": config["sparsity_lambda"],
             "total_tokens": config["total_tokens"], **{k: figures.get(k) for k in KEYS},
             "nmse_per_layer": figures.get("nmse_per_layer"), "l0_per_layer": figures.get("l0_per_layer")}
@@ -50,22 +55,24 @@ def run_point(work: Path, overrides: list[str], name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the run folders")
-    parser.add_argument("--point", action="append", required=True,
-                        help="comma-separated KEY=VALUE overrides of one point (repeatable)")
+    parser.add_argument("--preset", default="default", help="the preset every point starts from")
+    parser.add_argument("--point", action="append", default=None,
+                        help="comma-separated KEY=VALUE overrides of one point (repeatable; none: the preset itself, "
+                             "in WORK/PRESET)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override shared by every point")
     parser.add_argument("--name", default="train_sweep", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for point in args.point:
-        overrides = [*args.set, *point.split(",")]
-        name = point.replace(",", "_").replace("=", "")
-        rows.append(run_point(args.work, overrides, name))
+    for point in args.point or [""]:
+        overrides = [*args.set, *filter(None, point.split(","))]
+        name = point.replace(",", "_").replace("=", "") or args.preset
+        rows.append(run_point(args.work, overrides, name, args.preset))
         row = rows[-1]
         print(f"{name}: NMSE {row['nmse_mean']:.3f}  L0 {row['l0_mean']:.1f}  top-1 {row['spliced_top1']:.1%}  "
-              f"KL {row['spliced_kl']:.2f}", flush=True)
+              f"KL {row['spliced_kl']:.2f}  {'meets' if row['meets_bar'] else 'misses'} the bar", flush=True)
     path = write_result(args.name, {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-                                    "load_average_end": os.getloadavg()[0], "points": rows})
+                                    "load_average_end": os.getloadavg()[0], "bar": BAR, "points": rows})
     print(f"wrote {path}")
 
 
