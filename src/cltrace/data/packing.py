@@ -105,7 +105,8 @@ class PackPosition:
     """``PackConfig.stream_key()`` of the stream; empty matches any (a fresh start)."""
     pool_offset: int = 0
     """With ``mix_contexts`` > 1: contexts of the current pool already yielded. The fields above
-    then give the pool's start, from which a resume packs the pool again."""
+    then give the pool's start, from which a resume packs the pool again (so the contexts yielded
+    so far are ``contexts`` + ``pool_offset``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form."""
