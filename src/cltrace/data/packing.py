@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -316,8 +316,7 @@ def _mixed_batches(source: Iterable[str], tokenize: Tokenize, config: PackConfig
     yielded in a random order seeded by the pool's start, so a resume that packs the pool again
     draws the same order and skips the `pool_offset` contexts already yielded."""
     key = config.stream_key()
-    one_by_one = PackConfig(config.n_ctx, 1, config.bos_id, config.sep_id, config.split, config.heldout_fraction,
-                            config.split_seed, drop_last=False)
+    one_by_one = replace(config, batch_size=1, drop_last=False, mix_contexts=1)  # the same stream, in order
     pool_start = PackPosition(start.doc_index, start.token_offset, start.contexts, one_by_one.stream_key())
     skip = start.pool_offset
     fresh = start.doc_index == 0 and start.token_offset == 0 and start.contexts == 0 and skip == 0
