@@ -27,10 +27,14 @@ def points() -> list[dict]:
         out.append({"label": f"{s['n_features']}f, {s['train_tokens'] // 1000}k tok, λ {s['sparsity_lambda']:g}",
                     "l0": s["l0_mean"], "nmse": s["nmse_mean"], "top1": s["spliced_top1"]})
     quality = json.loads((RESULTS / "train_quality_preset.json").read_text())
-    q = quality["preset"]
+    q = quality["points"][0]
     out.append({"label": f"quality: {q['n_features']}f, {q['total_tokens'] // 10**6}M tok, λ {q['sparsity_lambda']:g}",
-                "l0": quality["eval"]["l0_mean"], "nmse": quality["eval"]["nmse_mean"], "top1": quality["eval"]["spliced_top1"]})
-    s = quality["sweep_point_150k"]
+                "l0": q["l0_mean"], "nmse": q["nmse_mean"], "top1": q["spliced_top1"]})
+    earlier = quality["previous_run"]  # unmixed contexts, 20% decay
+    q = earlier["preset"]
+    out.append({"label": f"{q['n_features']}f, {q['total_tokens'] // 10**6}M tok, λ {q['sparsity_lambda']:g}, unmixed",
+                "l0": earlier["eval"]["l0_mean"], "nmse": earlier["eval"]["nmse_mean"], "top1": earlier["eval"]["spliced_top1"]})
+    s = earlier["sweep_point_150k"]
     out.append({"label": "256f, 150k tok, λ 0.0015", "l0": s["l0_mean"], "nmse": s["nmse_mean"], "top1": s["spliced_top1"]})
     return out
 
@@ -50,7 +54,7 @@ def main() -> int:
     for p in pts:
         ax.scatter(p["l0"], p["nmse"], s=30, color="#1f77b4" if p["label"].startswith(("default", "quality")) else "#888")
         ax.annotate(f"{p['label']}\n(top-1 {100 * p['top1']:.0f}%)", (p["l0"], p["nmse"]), fontsize=7,
-                    xytext=(5, 3), textcoords="offset points")
+                    xytext=(5, -20 if p["label"].startswith("quality") else 3), textcoords="offset points")
     ax.set_xlabel("mean L0 (active features per layer and token)")
     ax.set_ylabel("mean NMSE (held-out)")
     ax.set_title("CLTs on SmolLM2-135M: reconstruction against sparsity (bar: NMSE ≤ 0.35 at L0 ≤ 64)", fontsize=9)
