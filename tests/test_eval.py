@@ -136,6 +136,31 @@ def test_evaluate_on_text_uses_heldout_split(tmp_path) -> None:
         evaluate(loaded, tc, FileSource(tmp_path / "e.txt"), n_tokens=30, tokenize=lambda t: [1], bos_id=0)
 
 
+def test_heldout_contexts_are_drawn_across_the_split() -> None:
+    """The evaluated contexts are a fixed random draw from the whole held-out split, not its first ones."""
+    from cltrace.data.packing import PackConfig, pack_batches
+    from cltrace.eval.evaluate import token_batches
+
+    loaded = tiny_model("gpt2")
+    docs = [str(i) for i in range(400)]
+    tokenize = lambda t: [1 + 20 * int(t) + j for j in range(20)]  # noqa: E731  (every context unique)
+    in_order = torch.cat([b.tokens for b in pack_batches(docs, tokenize, PackConfig(
+        n_ctx=16, batch_size=8, bos_id=0, split="heldout", heldout_fraction=0.5, drop_last=False))])  # [n, 16]
+    assert len(in_order) > 150
+
+    def draw() -> torch.Tensor:
+        return torch.cat(list(token_batches(loaded, docs, n_tokens=16 * 14, n_ctx=16, tokenize=tokenize,
+                                            heldout_fraction=0.5, bos_id=0)))  # [16, 16]
+
+    drawn = draw()
+    assert drawn.shape == (16, 16)
+    index = {tuple(row.tolist()): i for i, row in enumerate(in_order)}
+    where = [index[tuple(row.tolist())] for row in drawn]  # each one a held-out context
+    assert len(set(where)) == 16
+    assert where != list(range(16)) and max(where) >= len(in_order) // 2
+    assert torch.equal(draw(), drawn)  # the same draw every time
+
+
 def test_cli_eval_rejects_missing_transcoder(tmp_path) -> None:
     from typer.testing import CliRunner
 
