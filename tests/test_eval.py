@@ -160,6 +160,12 @@ def test_heldout_contexts_are_drawn_across_the_split() -> None:
     assert where != list(range(16)) and max(where) >= len(in_order) // 2
     assert torch.equal(draw(), drawn)  # the same draw every time
 
+    # A small evaluation draws from a pool sized to it (64 x 2 contexts), not from the whole split.
+    few = torch.cat(list(token_batches(loaded, docs, n_tokens=2 * 14, n_ctx=16, batch_size=2, tokenize=tokenize,
+                                       heldout_fraction=0.5, bos_id=0)))  # [2, 16]
+    where = [index[tuple(row.tolist())] for row in few]
+    assert max(where) < 128 and where != [0, 1]
+
 
 def test_cli_eval_rejects_missing_transcoder(tmp_path) -> None:
     from typer.testing import CliRunner
