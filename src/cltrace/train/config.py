@@ -295,13 +295,13 @@ TINY_PRESET = TrainConfig(
 )
 
 #: For when the default's budget cannot reach the quality bar (mean NMSE <= 0.35 and spliced top-1 >= 30%
-#: at L0 <= 64): the default CLT with 6.6x the tokens (quality kept improving with tokens: NMSE 0.59 after
+#: at L0 <= 64): the default CLT with 5.4x the tokens (quality kept improving with tokens: NMSE 0.59 after
 #: 150k, 0.41 after 500k) and half the sparsity penalty, decaying the learning rate over the last 30%.
-#: Its previous version (3M tokens, λ 7e-4; benchmarks/results/train_quality_preset.json) reached NMSE
+#: A 3M-token run at λ 7e-4 (benchmarks/results/train_quality_preset.json, previous_run) reached NMSE
 #: 0.330 and top-1 40% but at L0 66, over the bar, on 33k held-out tokens drawn across the split: L0
-#: climbed from 56 to 65 while the rate decayed. Hence λ 8e-4, and 10% more tokens to pay for the
-#: sparser code; about 165 minutes on this 2-core CPU when idle (the previous one: 147).
-QUALITY_PRESET = dataclasses.replace(DEFAULT_PRESET, total_tokens=3_300_000, sparsity_lambda=8e-4, lr_decay_frac=0.3)
+#: climbed from 56 to 65 while the rate decayed. Hence λ 7.5e-4, on 2.7M tokens so that the whole run
+#: fits in about 140 minutes on this 2-core CPU when idle.
+QUALITY_PRESET = dataclasses.replace(DEFAULT_PRESET, total_tokens=2_700_000, sparsity_lambda=7.5e-4, lr_decay_frac=0.3)
 
 PRESETS: dict[str, TrainConfig] = {"default": DEFAULT_PRESET, "quality": QUALITY_PRESET, "tiny": TINY_PRESET}
 
