@@ -129,7 +129,7 @@ def convert(
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.4 h) or 'tiny'.")] = "default",
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.3 h) or 'tiny'.")] = "default",
     model: ModelOption = None,
     source: Annotated[
         Optional[str], typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")
