@@ -326,7 +326,7 @@ export class GraphView {
     for (const id of h.matches) this._node(id, (n) => ring(n, "#f59e0b", 3, 2));
     for (const id of h.pinned) this._node(id, (n) => ring(n, "#0d9488", 2.5));
     const focus = [h.hovered, ...h.selected].filter(Boolean);
-    for (const id of focus) this._node(id, (n) => this._drawNeighbourEdges(ctx, this.byId.get(id)));
+    for (const id of focus) this._node(id, () => this._drawNeighbourEdges(ctx, this.byId.get(id)));
     for (const id of h.selected) this._node(id, (n) => ring(n, "#111", 2.5, 1));
     if (h.hovered) this._node(h.hovered, (n) => ring(n, "#111", 1.5));
   }

@@ -473,7 +473,9 @@ $("new-graph-form").addEventListener("submit", async (e) => {
     bar.max = Math.max(1, job.total);
     bar.value = job.done;
     status.textContent = `${job.stage}${job.total ? ` · ${job.done} of ${job.total} rows` : ""} · ${job.elapsed_s.toFixed(0)} s`;
-    await new Promise((r) => setTimeout(r, 300));
+    await new Promise((r) => {
+      setTimeout(r, 300);
+    });
     job = await api.job(job.id);
   }
   if (job.status === "error") {
