@@ -3,10 +3,13 @@
 // Highlights (hover, selection, pins, search hits, supernodes) are drawn on top every frame.
 
 import { layout } from "./layout.js";
+import {
+  adjacency, BUCKETS, edgeBucket, fitTransform, maxAbsWeight, nearestNode, nodeGrid, percent, strongestEdges,
+  visibleText, zoomTransform
+} from "./model.js";
 
 const POS = [37, 99, 235]; // positive edges: blue
 const NEG = [220, 38, 38]; // negative edges: red
-const BUCKETS = 6; // edge strength classes, one stroke() each
 const MARGIN = 0.5; // the cached bitmap reaches this share of the screen beyond each edge
 const QUICK_FROM = 2; // while panning, a redrawn bitmap skips the weakest edge classes (below this one)
 const NODE_STYLE = {
@@ -45,9 +48,7 @@ export class GraphView {
     this.nPos = md.n_pos;
     this.tokens = md.tokens;
     this.bounds = layout(this.nodes, md.n_layers, md.n_pos);
-    let maxAbs = 0;
-    for (const w of this.edges.weight) maxAbs = Math.max(maxAbs, Math.abs(w));
-    this.maxAbs = maxAbs || 1;
+    this.maxAbs = maxAbsWeight(this.edges.weight);
     this._buildPaths();
     this._buildGrid();
     if (!keepView) this.fit();
@@ -64,9 +65,7 @@ export class GraphView {
       const a = this.nodes[source[e]];
       const t = this.nodes[target[e]];
       if (visible && !(visible.has(a.id) && visible.has(t.id))) continue;
-      const strength = Math.sqrt(Math.abs(weight[e]) / this.maxAbs);
-      const bucket = Math.min(BUCKETS - 1, Math.floor(strength * BUCKETS));
-      const path = this.paths[(weight[e] < 0 ? BUCKETS : 0) + bucket];
+      const path = this.paths[edgeBucket(weight[e], this.maxAbs)];
       path.moveTo(a.x, a.y);
       path.lineTo(t.x, t.y);
     }
@@ -74,12 +73,7 @@ export class GraphView {
 
   _buildGrid() {
     this.cell = 24;
-    this.grid = new Map();
-    this.nodes.forEach((n, i) => {
-      const key = `${Math.floor(n.x / this.cell)},${Math.floor(n.y / this.cell)}`;
-      if (!this.grid.has(key)) this.grid.set(key, []);
-      this.grid.get(key).push(i);
-    });
+    this.grid = nodeGrid(this.nodes, this.cell);
   }
 
   isShown(n) {
@@ -108,12 +102,7 @@ export class GraphView {
 
   fit() {
     if (!this.bounds) return;
-    const pad = 60;
-    const sx = (this.width - 2 * pad) / Math.max(1, this.bounds.width);
-    const sy = (this.height - 2 * pad) / Math.max(1, this.bounds.height);
-    this.scale = Math.max(0.02, Math.min(2.5, sx, sy));
-    this.tx = (this.width - this.bounds.width * this.scale) / 2;
-    this.ty = (this.height - this.bounds.height * this.scale) / 2;
+    Object.assign(this, fitTransform(this.bounds, this.width, this.height));
     this.invalidate();
   }
 
@@ -125,11 +114,7 @@ export class GraphView {
   }
 
   zoomAt(factor, sx, sy) {
-    const s = Math.max(0.02, Math.min(20, this.scale * factor));
-    const k = s / this.scale;
-    this.tx = sx - (sx - this.tx) * k;
-    this.ty = sy - (sy - this.ty) * k;
-    this.scale = s;
+    Object.assign(this, zoomTransform(this, factor, sx, sy));
     clearTimeout(this._zoomTimer); // while zooming the old bitmap is stretched; redrawn once it stops
     this._zoomTimer = setTimeout(() => this.invalidate(), 150);
     this.requestDraw();
@@ -142,23 +127,8 @@ export class GraphView {
   nodeAt(sx, sy) {
     const wx = (sx - this.tx) / this.scale;
     const wy = (sy - this.ty) / this.scale;
-    const cx = Math.floor(wx / this.cell);
-    const cy = Math.floor(wy / this.cell);
     const reach = Math.max(8 / this.scale, 6);
-    let best = null;
-    let bestD = reach * reach;
-    for (let i = cx - 1; i <= cx + 1; i++)
-      for (let j = cy - 1; j <= cy + 1; j++)
-        for (const k of this.grid.get(`${i},${j}`) || []) {
-          const n = this.nodes[k];
-          if (!this.isShown(n)) continue;
-          const d = (n.x - wx) ** 2 + (n.y - wy) ** 2;
-          if (d < bestD) {
-            bestD = d;
-            best = n;
-          }
-        }
-    return best;
+    return nearestNode(this.grid, this.cell, this.nodes, wx, wy, reach, (n) => this.isShown(n));
   }
 
   // -- drawing -----------------------------------------------------------------------------------
@@ -261,7 +231,7 @@ export class GraphView {
         ctx.rotate(-Math.PI / 4);
         ctx.textAlign = "left";
         ctx.textBaseline = "middle";
-        ctx.fillText(`${visibleText(n.text)} ${(100 * n.probability).toFixed(1)}%`, 0, 0);
+        ctx.fillText(`${visibleText(n.text)} ${percent(n.probability)}`, 0, 0);
         ctx.restore();
       }
     }
@@ -355,27 +325,14 @@ export class GraphView {
   }
 
   _buildAdjacency() {
-    const { source, target } = this.edges;
-    this._adjacency = this.nodes.map(() => []);
-    for (let e = 0; e < source.length; e++) {
-      this._adjacency[source[e]].push(e);
-      this._adjacency[target[e]].push(e);
-    }
+    this._adjacency = adjacency(this.nodes.length, this.edges.source, this.edges.target);
   }
 
   /** The node's strongest incoming and outgoing edges: [{node, weight}] by |weight|. */
   neighbours(id, k = 8) {
     const i = this.byId.get(id);
     if (!this._adjacency) this._buildAdjacency();
-    const { source, target, weight } = this.edges;
-    const inputs = [];
-    const outputs = [];
-    for (const e of this._adjacency[i]) {
-      if (target[e] === i) inputs.push({ node: this.nodes[source[e]], weight: weight[e] });
-      else outputs.push({ node: this.nodes[target[e]], weight: weight[e] });
-    }
-    const top = (list) => list.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, k);
-    return { inputs: top(inputs), outputs: top(outputs) };
+    return strongestEdges(i, this._adjacency[i], this.nodes, this.edges, k);
   }
 
   // -- input -------------------------------------------------------------------------------------
@@ -425,9 +382,4 @@ export class GraphView {
       { passive: false },
     );
   }
-}
-
-/** Whitespace made visible, as token texts need. */
-export function visibleText(text) {
-  return String(text ?? "").replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/^ /, "␣");
 }

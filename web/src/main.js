@@ -2,7 +2,12 @@
 
 import "./style.css";
 import { api } from "./api.js";
-import { GraphView, visibleText } from "./graphview.js";
+import { GraphView } from "./graphview.js";
+import {
+  applyClick, describe as describeNode, describeIntervention, fmt, interventionSpecs, jobProgress, newIntervention,
+  pageKey, percent, quotedTokens, relabel, searchMatches, selectedFeatures, shade, togglePinned, visibleText,
+  withoutSupernode, withSupernode
+} from "./model.js";
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...children) => {
@@ -15,7 +20,6 @@ const el = (tag, attrs = {}, ...children) => {
   for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c);
   return node;
 };
-const fmt = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
 
 const state = {
   path: null, // the open graph, relative to the served folder
@@ -118,15 +122,10 @@ async function saveWork() {
 
 // -- hover and click ---------------------------------------------------------------------------------
 
-function describe(n) {
-  if (n.kind === "feature") return n.label || `feature ${n.layer}:${n.feature}`;
-  if (n.kind === "error") return `error of layer ${n.layer} at “${visibleText(state.view.metadata.tokens[n.pos] ?? n.pos)}”`;
-  if (n.kind === "embedding") return `token “${visibleText(n.text)}”`;
-  return `output “${visibleText(n.text)}” (p = ${(100 * n.probability).toFixed(1)}%)`;
-}
+const describe = (n) => describeNode(n, state.view.metadata.tokens);
 
 async function featurePage(n) {
-  const key = `${n.layer}:${n.feature}`;
+  const key = pageKey(n);
   if (!state.pages.has(key)) {
     state.pages.set(key, api.feature(state.path, n.layer, n.feature).catch((err) => err));
   }
@@ -151,23 +150,14 @@ function onHover(n, event) {
   if (n.kind === "feature" && state.view.features_db) {
     featurePage(n).then((page) => {
       if (tip.dataset.node !== n.id || page instanceof Error) return;
-      promoted.textContent = `promotes: ${page.promoted.slice(0, 5).map((t) => `“${visibleText(t.text)}”`).join(" ")}`;
+      promoted.textContent = `promotes: ${quotedTokens(page.promoted, 5)}`;
     });
   }
 }
 
 function onClick(n, event) {
   const additive = event.ctrlKey || event.metaKey || event.shiftKey;
-  if (!n) {
-    if (!additive) state.selected.clear();
-  } else if (additive) {
-    if (state.selected.has(n.id)) state.selected.delete(n.id);
-    else state.selected.add(n.id);
-  } else {
-    state.selected.clear();
-    state.selected.add(n.id);
-  }
-  state.focus = n ? n.id : state.focus;
+  state.focus = applyClick(state.selected, state.focus, n, additive);
   view.requestDraw();
   renderNodePanel();
   renderWork();
@@ -213,8 +203,8 @@ function labelEditor(n) {
   const save = async () => {
     const saved = await guarded(() => api.setLabel(state.path, n.layer, n.feature, input.value));
     if (!saved) return;
-    for (const m of state.view.nodes) if (m.kind === "feature" && m.layer === n.layer && m.feature === n.feature) m.label = saved.label;
-    state.pages.delete(`${n.layer}:${n.feature}`);
+    relabel(state.view.nodes, n.layer, n.feature, saved.label);
+    state.pages.delete(pageKey(n));
     renderNodePanel();
     applySearch();
   };
@@ -248,7 +238,7 @@ function focusNode(id) {
 
 function renderPage(page) {
   if (page instanceof Error) return [el("p", { class: "muted" }, page.message)];
-  const tokens = (list) => list.slice(0, 8).map((t) => `“${visibleText(t.text)}”`).join(" ");
+  const tokens = (list) => quotedTokens(list, 8);
   const parts = [
     el("h3", {}, `Feature ${page.name}`),
     el("div", {}, el("strong", {}, "promotes "), tokens(page.promoted)),
@@ -256,7 +246,6 @@ function renderPage(page) {
     el("div", { class: "muted" }, `density ${(100 * page.density).toFixed(3)}% · max ${fmt(page.max_act)} · ${page.tokens_analysed.toLocaleString()} tokens`),
     el("h3", {}, "Top contexts"),
   ];
-  const max = Math.max(page.max_act, 1e-9);
   for (const ex of page.top) {
     parts.push(
       el(
@@ -265,7 +254,7 @@ function renderPage(page) {
         ex.texts.map((t, i) =>
           el(
             "span",
-            { class: `tok${i === ex.mark ? " mark" : ""}`, style: `background: rgba(245, 158, 11, ${Math.min(1, Math.max(0, ex.acts[i] / max)).toFixed(3)})`, title: fmt(ex.acts[i]) },
+            { class: `tok${i === ex.mark ? " mark" : ""}`, style: `background: rgba(245, 158, 11, ${shade(ex.acts[i], page.max_act)})`, title: fmt(ex.acts[i]) },
             visibleText(t),
           ),
         ),
@@ -279,7 +268,7 @@ function renderPage(page) {
 // -- pinned nodes and supernodes ----------------------------------------------------------------------
 
 function togglePin(id) {
-  state.pinned = state.pinned.includes(id) ? state.pinned.filter((x) => x !== id) : [...state.pinned, id];
+  state.pinned = togglePinned(state.pinned, id);
   saveWork().then(renderNodePanel);
 }
 
@@ -309,26 +298,25 @@ function renderWork() {
       ),
     ),
   );
-  const features = [...state.selected].filter((id) => nodeById(id)?.kind === "feature");
+  const features = selectedFeatures(state.selected, nodeById);
   $("make-supernode").textContent = `Group ${features.length} selected`;
 }
 
 function makeSupernode() {
   const name = $("supernode-name").value.trim();
-  const members = [...state.selected].filter((id) => nodeById(id)?.kind === "feature");
+  const members = selectedFeatures(state.selected, nodeById);
   if (!name || !members.length) {
     showMessage("Select features (Ctrl/⌘-click) and name the supernode first.");
     setTimeout(() => showMessage(""), 4000);
     return;
   }
-  state.supernodes = [...state.supernodes.filter((s) => s.name !== name), { name, members }];
+  state.supernodes = withSupernode(state.supernodes, name, members);
   $("supernode-name").value = "";
   saveWork();
 }
 
 function removeSupernode(name) {
-  state.supernodes = state.supernodes.filter((s) => s.name !== name);
-  state.interventions = state.interventions.filter((iv) => iv.supernode !== name);
+  Object.assign(state, withoutSupernode(state.supernodes, state.interventions, name));
   saveWork();
   renderInterventions();
 }
@@ -336,7 +324,7 @@ function removeSupernode(name) {
 // -- interventions ------------------------------------------------------------------------------------
 
 function addIntervention(target) {
-  state.interventions.push({ ...target, mode: "scale", value: 0 });
+  state.interventions.push(newIntervention(target));
   renderInterventions();
 }
 
@@ -344,7 +332,7 @@ function renderInterventions() {
   $("iv-list").replaceChildren(
     ...(state.interventions.length
       ? state.interventions.map((iv, i) => {
-          const what = iv.node ? describe(nodeById(iv.node) || { kind: "feature", layer: "?", feature: "?" }) : `supernode ${iv.supernode}`;
+          const what = describeIntervention(iv, nodeById, state.view.metadata.tokens);
           const mode = el("select", { onchange: (e) => (iv.mode = e.target.value) }, el("option", { value: "scale" }, "scale ×"), el("option", { value: "set" }, "set to"));
           mode.value = iv.mode;
           const value = el("input", { type: "number", step: "any", value: String(iv.value), onchange: (e) => (iv.value = Number(e.target.value)) });
@@ -366,7 +354,7 @@ async function runIntervention() {
   const box = $("iv-result");
   box.replaceChildren(el("p", { class: "muted" }, "Running…"));
   const body = {
-    interventions: state.interventions.map(({ node, supernode, mode, value }) => (node ? { node, mode, value } : { supernode, mode, value })),
+    interventions: interventionSpecs(state.interventions),
     run_mode: $("iv-run-mode").value,
     freeze_attention: $("iv-freeze").checked,
     top: 8,
@@ -386,9 +374,9 @@ function renderResult(r) {
       "tr",
       {},
       el("td", {}, `“${visibleText(b.text)}”`),
-      el("td", { class: "num" }, `${(100 * b.probability).toFixed(1)}%`),
+      el("td", { class: "num" }, percent(b.probability)),
       el("td", {}, a ? `“${visibleText(a.text)}”` : ""),
-      el("td", { class: "num" }, a ? `${(100 * a.probability).toFixed(1)}%` : ""),
+      el("td", { class: "num" }, a ? percent(a.probability) : ""),
     );
   });
   const prediction = r.graph_prediction.map((p) =>
@@ -413,13 +401,10 @@ function renderResult(r) {
 // -- search and threshold -----------------------------------------------------------------------------
 
 function applySearch() {
-  const text = $("search").value.trim().toLowerCase();
-  const matches = new Set();
-  if (text && state.view) {
-    for (const n of state.view.nodes) if ((n.label || n.text || "").toLowerCase().includes(text)) matches.add(n.id);
-  }
+  const query = $("search").value;
+  const matches = state.view ? searchMatches(state.view.nodes, query) : new Set();
   view.highlight.matches = matches;
-  $("search").title = text ? `${matches.size} matching nodes` : "";
+  $("search").title = query.trim() ? `${matches.size} matching nodes` : "";
   view.requestDraw();
   return matches;
 }
@@ -472,7 +457,7 @@ $("new-graph-form").addEventListener("submit", async (e) => {
   while (job.status === "queued" || job.status === "running") {
     bar.max = Math.max(1, job.total);
     bar.value = job.done;
-    status.textContent = `${job.stage}${job.total ? ` · ${job.done} of ${job.total} rows` : ""} · ${job.elapsed_s.toFixed(0)} s`;
+    status.textContent = jobProgress(job);
     await new Promise((r) => {
       setTimeout(r, 300);
     });
