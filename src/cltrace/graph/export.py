@@ -8,7 +8,7 @@ written as a string (``"E"`` for embeddings, ``str(n_layers + 1)`` for logits); 
 ``"{layer}_{feature}-0"``; an embedding's ``feature`` is its position; a logit's is its token id,
 with ``clerp`` ``'Output "tok" (p=0.123)'`` (the front end parses the probability from it) and
 ``is_target_logit`` on the first (most probable) logit; ``influence`` is the cumulative influence
-share from pruning. Node ids follow DESIGN.md: error nodes are ``"{layer}_-1_{pos}"``.
+share from pruning. Node ids follow `cltrace.graph.graph`: error nodes are ``"{layer}_-1_{pos}"``.
 
 Graph metadata read (all optional): ``prompt`` (str), ``tokens`` (list of token strings),
 ``n_layers`` (int), ``model`` (str), ``transcoder`` (str, list of str, or a config dict with a

@@ -13,7 +13,7 @@ everything else in the file: the other header entries and every tensor's name, d
 bytes. Safetensors itself checks only that the header's offsets fit the file, so without it a
 flipped bit in the edge weights would load as a different graph. Never a dense N×N matrix.
 
-Node ids follow the circuit-tracer / Neuronpedia conventions (see DESIGN.md): features
+Node ids follow the circuit-tracer / Neuronpedia conventions: features
 ``"{layer}_{feature}_{pos}"``, error nodes ``"{layer}_-1_{pos}"``, embeddings ``"E_{token}_{pos}"``,
 logits ``"{n_layers+1}_{token}_{pos}"``.
 """
