@@ -48,6 +48,7 @@ $(CHROMIUM_STAMP):
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
+	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 # Trace the prompt with the default CLT (trained into the user cache on the first run, resuming if
