@@ -458,7 +458,7 @@ def test_config_too_big_for_memory_is_refused_before_anything_is_written(tmp_pat
     """The estimate counts the weights four times (weights, gradients, two Adam moments): a machine
     with less available is refused in one line, and no run folder is started."""
     import cltrace.train.trainer as trainer_module
-    from cltrace.train.trainer import training_memory_bytes
+    from cltrace.train.run_dir import training_memory_bytes
 
     cfg = resume_config().with_overrides({"total_tokens": 16 * 4})
     model = tiny_model("llama")

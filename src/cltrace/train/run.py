@@ -19,7 +19,8 @@ from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource, HarvestSource, StoreSource
 from cltrace.train.losses import transcoder_loss
-from cltrace.train.trainer import EVAL_FILE, TRANSCODER_DIR, Trainer
+from cltrace.train.run_dir import EVAL_FILE, TRANSCODER_DIR
+from cltrace.train.trainer import Trainer
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 log = logging.getLogger(__name__)
