@@ -45,16 +45,8 @@ from cltrace.features.state import (
     _save_state,
     update_state,
 )
-from cltrace.features.store import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    Labeller,
-    TokenLabeller,
-    connect,
-    read_meta,
-    transaction,
-    write_meta,
-)
+from cltrace.features.database import SCHEMA, SCHEMA_VERSION, connect, read_meta, transaction, write_meta
+from cltrace.features.page import Labeller, TokenLabeller
 from cltrace.model import load_model
 from cltrace.transcoder import Transcoder, load_transcoder
 

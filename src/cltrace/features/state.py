@@ -17,7 +17,7 @@ import torch
 
 from cltrace.data.harvest import FIRST_POSITION
 from cltrace.errors import CltraceError
-from cltrace.features.store import write_meta
+from cltrace.features.database import write_meta
 
 HIST_EDGES = [10.0 ** (-4 + j / 8) for j in range(65)]  # 8 bins per decade from 1e-4 to 1e4 (see hist_bins)
 MASK32 = 0xFFFFFFFF
