@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
+from cltrace.data.harvest import base_transformer
+
 # -- static views: what a feature says and what drives it ------------------------------------------
 
 
 def final_norm_weight(loaded: Any) -> torch.Tensor:
     """The elementwise weight of the model's final norm [d] (Gemma's 1 + w), ones if there is none."""
-    from cltrace.data.harvest import base_transformer
-
     base = base_transformer(loaded)
     for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
         module = getattr(base, name, None)

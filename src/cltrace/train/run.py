@@ -13,8 +13,12 @@ import torch
 
 from cltrace.atomic import atomic_write_text
 from cltrace.data.harvest import Harvester
+from cltrace.data.packing import model_packing
+from cltrace.data.sources import open_text_source
 from cltrace.data.store import ActivationStore, model_fingerprint
 from cltrace.errors import CltraceError
+from cltrace.eval import evaluate
+from cltrace.model import load_model
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource, HarvestSource, StoreSource
@@ -108,10 +112,6 @@ def train_transcoder(
     `model` (default: load `config.model`), `source` (default: open `config.source`) and `tokenize`
     (default: the model's tokenizer) may be given directly, e.g. in tests.
     """
-    from cltrace.data.packing import model_packing
-    from cltrace.data.sources import open_text_source
-    from cltrace.model import load_model
-
     out = Path(out_dir)
     if source is None:
         source = open_text_source(config.source, text_column=config.text_column)
@@ -143,8 +143,6 @@ def train_transcoder(
         return {"stopped_at_step": trainer.step}
     result: dict[str, Any] = {}
     if config.eval_tokens > 0:
-        from cltrace.eval import evaluate
-
         result = evaluate(model, folded, source, config.eval_tokens, n_ctx=config.n_ctx,
                           batch_size=config.harvest_batch, tokenize=tokenize,
                           heldout_fraction=config.heldout_fraction, split_seed=config.split_seed, bos_id=bos_id)
