@@ -44,8 +44,7 @@ class BuildParams:
     first_position: int = FIRST_POSITION
     """First position of each context analysed (0 is BOS, never analysed). The default, the one
     training uses (`cltrace.data.harvest.FIRST_POSITION`), leaves out position 1 too: it sees no
-    context, and in SmolLM2 it often carries outlier norms (e.g. 13,413 against about 160 elsewhere
-    at layer 15)."""
+    context, and in SmolLM2 it often carries outlier norms, many times those of other positions."""
     exclude_tokens: tuple[int, ...] = ()
     """Token ids whose positions are not analysed: by default the tokenizer's special tokens (BOS,
     EOS, the document separator), which are attention sinks with outlier norms."""

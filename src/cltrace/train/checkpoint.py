@@ -99,8 +99,8 @@ def remove_stale(ckpt_dir: Path, keep: str | None) -> None:
 
 def _load(path: Path) -> Any:
     # torch's file is a zip whose every record carries a CRC32, but torch.load checks none of them
-    # (a flipped byte in a tensor loads as a wrong weight): check them all first (a fast pass: 400 MB
-    # in 0.07 s here, from the page cache).
+    # (a flipped byte in a tensor loads as a wrong weight): check them all first (a fast pass beside
+    # the load itself).
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()

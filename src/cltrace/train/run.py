@@ -49,8 +49,8 @@ def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harves
     n = min(config.batch_tokens, x.shape[0])
     xb = x[:n] / x[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
     yb = y[:n] / y[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
-    # The first steps of a process are slow while the kernels for each shape are picked (about 10
-    # steps on a CPU): time steps for a few seconds and keep the fastest of the last three.
+    # The first steps of a process are slow while the kernels for each shape are picked: time steps
+    # for a few seconds and keep the fastest of the last three.
     times: list[float] = []
     deadline = time.perf_counter() + 4.0
     while len(times) < 3 or (len(times) < 12 and time.perf_counter() < deadline):
