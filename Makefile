@@ -49,6 +49,7 @@ $(CHROMIUM_STAMP):
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	cd web && npm run --silent lint && npm test
+	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 # Trace the prompt with the default CLT (trained into the user cache on the first run, resuming if

@@ -566,12 +566,13 @@ def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(m
     import dataclasses
 
     from cltrace.graph import attribution as attribution_module
+    from cltrace.graph import estimate as estimate_module
     from cltrace.graph.attribution import estimate_attribution
 
     rm, full = case("qwen2", "clt")
     # Rows in bf16 lower the peak where the rows outweigh the graph's edges (fp32 rows are held while
     # the edges are laid out); on these tiny graphs the edges weigh more, unless they are sparse.
-    monkeypatch.setattr(attribution_module, "_EDGE_DENSITY", 0.01)
+    monkeypatch.setattr(estimate_module, "_EDGE_DENSITY", 0.01)
     config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, progress=False)
     fp32 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=False))
     bf16 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=True))

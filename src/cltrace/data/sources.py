@@ -20,45 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from cltrace.data.default_corpus import DefaultCorpusSource
+from cltrace.data.text_source import TextSource
 from cltrace.errors import CltraceError
 
 #: File suffixes a :class:`FileSource` reads; anything else is an unsupported file type.
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
 
 TxtSplit = Literal["file", "paragraph"]
-
-
-class TextSource(ABC):
-    """A re-iterable stream of documents.
-
-    Subclasses implement :meth:`_documents`; iteration drops empty/whitespace-only documents and
-    raises ``CltraceError`` when a full pass yields no text at all (never a silent empty stream).
-    """
-
-    @abstractmethod
-    def _documents(self) -> Iterator[str]:
-        """Yield raw documents in a fixed order (may include empty ones)."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """A short human-readable name for messages and run configs."""
-
-    def __iter__(self) -> Iterator[str]:
-        n = 0
-        for doc in self._documents():
-            if doc and not doc.isspace():
-                n += 1
-                yield doc
-        if n == 0:
-            raise CltraceError(
-                f"text source {self.describe()} holds no text; give a source with at least one "
-                "non-empty document"
-            )
 
 
 class HFDatasetSource(TextSource):
@@ -342,8 +315,6 @@ def open_text_source(
             "text source is empty; give a path, 'default', or 'hf:NAME[:CONFIG][:SPLIT]'"
         )
     if spec == "default":
-        from cltrace.data.default_corpus import DefaultCorpusSource
-
         return DefaultCorpusSource(roots=default_roots)
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from cltrace.errors import CltraceError
-from cltrace.features.store import Example, FeaturePage, TokenScore, _printable
+from cltrace.features.page import Example, FeaturePage, TokenScore, _printable
 
 
 def parse_feature(text: str) -> tuple[int, int]:

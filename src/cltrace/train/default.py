@@ -31,7 +31,7 @@ from cltrace.locks import locked
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import PRESETS, TrainConfig, preset
 from cltrace.train.run import train_transcoder
-from cltrace.train.trainer import CHECKPOINT_DIR, EVAL_FILE, TRANSCODER_DIR
+from cltrace.train.run_dir import CHECKPOINT_DIR, EVAL_FILE, TRANSCODER_DIR
 from cltrace.transcoder import Transcoder, load_transcoder
 
 log = logging.getLogger(__name__)
