@@ -95,6 +95,13 @@ class Activation(nn.Module):
         """
         return self(pre) != 0
 
+    def at_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """Activations [..., F] of layer `layer`'s features from their pre-activations pre [..., F].
+
+        ReLU and TopK act on each row of features alone, so one layer's row needs nothing else.
+        """
+        return self(pre)
+
 
 class JumpReLU(Activation):
     """JumpReLU with a learned per-feature threshold θ [n_layers, n_features], kept in fp32.
@@ -123,6 +130,10 @@ class JumpReLU(Activation):
 
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
+
+    def at_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """pre [..., F] · 1[pre > θ_layer], compared in fp32 as `forward` does."""
+        return _JumpReLUFunction.apply(pre, self.threshold[layer], self.bandwidth)
 
     def step(self, pre: torch.Tensor) -> torch.Tensor:
         """1[pre > θ] in pre's dtype, with the rectangle-kernel estimator for θ (for L0 losses)."""

@@ -47,7 +47,8 @@ from safetensors.torch import save_file
 
 from cltrace.errors import CltraceError
 from cltrace.transcoder.activation import JumpReLU, TopK
-from cltrace.transcoder.transcoder import DTYPES, Transcoder, TranscoderConfig, make_transcoder
+from cltrace.transcoder.config import DTYPES, TranscoderConfig
+from cltrace.transcoder.transcoder import Transcoder, make_transcoder
 
 NATIVE_FORMAT = "cltrace-transcoder"
 NATIVE_VERSION = 2
