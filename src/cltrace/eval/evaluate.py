@@ -115,6 +115,27 @@ def token_batches(
             return
 
 
+def _run_batch(model: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model on tokens [B, T]: its logits [B, T', V] and every layer's MLP input x [N, L, d] and
+    output y [N, L, d] (float64), sink positions left out (T' = T - FIRST_POSITION, N = B·T')."""
+    hooks = _Hooks(model, None)
+    with hooks.open():
+        logits = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
+    x = torch.stack(hooks.x, dim=2).reshape(-1, model.n_layers, model.d_model)  # [N, L, d]
+    y = torch.stack(hooks.y, dim=2).reshape(-1, model.n_layers, model.d_model).to(torch.float64)
+    return logits, x, y
+
+
+def _spliced(model: LoadedModel, tc: Transcoder, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """(summed KL(original ‖ spliced), tokens whose top-1 agrees) of the model with every MLP block
+    spliced out for the transcoder, on tokens [B, T] whose original logits are `logits`."""
+    with _Hooks(model, tc).open():
+        sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
+    lp_o = F.log_softmax(logits.double(), dim=-1)
+    lp_s = F.log_softmax(sp.double(), dim=-1)
+    return float((lp_o.exp() * (lp_o - lp_s)).sum()), int((logits.argmax(-1) == sp.argmax(-1)).sum())
+
+
 @torch.no_grad()
 def evaluate(
     model: LoadedModel,
@@ -159,11 +180,7 @@ def evaluate(
         tokens = tokens.to(device)
         if n_scored >= n_tokens:
             break
-        hooks = _Hooks(model, None)
-        with hooks.open():
-            logits = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]  # [B, T - FIRST_POSITION, V]
-        x = torch.stack(hooks.x, dim=2).reshape(-1, L, cfg.d_model)  # [N, L, d]
-        y = torch.stack(hooks.y, dim=2).reshape(-1, L, cfg.d_model).to(torch.float64)
+        logits, x, y = _run_batch(model, tokens)
         acts = tc.encode(x)  # [N, L, F]
         recon = tc.decode(acts, x).to(torch.float64)
         sq_err += (recon - y).pow(2).sum(dim=(0, 2))
@@ -174,12 +191,9 @@ def evaluate(
         fired |= nz.any(0)
         n = x.shape[0]
         if spliced:
-            with _Hooks(model, tc).open():
-                sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
-            lp_o = F.log_softmax(logits.double(), dim=-1)
-            lp_s = F.log_softmax(sp.double(), dim=-1)
-            kl_sum += float((lp_o.exp() * (lp_o - lp_s)).sum())
-            agree += int((logits.argmax(-1) == sp.argmax(-1)).sum())
+            kl, same = _spliced(model, tc, tokens, logits)
+            kl_sum += kl
+            agree += same
         n_scored += n
     if n_scored == 0:
         raise CltraceError("no held-out tokens to evaluate on: give a source with more text")

@@ -26,17 +26,11 @@ def supernodes_to_qparams(graph: Graph, supernodes: Sequence[Supernode] | Mappin
     return out
 
 
-def merge_supernodes(graph: Graph, supernodes: Sequence[Supernode] | Mapping[str, Supernode]) -> Graph:
-    """A copy of `graph` with each supernode's member feature nodes merged into one node, for display.
-
-    The merged node is a feature node placed after the other features, with layer = its members'
-    lowest, pos = their highest, feature = −2 − (its index among the merged supernodes) (so its id
-    never clashes with a real feature or error node), activation = the sum of its members'; the
-    extra column ``supernode`` holds that index (−1 elsewhere) and ``metadata["supernodes"]`` the
-    names and member ids. Edges into and out of members are summed; edges among members are
-    dropped. Per-node target values are summed; influence takes the members' smallest.
-    A supernode with no member in the graph is left out.
-    """
+def _member_groups(
+    graph: Graph, supernodes: Sequence[Supernode] | Mapping[str, Supernode]
+) -> tuple[list[int], list[tuple[Supernode, list[int]]]]:
+    """Each node's merged group (−1: none) and each non-empty group's (supernode, member nodes); a
+    node joins the first supernode that claims it."""
     items = list(supernodes.values()) if isinstance(supernodes, Mapping) else list(supernodes)
     nodes, n = graph.nodes, graph.n_nodes
     kinds = nodes.kind.tolist()
@@ -52,6 +46,24 @@ def merge_supernodes(graph: Graph, supernodes: Sequence[Supernode] | Mapping[str
             for i in members:
                 group[i] = len(groups)
             groups.append((sn, members))
+    return group, groups
+
+
+def merge_supernodes(graph: Graph, supernodes: Sequence[Supernode] | Mapping[str, Supernode]) -> Graph:
+    """A copy of `graph` with each supernode's member feature nodes merged into one node, for display.
+
+    The merged node is a feature node placed after the other features, with layer = its members'
+    lowest, pos = their highest, feature = −2 − (its index among the merged supernodes) (so its id
+    never clashes with a real feature or error node), activation = the sum of its members'; the
+    extra column ``supernode`` holds that index (−1 elsewhere) and ``metadata["supernodes"]`` the
+    names and member ids. Edges into and out of members are summed; edges among members are
+    dropped. Per-node target values are summed; influence takes the members' smallest.
+    A supernode with no member in the graph is left out.
+    """
+    nodes, n = graph.nodes, graph.n_nodes
+    kinds = nodes.kind.tolist()
+    layers, poss = nodes.layer.tolist(), nodes.pos.tolist()
+    group, groups = _member_groups(graph, supernodes)
     if not groups:
         return graph
     n_feat = sum(1 for k in kinds if k == NodeKind.FEATURE)

@@ -301,17 +301,7 @@ def intervene_batch(
     # raw (pre-soft-cap) logits of the original prompt, for demeaned-logit comparisons
     base_raw = _raw_logits_of_run(rm, run) if getattr(model.config, "final_logit_softcapping", None) else before
 
-    gen_before: list[int] = []
-    gen_after: list[list[int]] = [[] for _ in plans]
-    if generate:
-        gen_runner = _Pass(rm, run, [*plans, []], mode, lo_hi, keep=False)
-        seq = ids[None].expand(len(plans) + 1, -1).clone()
-        for _ in range(generate):
-            logits = model.finalize_logits(gen_runner.forward(seq, frozen=False)[:, -1].float())
-            nxt = logits.argmax(-1)  # [B + 1]
-            seq = torch.cat([seq, nxt[:, None].to(seq.dtype)], dim=1)
-        new = seq[:, P:].tolist()
-        gen_after, gen_before = new[:-1], new[-1]
+    gen_after, gen_before = _generate(rm, run, plans, mode, lo_hi, generate)
 
     decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: " ".join(f"<{i}>" for i in t))
     results = []
@@ -340,6 +330,25 @@ def intervene_batch(
             )
         )
     return results
+
+
+def _generate(
+    rm: ReplacementModel, run: ReplacementRun, plans: list[list[Intervention]], mode: Mode, lo_hi: tuple[int, int],
+    generate: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Greedy continuations of `generate` tokens: one per plan, and the unintervened one (ridden along
+    as the batch's last element)."""
+    if not generate:
+        return [[] for _ in plans], []
+    model = rm.model
+    runner = _Pass(rm, run, [*plans, []], mode, lo_hi, keep=False)
+    seq = run.input_ids.to(model.device)[None].expand(len(plans) + 1, -1).clone()  # [B + 1, T]
+    for _ in range(generate):
+        logits = model.finalize_logits(runner.forward(seq, frozen=False)[:, -1].float())
+        nxt = logits.argmax(-1)  # [B + 1]
+        seq = torch.cat([seq, nxt[:, None].to(seq.dtype)], dim=1)
+    new = seq[:, run.n_pos:].tolist()
+    return new[:-1], new[-1]
 
 
 def _raw_logits_of_run(rm: ReplacementModel, run: ReplacementRun) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The training loss of DESIGN.md "Method defaults", as named terms.
+"""The training loss of a transcoder, as named terms.
 
 On inputs x and targets y scaled per layer to mean norm √d_model (so a target element has mean
 square about 1), for a batch of N tokens:
@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from cltrace.errors import CltraceError
-from cltrace.transcoder import JumpReLU, ReLU, Transcoder
+from cltrace.transcoder import Transcoder
 
 
 def dense_decode(tc: Transcoder, acts: torch.Tensor, x: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """`tc.decode(acts, x)` for acts [N, L, F], with the products in `compute_dtype` (see `Transcoder.decode_dense`)."""
+    """`tc.decode_dense` as a function (the feature-sharded loss of `cltrace.train.distributed` calls it)."""
     return tc.decode_dense(acts, x, compute_dtype)
 
 
@@ -38,7 +38,7 @@ def sparse_decode(
     n_rows: int,
     x: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reconstruction [n_rows, L, d] from the listed active features (see `Transcoder.decode_sparse_matmul`)."""
+    """`tc.decode_sparse_matmul` as a function (the feature-sharded loss of `cltrace.train.distributed` calls it)."""
     return tc.decode_sparse_matmul(rows, layers, features, values, n_rows, x)
 
 
@@ -63,18 +63,17 @@ def transcoder_loss(
     pre = tc.encode_pre(x)  # [N, L, F]
     acts = tc.activation(pre)  # [N, L, F]
     norms = tc.decoder_norms()  # [L, F]
-    skip_x = x if tc.W_skip is not None else None
     if decode == "sparse":
         support = tc.activation.support(pre, with_grad=True)  # [N, L, F]
         rows, layers, features = support.nonzero(as_tuple=True)
         values = acts[rows, layers, features]  # [n]
         with torch.autocast(x.device.type, enabled=False):  # sparse kernels run in the weights' dtype
-            recon = sparse_decode(tc, rows, layers, features, values, N, x=skip_x)  # [N, L, d]
+            recon = tc.decode_sparse_matmul(rows, layers, features, values, N, x)  # [N, L, d]
         sparsity_sum = torch.tanh(sparsity_c * norms[layers, features] * values).sum()
     elif decode == "dense":
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else tc.b_dec.dtype
         with torch.autocast(x.device.type, enabled=False):
-            recon = dense_decode(tc, acts, skip_x, compute)  # [N, L, d]
+            recon = tc.decode_dense(acts, x, compute)  # [N, L, d]
         sparsity_sum = torch.tanh(sparsity_c * norms * acts).sum()
     else:
         raise CltraceError(f"decode must be 'sparse' or 'dense', got {decode!r}")
@@ -104,9 +103,8 @@ def loss_terms(
     mse = mse_per_layer.sum()
     sparsity = sparsity_lambda * sparsity_sum / N
 
-    act = tc.activation
-    if preact_lambda > 0 and isinstance(act, (JumpReLU, ReLU)):
-        theta = act.threshold if isinstance(act, JumpReLU) else torch.zeros((), dtype=pre.dtype)
+    theta = tc.activation.preact_threshold(pre.dtype)  # [L, F], a scalar, or None (no such loss)
+    if preact_lambda > 0 and theta is not None:
         preact = preact_lambda * (torch.relu(theta - pre) * norms).sum() / N
     else:
         preact = pre.new_zeros(())

@@ -102,6 +102,11 @@ class Activation(nn.Module):
         """
         return self(pre)
 
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """θ [L, F] (or a scalar) of the pre-activation loss ReLU(θ − pre): the level a feature's
+        pre-activation must pass to fire; None where the loss does not apply (TopK)."""
+        return None
+
 
 class JumpReLU(Activation):
     """JumpReLU with a learned per-feature threshold θ [n_layers, n_features], kept in fp32.
@@ -145,6 +150,9 @@ class JumpReLU(Activation):
             return pre > self.threshold - self.bandwidth / 2
         return pre > self.threshold
 
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.threshold
+
     def extra_repr(self) -> str:
         return f"n_layers={self.threshold.shape[0]}, n_features={self.threshold.shape[1]}, bandwidth={self.bandwidth}"
 
@@ -159,6 +167,9 @@ class ReLU(Activation):
 
     def support(self, pre: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
         return pre > 0
+
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype)
 
 
 class TopK(Activation):
