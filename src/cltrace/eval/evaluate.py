@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from cltrace.data.harvest import FIRST_POSITION
+from cltrace.data.packing import model_packing, pack_batches
+from cltrace.data.sources import open_text_source
 from cltrace.errors import CltraceError
 from cltrace.model.hooks import mlp_hooks
 from cltrace.model.load import LoadedModel
@@ -95,9 +97,6 @@ def token_batches(
         need = -(-n_tokens // per)
         yield from source[:need].split(batch_size)
         return
-    from cltrace.data.packing import model_packing, pack_batches
-    from cltrace.data.sources import open_text_source
-
     if isinstance(source, str):
         source = open_text_source(source)
     need = -(-n_tokens // (n_ctx - FIRST_POSITION))  # contexts

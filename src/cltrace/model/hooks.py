@@ -1,4 +1,5 @@
-"""Reading and replacing what each layer's MLP block reads (resid_mid) and adds (mlp_out).
+"""Reading and replacing what each layer's MLP block reads (resid_mid) and adds (mlp_out), and
+reading the unembedding's output.
 
 The family's adapter says which modules those are; `mlp_hooks` hooks every layer's pair for the
 duration of a `with` block, and calls back with the layer's index and the tensor.
@@ -41,6 +42,24 @@ def mlp_hooks(
             handle.remove()
 
 
+@contextlib.contextmanager
+def raw_logits(loaded: LoadedModel) -> Iterator[list[torch.Tensor]]:
+    """While open, collects each output of the unembedding (the logits before any final soft-capping)
+    into the list it yields."""
+    unembed = loaded.model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    # With logits_to_keep the unembedding gets a strided slice of the last positions, and torch's
+    # linear then multiplies it by a broadcast copy of the weight per batch row, much slower than
+    # the same product on a contiguous input.
+    contiguous = unembed.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+        contiguous.remove()
+
+
 def _input_hook(index: int, callback: MlpCallback) -> Callable[[nn.Module, tuple], tuple | None]:
     def hook(_module: nn.Module, args: tuple) -> tuple | None:
         new = callback(index, args[0])
@@ -60,4 +79,4 @@ def _output_hook(index: int, callback: MlpCallback) -> Callable[[nn.Module, tupl
     return hook
 
 
-__all__ = ["MlpCallback", "mlp_hooks"]
+__all__ = ["MlpCallback", "mlp_hooks", "raw_logits"]

@@ -55,7 +55,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import FreezeState, freeze
-from cltrace.model.hooks import mlp_hooks
+from cltrace.model.hooks import mlp_hooks, raw_logits
 from cltrace.replacement.intervention import MAX_VALUE, MODES, Intervention, Mode
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
 from cltrace.replacement.spec import SPEC_HELP, check_interventions, parse_intervention, parse_positions
@@ -147,17 +147,15 @@ class _Pass:
         self.acts: list[torch.Tensor] = []
         self.pre: list[torch.Tensor] = []
         self._masks = self._build_masks(ids.shape[0], self.T, ids.device)
-        captured: list[torch.Tensor] = []
-        unembed = model.model.get_output_embeddings()
-        handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
         # Free attention still runs through the freezing code, recording into a scratch state:
         # patterns and norms are recomputed, with exactly the arithmetic of the recorded run.
         state = self.run.freeze_state.replaying() if frozen else FreezeState("record")
-        try:
-            with mlp_hooks(model, self._capture, self._compute_slot), freeze(model.model, model.adapter.norms(model.model), state):
-                model.model(input_ids=ids, use_cache=False)
-        finally:
-            handle.remove()
+        with (
+            raw_logits(model) as captured,
+            mlp_hooks(model, self._capture, self._compute_slot),
+            freeze(model.model, model.adapter.norms(model.model), state),
+        ):
+            model.model(input_ids=ids, use_cache=False)
         return captured[0]
 
     def _build_masks(self, B: int, T: int, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import FreezeState, freeze
-from cltrace.model.hooks import mlp_hooks
+from cltrace.model.hooks import mlp_hooks, raw_logits
 from cltrace.model.load import LoadedModel
 from cltrace.transcoder import Transcoder
 
@@ -152,23 +152,13 @@ class ReplacementModel:
         )
         if live_skip and self.transcoder.W_skip is None:
             raise CltraceError("live_skip needs a transcoder with a skip path (a PLT with W_skip)")
-        unembed = self.model.model.get_output_embeddings()
-        captured: list[torch.Tensor] = []
-        handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        # With logits_to_keep the unembedding gets a strided slice of the last positions, and torch's
-        # linear then multiplies it by a broadcast copy of the weight per batch row, much slower than
-        # the same product on a contiguous input.
-        contiguous = unembed.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        try:
-            with (
-                freeze(self.model.model, self._norms, run.freeze_state.replaying()),
-                self._slots(mlp_out, run.resid_mid if live_skip else None) as slots,
-            ):
-                self.model.model(**inputs, use_cache=False, **extra)
-        finally:
-            handle.remove()
-            contiguous.remove()
+        with (
+            raw_logits(self.model) as captured,
+            freeze(self.model.model, self._norms, run.freeze_state.replaying()),
+            self._slots(mlp_out, run.resid_mid if live_skip else None) as slots,
+        ):
+            self.model.model(**inputs, use_cache=False, **extra)
         return FrozenOutput(captured[0], list(slots.resid_mid))
 
     @contextlib.contextmanager
