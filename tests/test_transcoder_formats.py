@@ -15,6 +15,7 @@ from cltrace.errors import CltraceError
 from cltrace.transcoder import (
     Transcoder,
     TranscoderConfig,
+    circuit_tracer,
     detect_format,
     formats,
     load_transcoder,
@@ -271,7 +272,7 @@ def test_failed_write_leaves_the_old_directory_whole(tmp_path: Path, monkeypatch
     old = make("clt")
     save_transcoder(old, tmp_path / "tc", format="circuit-tracer")
     calls = {"n": 0}
-    real_save_file = formats.save_file
+    real_save_file = circuit_tracer.save_file
 
     def failing_save_file(*args, **kwargs):
         calls["n"] += 1
@@ -279,7 +280,7 @@ def test_failed_write_leaves_the_old_directory_whole(tmp_path: Path, monkeypatch
             raise OSError("disk full")
         return real_save_file(*args, **kwargs)
 
-    monkeypatch.setattr(formats, "save_file", failing_save_file)
+    monkeypatch.setattr(circuit_tracer, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_transcoder(make("clt", "relu"), tmp_path / "tc", format="circuit-tracer", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["tc"]

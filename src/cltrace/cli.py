@@ -532,7 +532,7 @@ def intervene(
         typer.echo(f"continuation before: {result.text_before!r}")
         typer.echo(f"continuation after:  {result.text_after!r}")
     if loaded_graph is not None:
-        from cltrace.replacement.interventions import compare_with_graph
+        from cltrace.graph.predict import compare_with_graph
 
         rows, _, prediction = compare_with_graph(replacement, loaded_graph, specs, ids)
         typer.echo(

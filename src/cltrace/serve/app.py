@@ -287,7 +287,8 @@ def _intervene(workspace: Workspace, models: Models, path: str, body: Interventi
     import torch
 
     from cltrace.graph.graph import NodeKind
-    from cltrace.replacement.interventions import Intervention, compare_with_graph, intervene
+    from cltrace.graph.predict import compare_with_graph
+    from cltrace.replacement.interventions import Intervention, intervene
 
     graph_path = workspace.resolve(path)
     graph = workspace.load(graph_path)

@@ -2,12 +2,12 @@
 
 from cltrace.transcoder.activation import Activation, JumpReLU, ReLU, TopK, make_activation
 from cltrace.transcoder.formats import detect_format, load_transcoder, save_transcoder
+from cltrace.transcoder.config import TranscoderConfig
 from cltrace.transcoder.transcoder import (
     CrossLayerTranscoder,
     PerLayerTranscoder,
     SparseActivations,
     Transcoder,
-    TranscoderConfig,
     make_transcoder,
 )
 
