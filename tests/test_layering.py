@@ -107,19 +107,10 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-# Import cycles inside a folder that another change of issue 20 removes; empty once it has landed.
-SRC_CYCLE_ALLOWED = {
-    frozenset({"cltrace.replacement.interventions", "cltrace.replacement.supernodes"}),
-}
-
-
 def test_src_has_no_import_cycle() -> None:
     import grimp
 
     built = grimp.build_graph("cltrace", cache_dir=None)
     graph = {m: set(built.find_modules_directly_imported_by(m)) for m in built.modules}
-    for pair in SRC_CYCLE_ALLOWED:
-        a, b = sorted(pair)
-        graph[a].discard(b)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
