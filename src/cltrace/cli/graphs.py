@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, app
+from cltrace.cli.common import ModelOption, OldOutputOption, app, deprecated, required
 
 
 @app.command()
 def attribute(
     prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the graph file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the graph file.")] = None,
+    old_output: OldOutputOption = None,
     model: ModelOption = None,
     target: Annotated[
         Optional[list[str]], typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
@@ -48,6 +49,7 @@ def attribute(
     from cltrace.atomic import check_writable
     from cltrace.train.default import resolve_transcoder
 
+    output = required(deprecated(out, old_output, "--output", "-o/--out"), "-o/--out", "name the graph file to write")
     check_writable(output, "graph")  # a bad -o fails now, not after the whole graph is computed
     loaded = load_model(model)
     transcoder = resolve_transcoder(transcoder, model, model=loaded)  # 'default' -> its folder in the cache
@@ -81,11 +83,17 @@ def attribute(
     graph.metadata["scores"] = result.as_dict()  # the graph on disk stays unpruned
     graph.metadata["transcoder_path"] = str(transcoder.resolve())  # so that `cltrace serve` can intervene on it
     graph.save(output)
-    targets = ", ".join(
+    _echo_scores(graph.metadata.get("targets", []), result)
+    typer.echo(f"wrote {output}")
+
+
+def _echo_scores(targets: list[dict[str, Any]], result: Any) -> None:
+    """The graph's targets, and its size and scores before and after pruning."""
+    shown = ", ".join(
         f"{t['label']!r} {100 * t['probability']:.1f}%" if t.get("probability") is not None else repr(t["label"])
-        for t in graph.metadata.get("targets", [])
+        for t in targets
     )
-    typer.echo(f"targets: {targets}")
+    typer.echo(f"targets: {shown}")
     typer.echo(
         f"nodes {result.n_nodes_before} -> {result.n_nodes_after} after pruning, "
         f"edges {result.n_edges_before} -> {result.n_edges_after}"
@@ -94,7 +102,6 @@ def attribute(
         f"replacement score {result.replacement_score:.3f}, completeness score {result.completeness_score:.3f} "
         f"(pruned: {result.pruned_replacement_score:.3f}, {result.pruned_completeness_score:.3f})"
     )
-    typer.echo(f"wrote {output}")
 
 
 @app.command()
@@ -148,7 +155,8 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     graph: Annotated[Path, typer.Argument(help="A graph file written by `cltrace attribute`.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the JSON file.")] = None,
+    old_output: OldOutputOption = None,
     format: Annotated[ExportFormat, typer.Option("--format", help="The schema to write.")] = ExportFormat.neuronpedia,
     slug: Annotated[Optional[str], typer.Option("--slug", help="The graph's name in the front end.")] = None,
     node_threshold: Annotated[float, typer.Option("--node-threshold", min=0.0, max=1.0)] = 0.8,
@@ -159,6 +167,7 @@ def export(
     from cltrace.graph.export import write_neuronpedia_json
     from cltrace.graph.graph import Graph
 
+    output = required(deprecated(out, old_output, "--output", "-o/--out"), "-o/--out", "name the JSON file to write")
     check_writable(output, "graph JSON")  # before reading the graph
     data = write_neuronpedia_json(
         Graph.load(graph), output, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold

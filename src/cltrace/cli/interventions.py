@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -66,7 +67,7 @@ def intervene(
     set_: Annotated[
         Optional[list[str]],
         typer.Option(
-            "--set", "-s",
+            "--set",
             help="LAYER:FEATURE[@POS]=VALUE to set, or =xFACTOR to scale; POS: 4, 2-5 or 2- (open-ended: also "
             "the generated tokens); no @POS: every position. A supernode name may stand for LAYER:FEATURE. Repeatable.",
         ),
@@ -92,10 +93,12 @@ def intervene(
     ] = None,
 ) -> None:
     """Set or scale transcoder features and show how the output changes (and, with --graph, what the graph predicted)."""
-    import re as _re
-
+    from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
+    from cltrace.replacement.interventions import check_interventions, parse_intervention
     from cltrace.replacement.interventions import intervene as run_interventions
-    from cltrace.replacement.interventions import parse_intervention
+    from cltrace.train.default import resolve_transcoder
+    from cltrace.transcoder import load_transcoder
 
     named = None
     if supernodes is not None:
@@ -105,27 +108,12 @@ def intervene(
     if not set_:
         raise CltraceError("give at least one intervention: --set LAYER:FEATURE[@POS]=VALUE (or =xFACTOR)")
     specs = [iv for text in set_ for iv in parse_intervention(text, named)]
-    layer_range = None
-    if layers is not None:
-        if mode.value != "constrained":
-            raise CltraceError("--layers applies to --mode constrained only: add --mode constrained or drop --layers")
-        m = _re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", layers)
-        if not m:
-            raise CltraceError(f"--layers {layers!r} is not LO-HI, e.g. 0-29")
-        layer_range = (int(m.group(1)), int(m.group(2)))
+    layer_range = _layer_range(layers, mode)
     loaded_graph = None
     if graph is not None:
         from cltrace.graph.graph import Graph
 
         loaded_graph = Graph.load(graph)
-
-    from cltrace.model import load_model
-    from cltrace.replacement import ReplacementModel
-    from cltrace.replacement.interventions import check_interventions
-    from cltrace.transcoder import load_transcoder
-
-    from cltrace.train.default import resolve_transcoder
-
     loaded_transcoder = load_transcoder(resolve_transcoder(transcoder, model))
     # layers and features can be checked before the (slow) model load; positions need the prompt's length
     check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, None)
@@ -144,6 +132,25 @@ def intervene(
     where = f", layers {lo}-{hi} held" if mode.value == "constrained" else ""
     attention = "frozen" if freeze_attention else "free"
     typer.echo(f"interventions ({mode.value}{where}, attention {attention}): {', '.join(str(iv) for iv in specs)}")
+    _echo_changes(loaded, result, generate)
+    if loaded_graph is not None:
+        _echo_graph_prediction(replacement, loaded_graph, specs, ids)
+
+
+def _layer_range(layers: str | None, mode: InterventionMode) -> tuple[int, int] | None:
+    """`--layers LO-HI` as (LO, HI); None when not given."""
+    if layers is None:
+        return None
+    if mode.value != "constrained":
+        raise CltraceError("--layers applies to --mode constrained only: add --mode constrained or drop --layers")
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", layers)
+    if not m:
+        raise CltraceError(f"--layers {layers!r} is not LO-HI, e.g. 0-29")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _echo_changes(loaded: Any, result: Any, generate: int) -> None:
+    """The top tokens before and after, the logit changes, the features changed and the continuations."""
     typer.echo(f"     {'before':<28} after")
     for rank, (b, a) in enumerate(zip(result.top_before, result.top_after), start=1):
         typer.echo(f"{rank:>3}. {b.text!r:<18} {100 * b.probability:6.2f}%  {a.text!r:<18} {100 * a.probability:6.2f}%")
@@ -160,17 +167,20 @@ def intervene(
     if generate:
         typer.echo(f"continuation before: {result.text_before!r}")
         typer.echo(f"continuation after:  {result.text_after!r}")
-    if loaded_graph is not None:
-        from cltrace.replacement.interventions import compare_with_graph
 
-        rows, _, prediction = compare_with_graph(replacement, loaded_graph, specs, ids)
-        typer.echo(
-            "graph prediction beside the measured change (constrained, attention frozen; logits: logit − mean "
-            "logit, features: pre-activation):"
-        )
-        typer.echo(f"  {'':<28} {'predicted':>9} {'measured':>9}")
-        for row in [r for r in rows if r.kind == "logit"] + [r for r in rows if r.kind == "feature"][:10]:
-            label = f"logit {row.label!r}" if row.kind == "logit" else f"feature {row.node_id}"
-            typer.echo(f"  {label:<28} {row.predicted:+9.4f} {row.actual:+9.4f}")
-        if prediction.missing:
-            typer.echo(f"not in the graph (effect not predicted): {', '.join(prediction.missing[:10])}")
+
+def _echo_graph_prediction(replacement: Any, graph: Any, specs: list[Any], ids: Any) -> None:
+    """What the graph predicted the interventions would change, beside what they did."""
+    from cltrace.replacement.interventions import compare_with_graph
+
+    rows, _, prediction = compare_with_graph(replacement, graph, specs, ids)
+    typer.echo(
+        "graph prediction beside the measured change (constrained, attention frozen; logits: logit − mean "
+        "logit, features: pre-activation):"
+    )
+    typer.echo(f"  {'':<28} {'predicted':>9} {'measured':>9}")
+    for row in [r for r in rows if r.kind == "logit"] + [r for r in rows if r.kind == "feature"][:10]:
+        label = f"logit {row.label!r}" if row.kind == "logit" else f"feature {row.node_id}"
+        typer.echo(f"  {label:<28} {row.predicted:+9.4f} {row.actual:+9.4f}")
+    if prediction.missing:
+        typer.echo(f"not in the graph (effect not predicted): {', '.join(prediction.missing[:10])}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, app
+from cltrace.cli.common import ModelOption, OldTranscoderArgument, TranscoderOption, app, deprecated, transcoder_given
 
 
 @app.command()
@@ -127,12 +127,14 @@ def harvest(
 
 @app.command(name="eval")
 def eval_command(
-    transcoder: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use).")],
+    old_transcoder: OldTranscoderArgument = None,
+    transcoder: TranscoderOption = None,
     model: ModelOption = None,
     source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
+    old_json: Annotated[Optional[Path], typer.Option("--json", hidden=True)] = None,
 ) -> None:
     """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
     import json
@@ -143,8 +145,10 @@ def eval_command(
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    transcoder = transcoder_given(transcoder, old_transcoder)
+    json_out = deprecated(out, old_json, "--json", "-o/--out")
     if json_out is not None:
-        check_writable(json_out, "evaluation JSON")  # a bad --json fails now, not after the evaluation
+        check_writable(json_out, "evaluation JSON")  # a bad -o fails now, not after the evaluation
     tc = load_transcoder(resolve_transcoder(transcoder, model))
     loaded = load_model(model)
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)

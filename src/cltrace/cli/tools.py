@@ -8,19 +8,28 @@ from typing import Annotated, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, app
+from cltrace.cli.common import (
+    ModelOption,
+    OldTranscoderArgument,
+    TranscoderOption,
+    app,
+    deprecated,
+    required,
+    transcoder_feature_store,
+    transcoder_given,
+)
 from cltrace.errors import CltraceError
 
 
 @app.command()
 def serve(
     graph_dir: Annotated[Path, typer.Argument(help="The folder of graph files to explore.")] = Path("."),
-    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, help="The port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="The port to listen on.")] = 8000,
     host: Annotated[
         str, typer.Option("--host", help="The interface to bind; anything but 127.0.0.1 exposes the app to others.")
     ] = "127.0.0.1",
     features: Annotated[
-        Optional[Path], typer.Option("--features", "-d", help="Feature store for the graphs (default: a matching *.db in the folder; 'auto': the one `cltrace trace` built for --transcoder).")
+        Optional[Path], typer.Option("--features", help="Feature store for the graphs (default: a matching *.db in the folder; 'auto': the one `cltrace trace` built for --transcoder).")
     ] = None,
     model: ModelOption = None,
     transcoder: Annotated[
@@ -51,12 +60,7 @@ def serve(
     if features is not None and str(features) == "auto":
         if transcoder is None:
             raise CltraceError("--features auto needs --transcoder: the automatic feature store belongs to a transcoder")
-        from cltrace.trace.run import feature_db_path
-        from cltrace.transcoder import load_transcoder
-
-        features = feature_db_path(load_transcoder(transcoder))
-        if not features.is_file():
-            raise CltraceError(f"no automatic feature store for {transcoder} yet: run `cltrace trace` with it first")
+        features = transcoder_feature_store(transcoder, model)
     typer.echo(f"serving {graph_dir.resolve()} at http://{host}:{port} (Ctrl-C stops)")
     serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder)
 
@@ -68,22 +72,27 @@ class Format(str, Enum):
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use).")],
-    dst: Annotated[Path, typer.Argument(help="Where to write the converted transcoder (a new directory).")],
+    old_src: OldTranscoderArgument = None,
+    old_dst: Annotated[Optional[Path], typer.Argument(hidden=True, show_default=False)] = None,
+    transcoder: TranscoderOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the converted transcoder (a new directory).")] = None,
     to: Annotated[Format, typer.Option("--to", help="The format to write.")] = Format.native,
-    force: Annotated[bool, typer.Option("--force", help="Replace DST if it already holds files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the -o folder if it already holds files.")] = False,
 ) -> None:
     """Convert a transcoder between cltrace's native format and circuit-tracer's."""
     from cltrace.transcoder import detect_format, load_transcoder, save_transcoder
 
     from cltrace.train.default import resolve_transcoder
 
+    src = transcoder_given(transcoder, old_src)
+    dst = deprecated(out, old_dst, "the output folder as a positional argument", "-o/--out")
+    dst = required(dst, "-o/--out", "name the new folder to write the converted transcoder into")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
         raise CltraceError(f"'{dst}' already exists and is not empty: choose a new directory or pass --force")
     src = resolve_transcoder(src)
-    transcoder = load_transcoder(src)
-    save_transcoder(transcoder, dst, format=to.value)
-    cfg = transcoder.config
+    loaded = load_transcoder(src)
+    save_transcoder(loaded, dst, format=to.value)
+    cfg = loaded.config
     typer.echo(
         f"wrote {cfg.kind.upper()} ({cfg.n_layers} layers x {cfg.n_features} features, {cfg.activation}) "
         f"from {detect_format(src)} to {to.value}: {dst}"
