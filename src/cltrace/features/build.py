@@ -35,6 +35,7 @@ import torch
 
 from cltrace.data.harvest import FIRST_POSITION, Harvester
 from cltrace.errors import CltraceError
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.features.store import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -102,20 +103,6 @@ class BuildParams:
         d["hist_edges"] = list(self.hist_edges)
         d["exclude_tokens"] = list(self.exclude_tokens)
         return d
-
-
-# -- identity --------------------------------------------------------------------------------------
-
-
-def transcoder_fingerprint(tc: Any) -> str:
-    """sha256 of a transcoder's config and weights (identifies it whatever file it came from)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(tc.config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(tc.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # -- static views: what a feature says and what drives it ------------------------------------------

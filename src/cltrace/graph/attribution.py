@@ -42,6 +42,7 @@ from torch.autograd.graph import get_gradient_edge
 from tqdm import tqdm
 
 from cltrace.errors import CltraceError
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.resources import available_memory_bytes, return_freed_memory
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 from cltrace.graph.targets import LogitTarget, TargetSpec, select_targets
@@ -880,6 +881,7 @@ class _Attribution:
             "model": self.model.name,
             "n_layers": L,
             "transcoder": self.tc.config.to_dict(),
+            "transcoder_fingerprint": transcoder_fingerprint(self.tc),  # the server matches feature stores by it
             "settings": {**dataclasses.asdict(self.cfg), "live_skip": self.live_skip,
                          "rows_recomputed": self.row_dtype != torch.float32},
             "targets": [t.to_dict() for t in self.targets],

@@ -16,6 +16,7 @@ from typing import Any
 
 from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.cache import cache_dir
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.attribution import attribute
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import prune
@@ -51,8 +52,6 @@ class TraceResult:
 def feature_db_path(transcoder: Any) -> Path:
     """Where the automatic feature database of `transcoder` lives: the user's cache, one file per
     transcoder (named by a hash of its weights, so a retrained one gets a new database)."""
-    from cltrace.features.build import transcoder_fingerprint
-
     return cache_dir() / "features" / f"{transcoder_fingerprint(transcoder)[:16]}.db"
 
 
