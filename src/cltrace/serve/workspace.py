@@ -32,6 +32,7 @@ from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD, cumulative_scores, node_influence, prune
+from cltrace.notation import format_feature, parse_feature
 
 GRAPH_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".explorer.json"
@@ -348,8 +349,7 @@ class Workspace:
                 out = {(l, f): s for l, f, s in store.search("", limit=store.n_layers * store.n_features)}
         else:
             for key, text in self._read_sidecar(graph_path)["labels"].items():
-                layer, _, feature = key.partition(":")
-                out[(int(layer), int(feature))] = text
+                out[parse_feature(key)] = text
         return out
 
     def _feature_in_graph(self, graph: Graph, layer: int, feature: int) -> None:
@@ -388,9 +388,9 @@ class Workspace:
         with self._lock:
             data = self._read_sidecar(path)
             if label.strip():
-                data["labels"][f"{layer}:{feature}"] = label.strip()
+                data["labels"][format_feature(layer, feature)] = label.strip()
             else:
-                data["labels"].pop(f"{layer}:{feature}", None)
+                data["labels"].pop(format_feature(layer, feature), None)
             self._write_sidecar(path, data)
         return "sidecar"
 
