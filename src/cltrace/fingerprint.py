@@ -17,9 +17,12 @@ from typing import Any
 import torch
 
 
-def sha256_hex(parts: Iterable[bytes | str] | bytes | str) -> str:
+Part = bytes | memoryview | str
+
+
+def sha256_hex(parts: Iterable[Part] | Part) -> str:
     """Hex sha256 of `parts` fed in order (a single bytes or str is one part; str as UTF-8)."""
-    if isinstance(parts, (bytes, str)):
+    if isinstance(parts, (bytes, memoryview, str)):
         parts = [parts]
     h = hashlib.sha256()
     for part in parts:
@@ -49,16 +52,16 @@ def file_sha256(path: str | Path, chunk: int = 16 * 2**20) -> str:
     return sha256_hex(blocks())
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's raw little-endian bytes, flattened [numel * itemsize]."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's raw little-endian bytes, flattened [numel * itemsize] (a view where it can be)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def transcoder_fingerprint(tc: Any) -> str:
     """sha256 of a transcoder's config and weights: identifies it whatever file it came from (feature
     stores and graphs record it, so that pages are only shown for the transcoder they describe)."""
 
-    def parts() -> Iterable[bytes | str]:
+    def parts() -> Iterable[Part]:
         yield json.dumps(tc.config.to_dict(), sort_keys=True)
         for name, t in sorted(tc.state_dict().items()):
             yield name

@@ -18,7 +18,6 @@ tables) are written from the running tensors in one transaction at the end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ import torch
 
 from cltrace.data.harvest import FIRST_POSITION, Harvester
 from cltrace.errors import CltraceError
-from cltrace.fingerprint import transcoder_fingerprint
+from cltrace.fingerprint import sha256_hex, transcoder_fingerprint
 from cltrace.features.store import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -296,7 +295,7 @@ def hist_bins(v: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def _state_digest(dtype: str, shape: str, data: bytes) -> str:
     """sha256 of one running tensor as stored (dtype, shape and bytes)."""
-    return hashlib.sha256(f"{dtype}|{shape}|".encode() + data).hexdigest()
+    return sha256_hex([f"{dtype}|{shape}|", data])
 
 
 def _save_state(conn: Any, state: dict[str, torch.Tensor], names: Sequence[str] = STATE_NAMES) -> None:
@@ -456,7 +455,7 @@ def build_feature_store(
     if hasattr(text_source, "describe"):
         describe = text_source.describe()
     elif isinstance(text_source, (list, tuple)):  # documents given in memory: identify them by content
-        describe = f"{len(text_source)} documents sha256:" + hashlib.sha256("\x00".join(text_source).encode()).hexdigest()[:16]
+        describe = f"{len(text_source)} documents sha256:" + sha256_hex("\x00".join(text_source))[:16]
     else:
         describe = f"<{type(text_source).__name__}>"
     params = BuildParams(

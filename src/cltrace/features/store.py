@@ -46,7 +46,6 @@ is not content-checked: its digests are being rewritten.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sqlite3
@@ -58,7 +57,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line, is_int
+from cltrace.fingerprint import json_digest, sha256_hex
 
 SCHEMA_VERSION = 1
 
@@ -143,17 +143,13 @@ def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
 def _rows_digest(rows: list[tuple], blob: bool) -> str | None:
     """sha256 of rows as read from SQLite (the last value of each a blob when `blob`); None when a
     value has a type the table never holds (a damaged record)."""
-    h = hashlib.sha256()
-    if blob:
-        blobs = [r[-1] for r in rows]
-        if not all(isinstance(b, bytes) for b in blobs):
-            return None
-        h.update(repr([r[:-1] for r in rows]).encode())  # repr: exact for int, float and str
-        h.update(repr([len(b) for b in blobs]).encode())
-        h.update(b"".join(blobs))
-    else:
-        h.update(repr(rows).encode())
-    return h.hexdigest()
+    if not blob:
+        return sha256_hex(repr(rows))
+    blobs = [r[-1] for r in rows]
+    if not all(isinstance(b, bytes) for b in blobs):
+        return None
+    # repr: exact for int, float and str
+    return sha256_hex([repr([r[:-1] for r in rows]), repr([len(b) for b in blobs]), *blobs])
 
 
 def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
@@ -164,7 +160,7 @@ def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
 
 def _meta_digest(meta: dict[str, Any]) -> str:
     body = {k: meta.get(k) for k in SEALED_META_KEYS}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(body)
 
 
 def _feature_examples(conn: sqlite3.Connection, layer: int, feature: int) -> list[tuple]:
@@ -375,7 +371,7 @@ class FeatureStore:
         except (sqlite3.Error, ValueError, RecursionError) as exc:  # ValueError: unreadable meta JSON
             self.close()
             raise CltraceError(
-                f"'{path}' is not a feature store, or is damaged ({_first_line(exc)}): pass a database built by "
+                f"'{path}' is not a feature store, or is damaged ({first_line(exc)}): pass a database built by "
                 f"`cltrace features build`, or {REBUILD}"
             ) from None
         try:
@@ -409,10 +405,10 @@ class FeatureStore:
             raise self._damaged("only one of its two seal marks is present")
         cfg, params = meta.get("transcoder"), meta.get("params")
         ok = (
-            isinstance(cfg, dict) and all(_is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
-            and isinstance(params, dict) and all(_is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
+            isinstance(cfg, dict) and all(is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
+            and isinstance(params, dict) and all(is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
             and isinstance(params.get("hist_edges"), list) and meta.get("status") in ("building", "complete")
-            and _is_int(meta.get("tokens", 0)) and _is_int(meta.get("contexts", 0))
+            and is_int(meta.get("tokens", 0)) and is_int(meta.get("contexts", 0))
         )
         if not ok:
             raise self._damaged("its meta table holds malformed values")
@@ -432,7 +428,7 @@ class FeatureStore:
                 if seal[table] != _table_digest(self.conn, table):
                     raise self._damaged(f"its {table} table does not match its seal")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def close(self) -> None:
         """Close the database connection."""
@@ -465,7 +461,7 @@ class FeatureStore:
                 for tid in chunk:
                     self._vocab.setdefault(tid, f"<{tid}>")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         return self._vocab
 
     def page(self, layer: int, feature: int) -> FeaturePage:
@@ -476,7 +472,7 @@ class FeatureStore:
         except CltraceError:
             raise
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
             # Rows that do not decode (bad JSON, blobs of the wrong length, missing contexts): only a
             # damaged or foreign database holds them; a sealed one is caught by its digests first.
@@ -555,7 +551,7 @@ class FeatureStore:
         try:
             self._set_label(layer, feature, label)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _set_label(self, layer: int, feature: int, label: str | None) -> None:
         with _transaction(self.conn):
@@ -575,7 +571,7 @@ class FeatureStore:
         try:
             return {(l, f): s for l, f, s in self.conn.execute("SELECT layer, feature, label FROM labels")}
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def search(self, text: str, limit: int = 50) -> list[tuple[int, int, str]]:
         """Features whose label (or, without one, automatic label) contains `text` (case-insensitive):
@@ -584,7 +580,7 @@ class FeatureStore:
         try:
             return self._search(pattern, limit)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _search(self, pattern: str, limit: int) -> list[tuple[int, int, str]]:
         rows = self.conn.execute(
@@ -600,7 +596,7 @@ class FeatureStore:
         try:
             return self._stats()
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError) as exc:
             raise self._damaged(f"its summary does not decode: {type(exc).__name__}") from None
 
@@ -627,16 +623,6 @@ class FeatureStore:
             "labels": int(self.conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]),
             "bytes": self.path.stat().st_size,
         }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 class _transaction:
     """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cltrace.data.harvest import FIRST_POSITION
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, is_int
 
 DECODES = ("sparse", "dense")
 TRAIN_DTYPES = ("float32", "bfloat16", "float64")
@@ -128,9 +128,6 @@ class TrainConfig:
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise CltraceError(f"train config: {message}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: Any) -> bool:
             return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cltrace.atomic import atomic_write, atomic_write_text
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line
 from cltrace.train.losses import dense_decode, loss_terms, sparse_decode
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, make_transcoder
 
@@ -130,7 +130,7 @@ def init_layout(feature_parallel: int | None = None, timeout_s: float = DEFAULT_
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:
-            raise CltraceError(f"cannot join the torch.distributed process group ({_first_line(exc)}); "
+            raise CltraceError(f"cannot join the torch.distributed process group ({_short_reason(exc)}); "
                                "launch with torchrun and check MASTER_ADDR/MASTER_PORT (or --rdzv-endpoint)") from None
     world, rank = dist.get_world_size(), dist.get_rank()
     fp = feature_parallel or world
@@ -172,10 +172,9 @@ def _install_sigterm(rank: int, world: int) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(exc).__name__  # gloo's source-file prefix
-    return line.split(". ")[0][:200]
+def _short_reason(exc: BaseException) -> str:
+    """An exception's first sentence, without gloo's source-file prefix, for a one-line message."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc)).split(". ")[0][:200]
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -663,7 +662,7 @@ def failures_as_errors(layout: Layout | None, where: Callable[[], str]) -> Itera
         if not is_collective_failure(exc):
             raise
         what = str(exc) if isinstance(exc, RankFailure) else (
-            f"rank {layout.rank}/{layout.world} lost contact with another rank ({_first_line(exc)})")
+            f"rank {layout.rank}/{layout.world} lost contact with another rank ({_short_reason(exc)})")
         raise RankFailure(f"{what}; {where()}") from None
 
 

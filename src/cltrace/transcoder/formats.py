@@ -30,7 +30,6 @@ and its hub loader pick up `layer_*.safetensors` beside config.yaml. A TopK PLT 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -45,7 +44,9 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cltrace.errors import CltraceError
+from cltrace.atomic import fsync_directory
+from cltrace.errors import CltraceError, first_line, is_int
+from cltrace.fingerprint import file_sha256, json_digest
 from cltrace.transcoder.activation import JumpReLU, TopK
 from cltrace.transcoder.transcoder import DTYPES, Transcoder, TranscoderConfig, make_transcoder
 
@@ -155,7 +156,7 @@ def _write_directory(path: Path, write: Callable[[Path], None], overwrite: bool)
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_directory(tmp)
+        fsync_directory(tmp, files=True)
         if path.exists():
             # Swap: the old directory is moved aside whole, never partly replaced.
             old = path.parent / f".{path.name}.old-{tag}"
@@ -168,23 +169,11 @@ def _write_directory(path: Path, write: Callable[[Path], None], overwrite: bool)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_directory(path.parent, files=False)
+        fsync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _fsync_directory(directory: Path, files: bool = True) -> None:
-    if files:
-        for child in directory.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- native --------------------------------------------------------------------------------------
@@ -197,7 +186,7 @@ def _write_native(tc: Transcoder, directory: Path) -> None:
         "format": NATIVE_FORMAT,
         "format_version": NATIVE_VERSION,
         **tc.config.to_dict(),
-        "sha256": {WEIGHTS: _sha256(directory / WEIGHTS)},
+        "sha256": {WEIGHTS: file_sha256(directory / WEIGHTS)},
     }
     meta[CONFIG_DIGEST_KEY] = _config_digest(meta)
     (directory / CONFIG_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -207,16 +196,15 @@ def _config_digest(meta: dict) -> str:
     """sha256 of config.json's keys other than `config_sha256`, as canonical JSON (sorted keys, no
     spaces), so that it survives re-indenting but not a changed value."""
     body = {k: v for k, v in meta.items() if k != CONFIG_DIGEST_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(body)
 
 
 def _read_native(path: Path, verify: bool) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     file = path / CONFIG_JSON
     meta = _read_json(file)
     version = meta.get("format_version")
-    is_int = isinstance(version, int) and not isinstance(version, bool)
-    if not is_int or version not in NATIVE_READABLE:
-        newer = is_int and version > NATIVE_VERSION
+    if not is_int(version) or version not in NATIVE_READABLE:
+        newer = is_int(version) and version > NATIVE_VERSION
         raise CltraceError(
             f"{file} has format_version {version!r}; this cltrace reads versions "
             f"{', '.join(map(str, NATIVE_READABLE))}: "
@@ -241,7 +229,7 @@ def _read_native(path: Path, verify: bool) -> tuple[TranscoderConfig, dict[str, 
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CltraceError(f"{weights} is missing; the transcoder directory is incomplete: re-export it")
-    if verify and _sha256(weights) != checksums[WEIGHTS]:
+    if verify and file_sha256(weights) != checksums[WEIGHTS]:
         raise CltraceError(
             f"{weights} does not match the sha256 recorded in {CONFIG_JSON}: the file is damaged or was "
             f"changed; re-export it"
@@ -461,7 +449,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CltraceError(
-            f"{file} cannot be read as safetensors ({_first_line(e)}); it is truncated or damaged: re-export it"
+            f"{file} cannot be read as safetensors ({first_line(e)}); it is truncated or damaged: re-export it"
         ) from None
 
 
@@ -490,7 +478,7 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a huge integer
-        raise CltraceError(f"{file} is not valid JSON ({_first_line(e)}); it is damaged: re-export the transcoder") from None
+        raise CltraceError(f"{file} is not valid JSON ({first_line(e)}); it is damaged: re-export the transcoder") from None
     if not isinstance(data, dict):
         raise CltraceError(f"{file} does not hold a JSON object; it is damaged: re-export the transcoder")
     return data
@@ -501,26 +489,12 @@ def _read_ct_config(path: Path) -> dict:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
-        raise CltraceError(f"{file} is not valid YAML ({_first_line(e)})") from None
+        raise CltraceError(f"{file} is not valid YAML ({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CltraceError(f"{file} does not hold a YAML mapping")
     return data
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (YAML and safetensors messages span several)."""
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype | str, where: Path | None = None) -> str:
