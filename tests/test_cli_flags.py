@@ -170,3 +170,31 @@ def test_feature_pages_are_found_by_transcoder(tmp_path: Path, monkeypatch: pyte
     code, _, err = run_cli("features", "stats", capsys=capsys)
     assert_one_line_error(code, err, "default transcoder is not trained yet")
     assert not (tmp_path / "cache" / "transcoders").exists()
+
+
+def test_defaults_bounds_and_help_come_from_the_config_dataclass() -> None:
+    """`max_feature_nodes` and `batch_size` are defined once, on AttributionConfig: the command line
+    and the server take their default, least value and help text from it."""
+    from cltrace.fields import field_bounds, field_help
+    from cltrace.graph.attribution import AttributionConfig
+
+    pytest.importorskip("fastapi")
+    from cltrace.serve.app import MAX_FEATURE_NODES_SERVED, NewGraphBody
+
+    cfg = AttributionConfig()
+    cmds = dict(commands())
+    seen = 0
+    for path in ("attribute", "trace"):
+        for p in cmds[path].params:
+            if p.name in ("max_feature_nodes", "batch_size"):
+                assert p.default == getattr(cfg, p.name), (path, p.name)
+                assert (p.min, p.max) == field_bounds(AttributionConfig, p.name), (path, p.name)
+                assert p.help == field_help(AttributionConfig, p.name) and p.help.startswith(
+                    {"max_feature_nodes": "At most this many feature nodes", "batch_size": "Target rows"}[p.name])
+                seen += 1
+    assert seen == 3
+    server = NewGraphBody.model_fields["max_feature_nodes"]
+    assert server.default == cfg.max_feature_nodes and server.description == field_help(AttributionConfig, "max_feature_nodes")
+    assert NewGraphBody(prompt="x", max_feature_nodes=0).max_feature_nodes == 0  # the library's least value
+    with pytest.raises(ValueError):
+        NewGraphBody(prompt="x", max_feature_nodes=MAX_FEATURE_NODES_SERVED + 1)  # the server's own cap

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
 from cltrace.errors import CltraceError
+from cltrace.fields import field_bounds, field_help
 
 app = typer.Typer(
     name="cltrace",
@@ -41,6 +42,13 @@ OldTranscoderArgument = Annotated[Optional[Path], typer.Argument(hidden=True, sh
 OldOutputOption = Annotated[Optional[Path], typer.Option("--output", hidden=True)]
 
 T = TypeVar("T")
+
+
+def config_option(cls: type, field: str, *names: str) -> Any:
+    """A typer option for field `field` of config dataclass `cls`: its bounds and help text are the
+    field's own (its default goes on the parameter: `= field_default(cls, field)`)."""
+    least, most = field_bounds(cls, field)
+    return typer.Option(*names, min=least, max=most, help=field_help(cls, field))
 
 
 def deprecated(new: T | None, old: T | None, old_name: str, new_name: str) -> T | None:

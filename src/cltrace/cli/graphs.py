@@ -8,7 +8,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, OldOutputOption, app, deprecated, required
+from cltrace.cli.common import ModelOption, OldOutputOption, app, config_option, deprecated, required
+from cltrace.fields import field_default
+from cltrace.graph.attribution import AttributionConfig
+
+MaxFeatureNodesOption = Annotated[int, config_option(AttributionConfig, "max_feature_nodes", "--max-feature-nodes")]
 
 
 @app.command()
@@ -21,10 +25,9 @@ def attribute(
     target: Annotated[
         Optional[list[str]], typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
     ] = None,
-    max_feature_nodes: Annotated[
-        int, typer.Option("--max-feature-nodes", min=1, help="At most this many feature nodes, by influence.")
-    ] = 7500,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Target rows per backward pass.")] = 32,
+    max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
+    batch_size: Annotated[int, config_option(AttributionConfig, "batch_size", "--batch-size")] = field_default(
+        AttributionConfig, "batch_size"),
     node_threshold: Annotated[
         float, typer.Option("--node-threshold", min=0.0, max=1.0, help="Pruning: share of influence kept in nodes.")
     ] = 0.8,
@@ -58,7 +61,7 @@ def attribute(
 
     if launched():  # under torchrun: the target rows are split across the ranks, and rank 0 writes the graph
         from cltrace.graph.distributed import attribute_sharded as build_graph
-    from cltrace.graph.attribution import AttributionConfig, estimate_attribution
+    from cltrace.graph.attribution import estimate_attribution
 
     targets = list(target) if target else None
     config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size,
@@ -114,7 +117,7 @@ def trace(
         str, typer.Option("--features", help="Feature database for labels and contexts: 'auto' (built in the cache on first use), a .db file, or 'none'.")
     ] = "auto",
     feature_tokens: Annotated[int, typer.Option("--feature-tokens", min=1, help="Tokens the automatic feature database analyses.")] = 50_000,
-    max_feature_nodes: Annotated[int, typer.Option("--max-feature-nodes", min=1, help="At most this many feature nodes, by influence.")] = 7500,
+    max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Trace a prompt: attribution graph, pruning, scores, the strongest paths with their features, and a picture."""

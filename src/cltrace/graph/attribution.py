@@ -42,6 +42,7 @@ from torch.autograd.graph import get_gradient_edge
 from tqdm import tqdm
 
 from cltrace.errors import CltraceError
+from cltrace.fields import check_bounds
 from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.resources import available_memory_bytes, return_freed_memory
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
@@ -53,11 +54,11 @@ from cltrace.replacement.replacement_model import ReplacementModel, ReplacementR
 class AttributionConfig:
     """How an attribution graph is computed."""
 
-    max_feature_nodes: int = 7500
+    max_feature_nodes: int = dataclasses.field(default=7500, metadata={"min": 0})
     """At most this many feature nodes (rows); active features beyond it are left out of the graph
     and their effect goes into the targets' constant terms."""
 
-    batch_size: int = 32
+    batch_size: int = dataclasses.field(default=32, metadata={"min": 1})
     """Target rows per backward pass (copies of the prompt in the one batched forward): memory
     grows with it as batch × positions × layers × d_model."""
 
@@ -97,9 +98,9 @@ class AttributionConfig:
 
     def validate(self) -> None:
         """Raise CltraceError naming the first impossible value."""
+        out_of_bounds = check_bounds(self)  # the fields' own bounds, shared with the CLI and the server
         checks = [
-            (isinstance(self.max_feature_nodes, int) and self.max_feature_nodes >= 0, "max_feature_nodes must be an integer >= 0"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (out_of_bounds is None, out_of_bounds or ""),
             (isinstance(self.max_n_logits, int) and self.max_n_logits >= 1, "max_n_logits must be an integer >= 1"),
             (0 < self.desired_logit_prob <= 1, "desired_logit_prob must be in (0, 1]"),
             (isinstance(self.update_interval, int) and self.update_interval >= 1, "update_interval must be an integer >= 1"),

@@ -83,8 +83,8 @@ def trace_prompt(
     *,
     feature_db: Any = None,
     transcoder_path: str | None = None,
-    max_feature_nodes: int = 7500,
-    batch_size: int = 32,
+    max_feature_nodes: int | None = None,
+    batch_size: int | None = None,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     n_paths: int = 5,
@@ -94,6 +94,7 @@ def trace_prompt(
 
     `feature_db`: an open `FeatureStore` for the transcoder (labels and where features fire), or None.
     `transcoder_path` is recorded in the graph so that `cltrace serve` can intervene on it.
+    `max_feature_nodes`, `batch_size`: None takes `AttributionConfig`'s.
     """
     folder = check_trace_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
