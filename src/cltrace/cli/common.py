@@ -30,6 +30,10 @@ ModelOption = Annotated[
     typer.Option("--model", "-m", help="Hub id, local directory or .gguf file; default: SmolLM2-135M-Instruct."),
 ]
 
+SOURCE_HELP = "Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT]."
+SourceOption = Annotated[str, typer.Option("--source", "-s", help=SOURCE_HELP)]
+NCtxOption = Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")]
+
 TRANSCODER_HELP = "A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use)."
 
 #: The transcoder where a command needs one given (`-t`); None until `transcoder_given` checks it.

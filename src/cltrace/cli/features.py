@@ -9,7 +9,9 @@ import typer
 
 from cltrace.cli.common import (
     ModelOption,
+    NCtxOption,
     OldTranscoderArgument,
+    SourceOption,
     TranscoderOption,
     app,
     deprecated,
@@ -48,10 +50,10 @@ def features_build(
     old_transcoder: OldTranscoderArgument = None,
     transcoder: TranscoderOption = None,
     model: ModelOption = None,
-    source: Annotated[str, typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")] = "default",
+    source: SourceOption = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Tokens to analyse in all; more than last time extends the store.")] = 100_000,
     out: Annotated[Path, typer.Option("--out", "-o", help="The feature store to write (SQLite file).")] = Path("features.db"),
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    n_ctx: NCtxOption = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per batch.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Top contexts kept per feature.")] = 20,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start afresh.")] = False,

@@ -8,7 +8,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, OldTranscoderArgument, TranscoderOption, app, deprecated, transcoder_given
+from cltrace.cli.common import (
+    SOURCE_HELP,
+    ModelOption,
+    NCtxOption,
+    OldTranscoderArgument,
+    SourceOption,
+    TranscoderOption,
+    app,
+    deprecated,
+    transcoder_given,
+)
 
 
 @app.command()
@@ -16,7 +26,7 @@ def train(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.3 h) or 'tiny'.")] = "default",
     model: ModelOption = None,
     source: Annotated[
-        Optional[str], typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")
+        Optional[str], typer.Option("--source", "-s", help=SOURCE_HELP)
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config, checkpoint, metrics, curves, transcoder, eval).")] = Path("cltrace-run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
@@ -91,13 +101,13 @@ def harvest(
     out: Annotated[Path, typer.Option("--out", "-o", help="The activation store folder (new, or one to resume or extend).")],
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Training tokens to store in all (BOS positions not counted).")],
     model: ModelOption = None,
-    source: Annotated[str, typer.Option("--source", "-s", help="Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT].")] = "default",
+    source: SourceOption = "default",
     text_column: Annotated[str, typer.Option("--text-column", help="Column/field holding the text (.jsonl, .parquet, hf:).")] = "text",
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Dtype of the stored activations.")] = StoreDtype.bfloat16,
     compute_dtype: Annotated[
         ComputeDtype, typer.Option("--compute-dtype", help="Dtype of the model's matrix products (bfloat16: faster, ~3% noise).")
     ] = ComputeDtype.float32,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    n_ctx: NCtxOption = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
     shard_contexts: Annotated[Optional[int], typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
     heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of documents held out (never stored).")] = 0.01,
@@ -132,7 +142,7 @@ def eval_command(
     model: ModelOption = None,
     source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    n_ctx: NCtxOption = 128,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
     old_json: Annotated[Optional[Path], typer.Option("--json", hidden=True)] = None,
 ) -> None:
