@@ -8,8 +8,18 @@ from conftest import assert_one_line_error, run_cli
 
 from cltrace.errors import CltraceError
 from cltrace.features.show import parse_feature as show_feature
-from cltrace.notation import NAME, NotationError, format_feature, is_feature, parse_feature, parse_positions, split_assignment
+from cltrace.notation import (
+    NAME,
+    NotationError,
+    format_feature,
+    is_feature,
+    parse_feature,
+    parse_positions,
+    split_assignment,
+    split_setting,
+)
 from cltrace.replacement.interventions import parse_intervention
+from cltrace.train.config import parse_override
 
 
 @pytest.mark.parametrize("layer,feature", [(0, 0), (3, 117), (29, 16383)])
@@ -47,3 +57,21 @@ def test_the_cli_reports_bad_notation_in_one_line(capsys: pytest.CaptureFixture[
     assert_one_line_error(code, err, "'3-117' is not a feature", "LAYER:FEATURE")
     code, _, err = run_cli("intervene", "The cat", "-t", "nowhere", "--set", "3:x=0", capsys=capsys)
     assert_one_line_error(code, err, "malformed --set '3:x=0'", "feature 'x' is not a non-negative integer")
+
+
+def test_one_set_grammar_for_training_and_interventions() -> None:
+    """`train --set` and `intervene --set` both split KEY=VALUE at the first '='; an intervention's key
+    carries @POS and its value is one word."""
+    assert split_setting(" n-features =64") == ("n-features", "64") and parse_override(" n-features =64") == ("n_features", 64)
+    assert split_setting("source=a=b.txt") == ("source", "a=b.txt") and parse_override("source=a=b.txt") == ("source", "a=b.txt")
+    for text, why in [("lr", "must look like KEY=VALUE"), (" =3", "has no key before '='")]:
+        with pytest.raises(NotationError, match=why):
+            split_setting(text)
+        with pytest.raises(CltraceError, match=f"override {text!r} {why}"):
+            parse_override(text)
+        with pytest.raises(CltraceError, match="does not have the form TARGET"):
+            parse_intervention(text)
+    assert split_assignment("3:7@2-=x0.5") == ("3:7", "2-", "x0.5")
+    for text in ("3:7=1 2", "3 7=1", "@2=1", "3:7="):
+        with pytest.raises(NotationError, match="does not have the form"):
+            split_assignment(text)

@@ -1,9 +1,10 @@
 """The notations people type for features, parsed in one place.
 
 - ``LAYER:FEATURE`` (``3:117``; ``3/117`` is read too): one transcoder feature.
-- ``TARGET[@POS]=VALUE``: the one ``--set`` grammar, split at the first ``=`` (an intervention's
-  TARGET is ``LAYER:FEATURE`` or a supernode NAME, its VALUE a number or ``xFACTOR``; POS is ``4``,
-  ``2-5`` or ``2-``, open-ended).
+- ``KEY=VALUE``: the one ``--set`` grammar, split at the first ``=`` (`split_setting`). A training
+  override's KEY is a config field; an intervention's is ``TARGET[@POS]`` (`split_assignment`), its
+  TARGET ``LAYER:FEATURE`` or a supernode NAME, its VALUE a number or ``xFACTOR``, and POS ``4``,
+  ``2-5`` or ``2-`` (open-ended).
 - NAME: a supernode's name, letters, digits, ``_``, ``.``, ``-``, starting with a letter or ``_``.
 
 The parsers raise `NotationError` saying which part is wrong; each caller turns that into its own
@@ -17,7 +18,8 @@ import re
 from cltrace.errors import CltraceError
 
 NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
-_ASSIGNMENT = re.compile(r"^\s*(?P<target>[^@=\s]+)\s*(?:@\s*(?P<pos>[^=]*?)\s*)?=\s*(?P<val>\S+)\s*$")
+_TARGET = re.compile(r"(?P<target>[^@\s]+)\s*(?:@\s*(?P<pos>.*))?")
+_FORM = "it does not have the form TARGET[@POS]=VALUE"
 _SEPARATOR = re.compile(r"[:/]")
 _POSITIONS = re.compile(r"\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*")
 
@@ -50,12 +52,27 @@ def _index(text: str, what: str) -> int:
     return int(text)
 
 
+def split_setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` split at the first ``=``: (the key, stripped; the value as written)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise NotationError("must look like KEY=VALUE")
+    if not key.strip():
+        raise NotationError("has no key before '='")
+    return key.strip(), value
+
+
 def split_assignment(text: str) -> tuple[str, str | None, str]:
-    """``TARGET[@POS]=VALUE`` as (target, the POS text or None, the value text)."""
-    m = _ASSIGNMENT.match(text)
-    if not m:
-        raise NotationError("it does not have the form TARGET[@POS]=VALUE")
-    return m.group("target"), m.group("pos"), m.group("val")
+    """``TARGET[@POS]=VALUE`` as (target, the POS text or None, the value text): a setting whose key
+    carries an optional position and whose value is one word."""
+    try:
+        key, value = split_setting(text)
+    except NotationError:
+        raise NotationError(_FORM) from None
+    m = _TARGET.fullmatch(key)
+    if not m or not re.fullmatch(r"\S+", value.strip()):
+        raise NotationError(_FORM)
+    return m.group("target"), m.group("pos"), value.strip()
 
 
 def parse_positions(text: str | None) -> tuple[int | None, int | None]:
@@ -76,4 +93,7 @@ def parse_positions(text: str | None) -> tuple[int | None, int | None]:
     return start, end
 
 
-__all__ = ["NAME", "NotationError", "format_feature", "is_feature", "parse_feature", "parse_positions", "split_assignment"]
+__all__ = [
+    "NAME", "NotationError", "format_feature", "is_feature", "parse_feature", "parse_positions", "split_assignment",
+    "split_setting",
+]
