@@ -176,7 +176,7 @@ def test_defaults_bounds_and_help_come_from_the_config_dataclass() -> None:
     """`max_feature_nodes` and `batch_size` are defined once, on AttributionConfig: the command line
     and the server take their default, least value and help text from it."""
     from cltrace.fields import field_bounds, field_help
-    from cltrace.graph.attribution import AttributionConfig
+    from cltrace.graph.config import AttributionConfig
 
     pytest.importorskip("fastapi")
     from cltrace.serve.app import MAX_FEATURE_NODES_SERVED, NewGraphBody

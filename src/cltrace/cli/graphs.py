@@ -10,7 +10,7 @@ import typer
 
 from cltrace.cli.common import ModelOption, OldOutputOption, app, config_option, deprecated, required
 from cltrace.fields import field_default
-from cltrace.graph.attribution import AttributionConfig
+from cltrace.graph.config import AttributionConfig
 
 MaxFeatureNodesOption = Annotated[int, config_option(AttributionConfig, "max_feature_nodes", "--max-feature-nodes")]
 

@@ -17,7 +17,9 @@ from cltrace.graph.graph import Graph, GraphPath, NodeKind
 from cltrace.graph.prune import graph_scores, prune
 from cltrace.graph.targets import LogitDifference
 
-_COMPUTE = ("AttributionConfig", "attribute", "estimate_attribution")  # in cltrace.graph.attribution
+from cltrace.graph.config import AttributionConfig
+
+_COMPUTE = ("attribute", "estimate_attribution")  # in cltrace.graph.attribution
 
 
 def __getattr__(name: str) -> Any:

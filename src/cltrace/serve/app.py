@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from cltrace.errors import CltraceError
 from cltrace.fields import field_bounds, field_default, field_help
-from cltrace.graph.attribution import AttributionConfig
+from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve.jobs import Jobs, Loader, Models, TooBusy
