@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cltrace.errors import CltraceError
+from cltrace.fingerprint import file_sha256
 from cltrace.transcoder import (
     Transcoder,
     TranscoderConfig,
@@ -206,7 +207,7 @@ def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
     del tensors["W_dec.1"]
     save_file(tensors, weights)
     meta = json.loads((tmp_path / "native" / "config.json").read_text())
-    meta["sha256"]["transcoder.safetensors"] = formats._sha256(weights)
+    meta["sha256"]["transcoder.safetensors"] = file_sha256(weights)
     meta["config_sha256"] = formats._config_digest(meta)
     (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CltraceError, match=r"native: missing tensor\(s\) W_dec\.1"):

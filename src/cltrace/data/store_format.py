@@ -5,7 +5,6 @@ What a store folder holds is described in `cltrace.data.store`, which writes it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cltrace.atomic import atomic_write_text
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, is_int
+from cltrace.fingerprint import file_sha256, json_digest, sha256_hex
 from cltrace.model.load import LoadedModel
 
 MANIFEST = "manifest.json"
@@ -39,16 +39,13 @@ LATER_SETTINGS = {"mix_contexts": 1}
 
 def model_fingerprint(loaded: LoadedModel) -> dict[str, Any]:
     """Name, shape and a hash of a few weights of a model (cheap; tells different models apart)."""
-    h = hashlib.sha256()
     params = list(loaded.model.parameters())
-    for p in params[:3] + params[-3:]:
-        flat = p.detach().reshape(-1)[:4096].to(torch.float64).cpu()
-        h.update(flat.numpy().tobytes())
+    sampled = [p.detach().reshape(-1)[:4096].to(torch.float64).cpu().numpy().tobytes() for p in params[:3] + params[-3:]]
     return {
         "model": loaded.name,
         "n_layers": loaded.n_layers,
         "d_model": loaded.d_model,
-        "weights_sha256": h.hexdigest()[:16],
+        "weights_sha256": sha256_hex(sampled)[:16],
     }
 
 
@@ -58,20 +55,11 @@ def describe_fingerprint(fp: dict[str, Any]) -> str:
             f"weights {fp.get('weights_sha256')}")
 
 
-def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
-    """sha256 of a file, read in chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_digest(manifest: dict[str, Any]) -> str:
     """sha256 of a manifest's keys other than ``sha256`` itself, as canonical JSON (sorted keys, no
     spaces); floats survive the JSON round trip exactly, so a re-read manifest hashes the same."""
     body = {k: v for k, v in manifest.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(body)
 
 
 def shard_name(index: int) -> str:
@@ -237,8 +225,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise CltraceError(f"{file} is not an activation store manifest")
     version = manifest.get("version")
-    if not _is_int(version) or version not in STORE_READABLE:
-        newer = _is_int(version) and version > STORE_VERSION
+    if not is_int(version) or version not in STORE_READABLE:
+        newer = is_int(version) and version > STORE_VERSION
         raise CltraceError(
             f"activation store '{path}' has version {version!r}; this cltrace reads versions "
             f"{', '.join(map(str, STORE_READABLE))}: "
@@ -256,10 +244,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v: Any) -> bool:
     # Not required finite: an fp16 store of huge activations can hold inf norms, and says so.
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -272,7 +256,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     """What is wrong with the fields of manifest `m` (a version 1 one has no checksum), or None."""
 
     def count(v: Any, least: int = 0) -> bool:
-        return _is_int(v) and v >= least
+        return is_int(v) and v >= least
 
     def floats(v: Any, n: int) -> bool:
         return isinstance(v, list) and len(v) == n and all(_is_num(x) for x in v)

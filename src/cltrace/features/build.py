@@ -18,8 +18,6 @@ tables) are written from the running tensors in one transaction at the end.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sqlite3
@@ -35,6 +33,8 @@ from cltrace.data.harvest import FIRST_POSITION, Harvester
 from cltrace.data.packing import PackPosition, model_packing, pack_batches
 from cltrace.data.sources import open_text_source
 from cltrace.errors import CltraceError
+from cltrace.features.database import SCHEMA, SCHEMA_VERSION, connect, read_meta, transaction, write_meta
+from cltrace.features.page import Labeller, TokenLabeller
 from cltrace.features.pages import _finalize
 from cltrace.features.state import (
     STATE_NAMES,
@@ -45,26 +45,11 @@ from cltrace.features.state import (
     _save_state,
     update_state,
 )
-from cltrace.features.database import SCHEMA, SCHEMA_VERSION, connect, read_meta, transaction, write_meta
-from cltrace.features.page import Labeller, TokenLabeller
+from cltrace.fingerprint import sha256_hex, transcoder_fingerprint
 from cltrace.model import load_model
 from cltrace.transcoder import Transcoder, load_transcoder
 
 log = logging.getLogger(__name__)
-
-# -- identity --------------------------------------------------------------------------------------
-
-
-def transcoder_fingerprint(tc: Any) -> str:
-    """sha256 of a transcoder's config and weights (identifies it whatever file it came from)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(tc.config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(tc.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 # -- the build -------------------------------------------------------------------------------------
 
@@ -201,7 +186,7 @@ def _describe_source(text_source: Any) -> str:
     if hasattr(text_source, "describe"):
         return text_source.describe()
     if isinstance(text_source, (list, tuple)):
-        return f"{len(text_source)} documents sha256:" + hashlib.sha256("\x00".join(text_source).encode()).hexdigest()[:16]
+        return f"{len(text_source)} documents sha256:" + sha256_hex("\x00".join(text_source))[:16]
     return f"<{type(text_source).__name__}>"
 
 

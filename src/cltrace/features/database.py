@@ -5,11 +5,12 @@ The tables and the seal are described in `cltrace.features.store`, which reads w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+from cltrace.fingerprint import json_digest, sha256_hex
 
 SCHEMA_VERSION = 1
 
@@ -94,17 +95,13 @@ def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
 def _rows_digest(rows: list[tuple], blob: bool) -> str | None:
     """sha256 of rows as read from SQLite (the last value of each a blob when `blob`); None when a
     value has a type the table never holds (a damaged record)."""
-    h = hashlib.sha256()
-    if blob:
-        blobs = [r[-1] for r in rows]
-        if not all(isinstance(b, bytes) for b in blobs):
-            return None
-        h.update(repr([r[:-1] for r in rows]).encode())  # repr: exact for int, float and str
-        h.update(repr([len(b) for b in blobs]).encode())
-        h.update(b"".join(blobs))
-    else:
-        h.update(repr(rows).encode())
-    return h.hexdigest()
+    if not blob:
+        return sha256_hex(repr(rows))
+    blobs = [r[-1] for r in rows]
+    if not all(isinstance(b, bytes) for b in blobs):
+        return None
+    # repr: exact for int, float and str
+    return sha256_hex([repr([r[:-1] for r in rows]), repr([len(b) for b in blobs]), b"".join(blobs)])
 
 
 def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
@@ -115,7 +112,7 @@ def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
 
 def _meta_digest(meta: dict[str, Any]) -> str:
     body = {k: meta.get(k) for k in SEALED_META_KEYS}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(body)
 
 
 def _feature_examples(conn: sqlite3.Connection, layer: int, feature: int) -> list[tuple]:

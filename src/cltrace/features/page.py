@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+
 @dataclass
 class TokenScore:
     """A token and a score (a logit effect, an encoder product or a mean activation)."""

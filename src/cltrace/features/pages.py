@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cltrace.features.state import BuildParams, _load_state, _save_state
 from cltrace.features.database import seal_store, transaction, write_meta
 from cltrace.features.page import Example, FeaturePage, Labeller, TokenScore
+from cltrace.features.state import BuildParams, _load_state, _save_state
 from cltrace.features.views import token_views
 
 log = logging.getLogger(__name__)

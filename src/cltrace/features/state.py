@@ -7,7 +7,6 @@ checkpoint, so that a killed build resumes from its last commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import torch
 from cltrace.data.harvest import FIRST_POSITION
 from cltrace.errors import CltraceError
 from cltrace.features.database import write_meta
+from cltrace.fingerprint import sha256_hex
 
 HIST_EDGES = [10.0 ** (-4 + j / 8) for j in range(65)]  # 8 bins per decade from 1e-4 to 1e4 (see hist_bins)
 MASK32 = 0xFFFFFFFF
@@ -205,7 +205,7 @@ def hist_bins(v: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def _state_digest(dtype: str, shape: str, data: bytes) -> str:
     """sha256 of one running tensor as stored (dtype, shape and bytes)."""
-    return hashlib.sha256(f"{dtype}|{shape}|".encode() + data).hexdigest()
+    return sha256_hex([f"{dtype}|{shape}|", data])
 
 
 def _save_state(conn: Any, state: dict[str, torch.Tensor], names: Sequence[str] = STATE_NAMES) -> None:

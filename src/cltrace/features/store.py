@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line, is_int
 from cltrace.features.database import (
     APPLICATION_ID,
     REBUILD,
@@ -130,7 +130,7 @@ class FeatureStore:
         except (sqlite3.Error, ValueError, RecursionError) as exc:  # ValueError: unreadable meta JSON
             self.close()
             raise CltraceError(
-                f"'{path}' is not a feature store, or is damaged ({_first_line(exc)}): pass a database built by "
+                f"'{path}' is not a feature store, or is damaged ({first_line(exc)}): pass a database built by "
                 f"`cltrace features build`, or {REBUILD}"
             ) from None
         try:
@@ -164,10 +164,10 @@ class FeatureStore:
             raise self._damaged("only one of its two seal marks is present")
         cfg, params = meta.get("transcoder"), meta.get("params")
         ok = (
-            isinstance(cfg, dict) and all(_is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
-            and isinstance(params, dict) and all(_is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
+            isinstance(cfg, dict) and all(is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
+            and isinstance(params, dict) and all(is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
             and isinstance(params.get("hist_edges"), list) and meta.get("status") in ("building", "complete")
-            and _is_int(meta.get("tokens", 0)) and _is_int(meta.get("contexts", 0))
+            and is_int(meta.get("tokens", 0)) and is_int(meta.get("contexts", 0))
         )
         if not ok:
             raise self._damaged("its meta table holds malformed values")
@@ -187,7 +187,7 @@ class FeatureStore:
                 if seal[table] != _table_digest(self.conn, table):
                     raise self._damaged(f"its {table} table does not match its seal")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def close(self) -> None:
         """Close the database connection."""
@@ -220,7 +220,7 @@ class FeatureStore:
                 for tid in chunk:
                     self._vocab.setdefault(tid, f"<{tid}>")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         return self._vocab
 
     def page(self, layer: int, feature: int) -> FeaturePage:
@@ -231,7 +231,7 @@ class FeatureStore:
         except CltraceError:
             raise
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
             # Rows that do not decode (bad JSON, blobs of the wrong length, missing contexts): only a
             # damaged or foreign database holds them; a sealed one is caught by its digests first.
@@ -310,7 +310,7 @@ class FeatureStore:
         try:
             self._set_label(layer, feature, label)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _set_label(self, layer: int, feature: int, label: str | None) -> None:
         with transaction(self.conn):
@@ -330,7 +330,7 @@ class FeatureStore:
         try:
             return {(l, f): s for l, f, s in self.conn.execute("SELECT layer, feature, label FROM labels")}
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def search(self, text: str, limit: int = 50) -> list[tuple[int, int, str]]:
         """Features whose label (or, without one, automatic label) contains `text` (case-insensitive):
@@ -339,7 +339,7 @@ class FeatureStore:
         try:
             return self._search(pattern, limit)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _search(self, pattern: str, limit: int) -> list[tuple[int, int, str]]:
         rows = self.conn.execute(
@@ -355,7 +355,7 @@ class FeatureStore:
         try:
             return self._stats()
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError) as exc:
             raise self._damaged(f"its summary does not decode: {type(exc).__name__}") from None
 
@@ -382,15 +382,6 @@ class FeatureStore:
             "labels": int(self.conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]),
             "bytes": self.path.stat().st_size,
         }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 
 
@@ -173,6 +174,7 @@ class _EdgeAssembly:
             "model": self.model.name,
             "n_layers": L,
             "transcoder": self.tc.config.to_dict(),
+            "transcoder_fingerprint": transcoder_fingerprint(self.tc),  # the server matches feature stores by it
             "settings": {**dataclasses.asdict(self.cfg), "live_skip": self.live_skip,
                          "rows_recomputed": self.row_dtype != torch.float32},
             "targets": [t.to_dict() for t in self.targets],

@@ -15,7 +15,6 @@ import torch
 
 from cltrace.errors import CltraceError
 
-
 #: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
 #: fp32 tensors: the forward keeps neither its inputs nor its resid_mid outputs.
 _COPIES_PER_ROW = 2

@@ -21,7 +21,6 @@ logits ``"{n_layers+1}_{token}_{pos}"``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import heapq
 import json
 import math
@@ -33,7 +32,8 @@ from typing import Any
 import torch
 
 from cltrace.atomic import atomic_write
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line
+from cltrace.fingerprint import sha256_hex, tensor_bytes
 from cltrace.graph.nodes import _NODE_COLUMNS, Edge, GraphPath, NodeKind, NodeTable, _kind_name
 
 #: Version of the on-disk layout written by `Graph.save`; loading a newer one is refused.
@@ -178,7 +178,7 @@ class Graph:
             raise
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:  # truncated / not safetensors
             raise CltraceError(
-                f"cannot read graph file '{path}' ({type(exc).__name__}: {_first_line(exc)}); "
+                f"cannot read graph file '{path}' ({type(exc).__name__}: {first_line(exc)}); "
                 f"it is truncated or damaged, or not a safetensors file: {redo}"
             ) from None
         # Checked before anything is interpreted: any damage reads as this one message.
@@ -410,13 +410,6 @@ class Graph:
             metadata=metadata,
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (library messages can span several)."""
-    text = str(exc)
-    return text.splitlines()[0] if text else ""
-
-
 def _graph_digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of a graph file's content: its header entries other than ``sha256`` itself, then every
     tensor (sorted by name) as name, dtype, shape and raw bytes.
@@ -424,16 +417,11 @@ def _graph_digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> s
     Computed from what `Graph.save` hands to safetensors and from what `Graph.load` reads back, so
     it does not depend on how safetensors lays the file out.
     """
-    h = hashlib.sha256()
     entries = sorted((k, v) for k, v in header.items() if k != "sha256")
     names = sorted(tensors)
     # The JSON prefix fixes every length, so the concatenated tensor bytes that follow are unambiguous.
     layout = [entries, [[n, str(tensors[n].dtype), list(tensors[n].shape)] for n in names]]
-    h.update(json.dumps(layout, separators=(",", ":")).encode())
-    for n in names:
-        flat = tensors[n].detach().cpu().contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().data)  # [numel * itemsize] raw little-endian bytes
-    return h.hexdigest()
+    return sha256_hex([json.dumps(layout, separators=(",", ":")), *(tensor_bytes(tensors[n]) for n in names)])
 
 
 __all__ = ["GRAPH_FORMAT", "GRAPH_SCHEMA_VERSION", "PER_NODE_METADATA_KEYS", "Edge", "Graph", "GraphPath", "NodeKind", "NodeTable"]

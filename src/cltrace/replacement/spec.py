@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 from cltrace.errors import CltraceError
+from cltrace.notation import NAME, NotationError, is_feature, parse_feature, split_assignment
+from cltrace.notation import parse_positions as positions_of
 from cltrace.replacement.intervention import MAX_VALUE, Intervention
 from cltrace.replacement.supernodes import Supernode
 
-_SPEC = re.compile(r"^\s*(?P<target>[^@=\s]+)\s*(?:@\s*(?P<pos>[^=]*?)\s*)?=\s*(?P<val>\S+)\s*$")
-_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 SPEC_HELP = "expected LAYER:FEATURE[@POS]=VALUE or LAYER:FEATURE[@POS]=xFACTOR (POS: 4, 2-5 or 2-), e.g. 5:123@4=0 or 5:123=x2"
 
 
@@ -19,28 +18,12 @@ def _bad(spec: str, why: str) -> CltraceError:
     return CltraceError(f"malformed --set {spec!r}: {why}; {SPEC_HELP}")
 
 
-def _parse_int(spec: str, text: str, what: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
-        raise _bad(spec, f"{what} {text!r} is not a non-negative integer")
-    return int(text)
-
-
 def parse_positions(spec: str, text: str | None) -> tuple[int | None, int | None]:
-    """(start, end) of a POS text: "4" → (4, 4), "2-5" → (2, 5), "2-" → (2, None), None → (None, None)."""
-    if text is None:
-        return None, None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*", text)
-    if not m:
-        raise _bad(spec, f"position {text!r} is not N, A-B or A-")
-    start = int(m.group(1))
-    if m.group(2) is None:
-        return start, start
-    if m.group(3) is None:
-        return start, None
-    end = int(m.group(3))
-    if end < start:
-        raise _bad(spec, f"position range {start}-{end} is empty (write it low-high)")
-    return start, end
+    """(start, end) of the POS text of `spec`: "4" → (4, 4), "2-5" → (2, 5), "2-" → (2, None), None → (None, None)."""
+    try:
+        return positions_of(text)
+    except NotationError as exc:
+        raise _bad(spec, str(exc)) from None
 
 
 def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = None) -> list[Intervention]:
@@ -49,10 +32,10 @@ def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = N
     A supernode name expands to one intervention per member; a member's own position wins over
     ``@POS``, which applies to members given without one. One-line CltraceErrors for malformed specs.
     """
-    m = _SPEC.match(spec)
-    if not m:
-        raise _bad(spec, "it does not have the form TARGET[@POS]=VALUE")
-    target, pos_text, val_text = m.group("target"), m.group("pos"), m.group("val")
+    try:
+        target, pos_text, val_text = split_assignment(spec)
+    except NotationError as exc:
+        raise _bad(spec, str(exc)) from None
     if val_text.lower().startswith(("x", "*")):
         try:
             value, factor = None, float(val_text[1:])
@@ -69,12 +52,13 @@ def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = N
     if abs(number) > MAX_VALUE:
         raise _bad(spec, f"{val_text!r} is beyond ±{MAX_VALUE:g}")
     start, end = parse_positions(spec, pos_text)
-    if ":" in target:
-        layer_text, _, feature_text = target.partition(":")
-        layer = _parse_int(spec, layer_text, "layer")
-        feature = _parse_int(spec, feature_text, "feature")
+    if is_feature(target):
+        try:
+            layer, feature = parse_feature(target)
+        except NotationError as exc:
+            raise _bad(spec, str(exc)) from None
         return [Intervention(layer, feature, value, factor, start, end)]
-    if not _NAME.match(target):
+    if not NAME.match(target):
         raise _bad(spec, f"{target!r} is neither LAYER:FEATURE nor a supernode name")
     if not supernodes or target not in supernodes:
         known = ", ".join(sorted(supernodes)) if supernodes else "none loaded"

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
+from cltrace.notation import NAME
 from cltrace.replacement.intervention import Intervention
 
 SUPERNODES_FORMAT = "cltrace-supernodes"
 SUPERNODES_VERSION = 1
-_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
 
 Member = tuple[int, int, "int | None"]
 
@@ -44,7 +43,7 @@ class Supernode:
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not NAME.match(self.name):
             raise CltraceError(
                 f"supernode name {self.name!r} is not valid: use letters, digits, '_', '.', '-', starting with a letter or '_'"
             )

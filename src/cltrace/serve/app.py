@@ -27,6 +27,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from cltrace.errors import CltraceError
+from cltrace.fields import field_bounds, field_default, field_help
+from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve.jobs import Jobs, Loader, Models, TooBusy
@@ -92,11 +94,18 @@ class InterventionBody(BaseModel):
     top: int = Field(default=10, ge=1, le=50)
 
 
+#: The most feature nodes a graph built by the server may have: the web app's own resource limit
+#: (the library's bound, shared with the command line, is AttributionConfig's).
+MAX_FEATURE_NODES_SERVED = 50_000
+
+
 class NewGraphBody(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     name: str | None = Field(default=None, max_length=100, description="File name (default: from the prompt).")
     like: str | None = Field(default=None, max_length=1000, description="Use this graph's model and transcoder.")
-    max_feature_nodes: int = Field(default=7500, ge=1, le=50000)
+    max_feature_nodes: int = Field(
+        default=field_default(AttributionConfig, "max_feature_nodes"), ge=field_bounds(AttributionConfig, "max_feature_nodes")[0],
+        le=MAX_FEATURE_NODES_SERVED, description=field_help(AttributionConfig, "max_feature_nodes"))
 
 
 # -- the app -----------------------------------------------------------------------------------------

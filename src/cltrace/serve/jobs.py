@@ -122,7 +122,7 @@ class Jobs:
         self._outputs: dict[str, Path] = {}  # job id -> the file it will write, until it has
         self._lock = threading.Lock()
 
-    def submit(self, prompt: str, name: str | None = None, like: str | None = None, max_feature_nodes: int = 7500) -> Job:
+    def submit(self, prompt: str, name: str | None = None, like: str | None = None, max_feature_nodes: int | None = None) -> Job:
         """Start computing the graph of `prompt` with the model and transcoder of graph `like` (a
         path in the served folder; default: the server's --model/--transcoder)."""
         if not prompt.strip():
@@ -157,7 +157,7 @@ class Jobs:
                 job.done, job.total = bar
         return job.to_dict()
 
-    def _run(self, job: Job, metadata: dict[str, Any], out: Path, max_feature_nodes: int) -> None:
+    def _run(self, job: Job, metadata: dict[str, Any], out: Path, max_feature_nodes: int | None) -> None:
         from cltrace.graph.attribution import attribute
         from cltrace.graph.prune import prune
 

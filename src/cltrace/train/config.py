@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cltrace.data.harvest import FIRST_POSITION
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, is_int
+from cltrace.notation import NotationError, split_setting
 
 DECODES = ("sparse", "dense")
 TRAIN_DTYPES = ("float32", "bfloat16", "float64")
@@ -128,9 +129,6 @@ class TrainConfig:
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise CltraceError(f"train config: {message}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: Any) -> bool:
             return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
@@ -250,12 +248,11 @@ class TrainConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`"key=value"` → (key, value), the value read as JSON where it parses (numbers, true, null), else a string."""
-    if "=" not in text:
-        raise CltraceError(f"override {text!r} must look like key=value (for example lr=1e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    if not key:
-        raise CltraceError(f"override {text!r} has no key before '='; write key=value (for example lr=1e-4)")
+    try:
+        key, raw = split_setting(text)  # the one --set grammar, shared with `intervene --set`
+    except NotationError as exc:
+        raise CltraceError(f"override {text!r} {exc}; write key=value (for example lr=1e-4)") from None
+    key = key.replace("-", "_")
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):  # not JSON (or too deep / too long a number): the text itself

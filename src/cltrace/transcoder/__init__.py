@@ -1,8 +1,8 @@
 """Transcoders: cross-layer (CLT) and per-layer (PLT), their activations, and their file formats."""
 
 from cltrace.transcoder.activation import Activation, JumpReLU, ReLU, TopK, make_activation
-from cltrace.transcoder.formats import detect_format, load_transcoder, save_transcoder
 from cltrace.transcoder.config import TranscoderConfig
+from cltrace.transcoder.formats import detect_format, load_transcoder, save_transcoder
 from cltrace.transcoder.transcoder import (
     CrossLayerTranscoder,
     PerLayerTranscoder,

@@ -10,10 +10,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line
 from cltrace.transcoder.activation import JumpReLU, TopK
 from cltrace.transcoder.config import TranscoderConfig
-from cltrace.transcoder.files import _check_names, _dtype_name, _first_line, _read_safetensors, _take
+from cltrace.transcoder.files import _check_names, _dtype_name, _read_safetensors, _take
 from cltrace.transcoder.transcoder import Transcoder
 
 CT_CONFIG = "config.yaml"
@@ -202,7 +202,7 @@ def read_ct_config(path: Path) -> dict:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
-        raise CltraceError(f"{file} is not valid YAML ({_first_line(e)})") from None
+        raise CltraceError(f"{file} is not valid YAML ({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line
 from cltrace.transcoder.config import DTYPES
 
 
@@ -20,7 +19,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CltraceError(
-            f"{file} cannot be read as safetensors ({_first_line(e)}); it is truncated or damaged: re-export it"
+            f"{file} cannot be read as safetensors ({first_line(e)}); it is truncated or damaged: re-export it"
         ) from None
 
 
@@ -49,24 +48,10 @@ def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8, bad JSON, a huge integer
-        raise CltraceError(f"{file} is not valid JSON ({_first_line(e)}); it is damaged: re-export the transcoder") from None
+        raise CltraceError(f"{file} is not valid JSON ({first_line(e)}); it is damaged: re-export the transcoder") from None
     if not isinstance(data, dict):
         raise CltraceError(f"{file} does not hold a JSON object; it is damaged: re-export the transcoder")
     return data
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (YAML and safetensors messages span several)."""
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype | str, where: Path | None = None) -> str:

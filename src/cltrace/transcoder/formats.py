@@ -30,7 +30,6 @@ and its hub loader pick up `layer_*.safetensors` beside config.yaml. A TopK PLT 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -41,10 +40,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cltrace.errors import CltraceError
-from cltrace.transcoder.circuit_tracer import CT_CONFIG, check_compatible, read_clt, read_ct_config, read_plt, write_circuit_tracer
+from cltrace.atomic import fsync_directory
+from cltrace.errors import CltraceError, is_int
+from cltrace.fingerprint import file_sha256, json_digest
+from cltrace.transcoder.circuit_tracer import (
+    CT_CONFIG,
+    check_compatible,
+    read_clt,
+    read_ct_config,
+    read_plt,
+    write_circuit_tracer,
+)
 from cltrace.transcoder.config import TranscoderConfig
-from cltrace.transcoder.files import _dtype_name, _read_json, _read_safetensors, _sha256
+from cltrace.transcoder.files import _dtype_name, _read_json, _read_safetensors
 from cltrace.transcoder.transcoder import Transcoder, make_transcoder
 
 NATIVE_FORMAT = "cltrace-transcoder"
@@ -150,7 +158,7 @@ def _write_directory(path: Path, write: Callable[[Path], None], overwrite: bool)
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_directory(tmp)
+        fsync_directory(tmp, files=True)
         if path.exists():
             # Swap: the old directory is moved aside whole, never partly replaced.
             old = path.parent / f".{path.name}.old-{tag}"
@@ -163,23 +171,11 @@ def _write_directory(path: Path, write: Callable[[Path], None], overwrite: bool)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_directory(path.parent, files=False)
+        fsync_directory(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _fsync_directory(directory: Path, files: bool = True) -> None:
-    if files:
-        for child in directory.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- native --------------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ def _write_native(tc: Transcoder, directory: Path) -> None:
         "format": NATIVE_FORMAT,
         "format_version": NATIVE_VERSION,
         **tc.config.to_dict(),
-        "sha256": {WEIGHTS: _sha256(directory / WEIGHTS)},
+        "sha256": {WEIGHTS: file_sha256(directory / WEIGHTS)},
     }
     meta[CONFIG_DIGEST_KEY] = _config_digest(meta)
     (directory / CONFIG_JSON).write_text(json.dumps(meta, indent=2) + "\n")
@@ -202,16 +198,15 @@ def _config_digest(meta: dict) -> str:
     """sha256 of config.json's keys other than `config_sha256`, as canonical JSON (sorted keys, no
     spaces), so that it survives re-indenting but not a changed value."""
     body = {k: v for k, v in meta.items() if k != CONFIG_DIGEST_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return json_digest(body)
 
 
 def _read_native(path: Path, verify: bool) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     file = path / CONFIG_JSON
     meta = _read_json(file)
     version = meta.get("format_version")
-    is_int = isinstance(version, int) and not isinstance(version, bool)
-    if not is_int or version not in NATIVE_READABLE:
-        newer = is_int and version > NATIVE_VERSION
+    if not is_int(version) or version not in NATIVE_READABLE:
+        newer = is_int(version) and version > NATIVE_VERSION
         raise CltraceError(
             f"{file} has format_version {version!r}; this cltrace reads versions "
             f"{', '.join(map(str, NATIVE_READABLE))}: "
@@ -236,7 +231,7 @@ def _read_native(path: Path, verify: bool) -> tuple[TranscoderConfig, dict[str, 
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CltraceError(f"{weights} is missing; the transcoder directory is incomplete: re-export it")
-    if verify and _sha256(weights) != checksums[WEIGHTS]:
+    if verify and file_sha256(weights) != checksums[WEIGHTS]:
         raise CltraceError(
             f"{weights} does not match the sha256 recorded in {CONFIG_JSON}: the file is damaged or was "
             f"changed; re-export it"
