@@ -219,7 +219,7 @@ def test_static_files_stay_in_the_static_folder(server: tuple[str, int], monkeyp
     monkeypatch.setattr(serve_app, "STATIC", tmp_path / "not-built")
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(tmp_path), raise_server_exceptions=False) as client:
+    with TestClient(create_app(tmp_path), raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
         assert client.get("/static/app.js").status_code == 404
         assert "make setup" in client.get("/").json()["detail"]
 

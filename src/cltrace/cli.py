@@ -24,6 +24,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
+def _decoded_prompt(prompt: str) -> str:
+    """The prompt as text: bytes that are not UTF-8 reach Python's argv as lone surrogates
+    (surrogateescape), which no tokenizer takes; they become U+FFFD, said once on stderr."""
+    try:
+        raw = prompt.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that came from no byte (only through the Python API)
+        raw = prompt.encode("utf-8", "replace")
+    text = raw.decode("utf-8", "replace")
+    if text != prompt:
+        typer.echo("note: the prompt has bytes that are not UTF-8: each is read as U+FFFD, the replacement character", err=True)
+    return text
+
+
 ModelOption = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="Hub id, local directory or .gguf file; default: SmolLM2-135M-Instruct."),
@@ -58,7 +71,7 @@ def info(model: Annotated[Optional[str], typer.Argument(help="Hub id, local dire
 
 @app.command()
 def predict(
-    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", callback=_decoded_prompt)],
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 10,
     transcoder: Annotated[
@@ -272,7 +285,7 @@ def eval_command(
 
 @app.command()
 def attribute(
-    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=_decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the graph file.")],
     model: ModelOption = None,
@@ -358,7 +371,7 @@ def attribute(
 
 @app.command()
 def trace(
-    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=_decoded_prompt)],
     transcoder: Annotated[str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")] = "default",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.safetensors, graph.png and report.txt.")] = Path("cltrace-trace"),
     model: ModelOption = None,
@@ -432,7 +445,7 @@ class InterventionMode(str, Enum):
 
 @app.command()
 def intervene(
-    prompt: Annotated[str, typer.Argument(help="The text to run the model on.")],
+    prompt: Annotated[str, typer.Argument(help="The text to run the model on.", callback=_decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     set_: Annotated[
         Optional[list[str]],
@@ -684,11 +697,14 @@ def serve(
     transcoder: Annotated[
         Optional[Path], typer.Option("--transcoder", "-t", help="Transcoder for interventions and new graphs (default: the graph's; 'default': the default CLT).")
     ] = None,
+    token: Annotated[
+        Optional[str], typer.Option("--token", envvar="CLTRACE_TOKEN", help="Require this token on every request (default: none on loopback, a new one printed with the URL beyond it).")
+    ] = None,
+    max_jobs: Annotated[Optional[int], typer.Option("--max-jobs", min=1, max=64, help="New graphs queued or running at once; more are refused until one ends (default: a few).")] = None,
 ) -> None:
     """Explore attribution graphs in the browser: a local web app (graph view, feature pages, interventions)."""
-    import ipaddress
-
     from cltrace.serve import app as serve_app  # the web stack loads only for this command
+    from cltrace.serve import security
 
     if not graph_dir.is_dir():
         raise CltraceError(f"'{graph_dir}' is not a folder: pass the folder holding your graph files")
@@ -696,11 +712,8 @@ def serve(
         raise CltraceError(serve_app.BUILD_HINT)
     if not host.strip():  # uvicorn would take "" for every interface
         raise CltraceError("--host is empty: pass the interface to bind, e.g. 127.0.0.1 (the default)")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    token = security.access_token(host, token)
+    if not security.is_loopback(host):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can read the graphs and run the model", err=True)
     if transcoder is not None:
         from cltrace.train.default import resolve_transcoder
@@ -715,8 +728,9 @@ def serve(
         features = feature_db_path(load_transcoder(transcoder))
         if not features.is_file():
             raise CltraceError(f"no automatic feature store for {transcoder} yet: run `cltrace trace` with it first")
-    typer.echo(f"serving {graph_dir.resolve()} at http://{host}:{port} (Ctrl-C stops)")
-    serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder)
+    typer.echo(f"serving {graph_dir.resolve()} at {security.url(host, port, token)} (Ctrl-C stops)")
+    serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder,
+                    token=token, max_running=max_jobs or serve_app.MAX_RUNNING)
 
 
 def main(argv: list[str] | None = None) -> None:
