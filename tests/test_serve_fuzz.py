@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -279,3 +280,152 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_root: Path, one_thread: N
     assert fuzzer.statuses[("GET /api/graph/feature", 200)] > 0
     assert sum(n for (label, code), n in fuzzer.statuses.items() if code == 403) > 0
     assert_only_accepted_writes(app, fuzz_root, before)
+
+
+#: Requests sent to each route by the slow run.
+PER_ROUTE = 1000
+
+
+class BadInput:
+    """Hand-made requests for one route at a time: mostly bad (foreign Host or Origin, wrong content
+    type, bytes that are not JSON or not UTF-8, wrong JSON types, hostile paths and numbers), some
+    valid; seeded, on one kept-alive connection."""
+
+    def __init__(self, address: tuple[str, int], root: Path, seed: int = 0) -> None:
+        self.address, self.rng = address, random.Random(seed)
+        self.own = f"{address[0]}:{address[1]}"
+        self.paths = served_paths(root)
+        graph = Graph.load(root / "acronym.safetensors")
+        kinds = graph.nodes.kind.tolist()
+        self.features = [nid for nid, k in zip(graph.node_ids(), kinds) if k == int(NodeKind.FEATURE)]
+        self.conn = http.client.HTTPConnection(*address, timeout=60)
+
+    def junk(self) -> Any:
+        """A JSON value of any type, sometimes absurd."""
+        return self.rng.choice([None, True, -1, 0, 2**31, 10**30, -1e308, 1e308, 0.5, "", "x" * 5000, "\u202e\u0000",
+                                [], [1, "a"], {}, {"a": {"b": [None]}}, self.rng.choice(self.features), "../secret"])
+
+    def path(self) -> str:
+        value = self.rng.choice(["acronym.safetensors"] * 3 + self.paths + [self.junk_text()])
+        return quote(value, safe=self.rng.choice(["/%", "", "/", "/%\\~"]))  # '%' kept: sent as it is, double-encoded or not
+
+    def junk_text(self) -> str:
+        return "".join(self.rng.choice("ab./%\\~\x00é%2e%2F") for _ in range(self.rng.randint(0, 40)))
+
+    def body(self, valid: dict[str, Any]) -> bytes:
+        """`valid` as JSON, or a damaged or altered version of it."""
+        raw = json.dumps(valid).encode()
+        how = self.rng.randrange(7)
+        if how == 0:
+            return raw
+        if how == 1:
+            return raw[: self.rng.randrange(len(raw) + 1)]
+        if how == 2:
+            return bytes(self.rng.randrange(256) for _ in range(self.rng.randrange(64)))
+        if how == 3:
+            return raw.replace(b'"', b"'", 1) + b"\xff\xfe"
+        if how == 4:
+            return json.dumps({k: self.junk() for k in valid}).encode()
+        if how == 5:
+            return json.dumps({**valid, self.rng.choice(list(valid)): self.junk()}).encode()
+        return json.dumps(self.rng.choice([[valid], "text", 3, None, {"nested": [[[[[[valid]]]]]]}])).encode()
+
+    def send(self, method: str, target: str, body: bytes | None, headers: dict[str, str]) -> int:
+        for attempt in range(2):  # the server may close a connection after an error: open another
+            try:
+                self.conn.request(method, target, body=body, headers=headers)
+                resp = self.conn.getresponse()
+                resp.read()
+                return resp.status
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(*self.address, timeout=60)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def one(self, method: str, route: str, valid: dict[str, Any] | None, query: str) -> tuple[int, str]:
+        """One request to `route`: (status, what kind of request it was)."""
+        r = self.rng.random()
+        headers = {"Host": self.own, "Content-Type": "application/json"}
+        kind = "bad"
+        if r < 0.15:
+            headers["Host"], kind = self.rng.choice(FOREIGN_HOSTS), "foreign host"
+        elif r < 0.3 and method in STATE_CHANGING:
+            headers["Origin"], kind = self.rng.choice(FOREIGN_ORIGINS), "foreign origin"
+        elif r < 0.4:
+            headers["Content-Type"] = self.rng.choice(["text/plain", "application/x-www-form-urlencoded",
+                                                       "multipart/form-data; boundary=x", "application/json; charset=latin-1"])
+        elif r < 0.5:
+            kind = "valid"
+            if self.rng.random() < 0.5:  # the explorer's own page; else none, as from curl
+                headers["Origin"] = f"http://{self.own}"
+        body = None
+        if valid is not None:
+            body = json.dumps(valid).encode() if kind == "valid" else self.body(valid)
+        if kind != "valid" and "{path}" in query:
+            query = query.replace("{path}", self.path())
+        query = query.replace("{path}", "acronym.safetensors")
+        if kind == "bad" and self.rng.random() < 0.3:
+            query += self.rng.choice(["&layer=-1", "&feature=1e9", "&node_threshold=nan", "&full=maybe", "&x=%ff", "&layer=99999999999999999999"])
+        return self.send(method, route + query, body, headers), kind
+
+
+@pytest.mark.slow
+def test_a_thousand_bad_requests_per_route(fuzz_root: Path, one_thread: None) -> None:
+    """At least PER_ROUTE requests to each route, mostly bad: no 5xx, every foreign Host and every
+    state-changing foreign Origin 403, and no file changed but what the accepted requests wrote."""
+    app = create_app(fuzz_root, loader=lambda _metadata: replacement())
+    server, _ = start_in_thread(app)
+    address = server.servers[0].sockets[0].getsockname()[:2]
+    before = digests(fuzz_root.parent)
+    bad = BadInput(address, fuzz_root)
+    a, b = bad.features[:2]
+    job = json.loads(http_post(address, "/api/jobs", {"prompt": "AB", "max_feature_nodes": 5}))["id"]
+    routes: list[tuple[str, str, dict[str, Any] | None, str]] = [
+        ("GET", "/", None, ""), ("GET", "/static/app.js", None, ""), ("GET", "/openapi.json", None, ""),
+        ("GET", "/api/info", None, ""), ("GET", "/api/graphs", None, ""),
+        ("GET", "/api/graph", None, "?path={path}&node_threshold=0.5"), ("GET", "/api/graph/state", None, "?path={path}"),
+        ("GET", "/api/graph/feature", None, "?path={path}&layer=0&feature=1"),
+        ("PUT", "/api/graph/state", {"pinned": [a], "supernodes": [{"name": "fz", "members": [a, b]}]}, "?path={path}"),
+        ("PUT", "/api/graph/label", {"layer": 0, "feature": 1, "label": "fuzzed"}, "?path={path}"),
+        ("POST", "/api/graph/intervene", {"interventions": [{"node": a, "value": 0}], "top": 3}, "?path={path}"),
+        ("POST", "/api/jobs", {"prompt": "AB(", "max_feature_nodes": 5}, ""),
+        ("GET", f"/api/jobs/{job}", None, ""), ("DELETE", f"/api/jobs/{job}", None, ""),
+    ]
+    seen = {(r.path, m) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
+    assert {(p.replace(job, "{job_id}"), m) for m, p, _, _ in routes} >= {(p, m) for p, m in seen if p != "/static"}
+    tally: collections.Counter[tuple[str, int]] = collections.Counter()
+    failures = []
+    start = time.monotonic()
+    try:
+        for method, route, valid, query in routes:
+            for _ in range(PER_ROUTE):
+                status, kind = bad.one(method, route, valid, query)
+                tally[(f"{method} {route}", status)] += 1
+                if status >= 500 or (kind in ("foreign host", "foreign origin") and status != 403):
+                    failures.append(f"{method} {route} {kind} -> {status}")
+        wait_for_jobs(app, 60)
+    finally:
+        server.should_exit = True
+    elapsed = time.monotonic() - start
+    per_route = collections.Counter()
+    for (route, _), n in tally.items():
+        per_route[route] += n
+    print(f"\n{sum(tally.values())} requests in {elapsed:.1f} s; 2xx per route:",
+          {route: sum(n for (r, s), n in tally.items() if r == route and s < 300) for route in per_route})
+    assert not failures, failures[:20]
+    assert min(per_route.values()) >= PER_ROUTE and len(per_route) == len(routes)
+    for method, route, _, _ in routes:  # the valid ones were served: the checks refuse only the bad
+        assert sum(n for (r, s), n in tally.items() if r == f"{method} {route}" and s < 300) > 0, route
+    assert_only_accepted_writes(app, fuzz_root, before)
+
+
+def http_post(address: tuple[str, int], target: str, body: dict[str, Any]) -> str:
+    """POST `body` as JSON; the answer's text."""
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("POST", target, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
