@@ -170,6 +170,8 @@ def test_a_token_is_required_beyond_loopback(fake_uvicorn: list[dict[str, Any]],
     calls = len(fake_uvicorn)
     code, out, err = run_cli("serve", root, "--host", "0.0.0.0", "--token", "", capsys=capsys)
     assert_one_line_error(code, err, "--token is empty", "0.0.0.0")
+    code, out, err = run_cli("serve", root, "--token", "two words", capsys=capsys)  # it must fit a URL and a cookie
+    assert_one_line_error(code, err, "--token holds spaces")
     assert len(fake_uvicorn) == calls
     with pytest.raises(CltraceError, match="without a token"):  # the Python API refuses it too
         cltrace.serve.serve(root, host="0.0.0.0")

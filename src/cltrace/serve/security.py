@@ -23,7 +23,7 @@ import ipaddress
 import secrets
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote
 
 from starlette.responses import JSONResponse
 
@@ -56,7 +56,10 @@ def access_token(host: str, token: str | None) -> str | None:
         raise CltraceError(f"--host {host} is beyond loopback and --token is empty: serving it without a token "
                            "would let anyone on the network read and change the graphs; give a token or omit --token")
     if token is not None:
-        return token.strip()
+        token = token.strip()
+        if not all("!" <= c <= "~" for c in token):
+            raise CltraceError("--token holds spaces or characters that are not printable ASCII: use letters, digits and punctuation")
+        return token
     return None if is_loopback(host) else secrets.token_urlsafe(24)
 
 
@@ -107,7 +110,7 @@ class Guard:
         except CookieError:
             return None, False
         name = cookie_name(self.port or 0)
-        return (jar[name].value if name in jar else None), False
+        return (unquote(jar[name].value) if name in jar else None), False
 
     def check(self, scope: dict) -> tuple[JSONResponse | None, str | None]:
         """(the refusal, or None; a Set-Cookie header value to add when the URL carried the token)."""
@@ -119,11 +122,11 @@ class Guard:
         cookie = None
         if self.token is not None:
             given, in_url = self.presented_token(scope, headers)
-            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+            if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode()):
                 return _refuse(401, "this server needs its token: open the URL `cltrace serve` printed (with ?token=) "
                                     "or send the header 'Authorization: token ...'"), None
             if in_url:
-                cookie = f"{cookie_name(self.port or 0)}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                cookie = f"{cookie_name(self.port or 0)}={quote(self.token, safe='')}; Path=/; HttpOnly; SameSite=Strict"
         origin = headers.get(b"origin")
         if scope.get("method", "GET").upper() in STATE_CHANGING and origin is not None:
             if origin.decode("latin-1").strip().lower() != f"http://{host.strip().lower()}":
