@@ -96,7 +96,7 @@ class Job:
     id: str
     prompt: str
     status: str = "queued"  # queued | running | cancelling | cancelled | done | error
-    stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done
+    stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done | cancelled
     done: int = 0  # rows of the attribution computed so far
     total: int = 0  # rows in all (0 while unknown)
     error: str | None = None
@@ -188,6 +188,8 @@ class Jobs:
             bar = _attribution_bar()
             if bar is not None:
                 job.done, job.total = bar
+        elif job.status == "cancelling" and job.stage == "attributing":
+            _stop_attribution()  # its bar may have opened since the cancel
         return job.to_dict()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
