@@ -76,7 +76,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def client(folder: dict[str, Path]) -> TestClient:
     app = create_app(folder["root"], loader=lambda _metadata: replacement())
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -205,7 +205,7 @@ def test_pins_and_supernodes_persist_in_the_sidecar(client: TestClient, folder: 
     on_disk = json.loads(sidecar.read_text())
     assert on_disk["qParams"] == {"pinnedIds": feats[:2], "supernodes": [["say-N", *feats[1:3]]]}
     # a fresh server (a restart) sees the same work, and `cltrace intervene --supernodes` reads the file
-    fresh = TestClient(create_app(folder["root"]))
+    fresh = TestClient(create_app(folder["root"]), base_url="http://127.0.0.1")
     assert fresh.get("/api/graph", params={"path": "acronym.safetensors"}).json()["state"] == body
     members = [tuple(int(x) for x in nid.split("_")) for nid in feats[1:3]]
     assert load_supernodes(sidecar)["say-N"].members == members
@@ -241,7 +241,7 @@ def test_feature_page_and_label_round_trip(client: TestClient, folder: dict[str,
 
 def test_without_a_feature_store_labels_go_to_the_sidecar(tmp_path: Path, folder: dict[str, Path]) -> None:
     (tmp_path / "g.safetensors").write_bytes(folder["graph"].read_bytes())
-    c = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    c = TestClient(create_app(tmp_path), raise_server_exceptions=False, base_url="http://127.0.0.1")
     view = c.get("/api/graph", params={"path": "g.safetensors"}).json()
     assert view["features_db"] is False
     node = first_feature(view)

@@ -25,6 +25,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
+def decoded_prompt(prompt: str) -> str:
+    """The prompt as text: bytes that are not UTF-8 reach Python's argv as lone surrogates
+    (surrogateescape), which no tokenizer takes; they become U+FFFD, said once on stderr."""
+    try:
+        raw = prompt.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that came from no byte (only through the Python API)
+        raw = prompt.encode("utf-8", "replace")
+    text = raw.decode("utf-8", "replace")
+    if text != prompt:
+        typer.echo("note: the prompt has bytes that are not UTF-8: each is read as U+FFFD, the replacement character", err=True)
+    return text
+
+
 ModelOption = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="Hub id, local directory or .gguf file; default: SmolLM2-135M-Instruct."),

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, OldOutputOption, app, config_option, deprecated, required
+from cltrace.cli.common import ModelOption, OldOutputOption, app, config_option, decoded_prompt, deprecated, required
 from cltrace.fields import field_default
 from cltrace.graph.config import AttributionConfig
 
@@ -17,7 +17,7 @@ MaxFeatureNodesOption = Annotated[int, config_option(AttributionConfig, "max_fea
 
 @app.command()
 def attribute(
-    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the graph file.")] = None,
     old_output: OldOutputOption = None,
@@ -108,7 +108,7 @@ def _echo_scores(targets: list[dict[str, Any]], result: Any) -> None:
 
 @app.command()
 def trace(
-    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.")],
+    prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=decoded_prompt)],
     transcoder: Annotated[str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")] = "default",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.safetensors, graph.png and report.txt.")] = Path("cltrace-trace"),
     model: ModelOption = None,

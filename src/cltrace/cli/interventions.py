@@ -9,13 +9,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cltrace.cli.common import ModelOption, app
+from cltrace.cli.common import ModelOption, app, decoded_prompt
 from cltrace.errors import CltraceError
 
 
 @app.command()
 def predict(
-    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.", callback=decoded_prompt)],
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 10,
     transcoder: Annotated[
@@ -62,7 +62,7 @@ class InterventionMode(str, Enum):
 
 @app.command()
 def intervene(
-    prompt: Annotated[str, typer.Argument(help="The text to run the model on.")],
+    prompt: Annotated[str, typer.Argument(help="The text to run the model on.", callback=decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     set_: Annotated[
         Optional[list[str]],

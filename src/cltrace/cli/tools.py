@@ -35,11 +35,14 @@ def serve(
     transcoder: Annotated[
         Optional[Path], typer.Option("--transcoder", "-t", help="Transcoder for interventions and new graphs (default: the graph's; 'default': the default CLT).")
     ] = None,
+    token: Annotated[
+        Optional[str], typer.Option("--token", envvar="CLTRACE_TOKEN", help="Require this token on every request (default: none on loopback, a new one printed with the URL beyond it).")
+    ] = None,
+    max_jobs: Annotated[Optional[int], typer.Option("--max-jobs", min=1, max=64, help="New graphs queued or running at once; more are refused until one ends (default: a few).")] = None,
 ) -> None:
     """Explore attribution graphs in the browser: a local web app (graph view, feature pages, interventions)."""
-    import ipaddress
-
     from cltrace.serve import app as serve_app  # the web stack loads only for this command
+    from cltrace.serve import security
 
     if not graph_dir.is_dir():
         raise CltraceError(f"'{graph_dir}' is not a folder: pass the folder holding your graph files")
@@ -47,11 +50,8 @@ def serve(
         raise CltraceError(serve_app.BUILD_HINT)
     if not host.strip():  # uvicorn would take "" for every interface
         raise CltraceError("--host is empty: pass the interface to bind, e.g. 127.0.0.1 (the default)")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    token = security.access_token(host, token)
+    if not security.is_loopback(host):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can read the graphs and run the model", err=True)
     if transcoder is not None:
         from cltrace.train.default import resolve_transcoder
@@ -61,8 +61,9 @@ def serve(
         if transcoder is None:
             raise CltraceError("--features auto needs --transcoder: the automatic feature store belongs to a transcoder")
         features = transcoder_feature_store(transcoder, model)
-    typer.echo(f"serving {graph_dir.resolve()} at http://{host}:{port} (Ctrl-C stops)")
-    serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder)
+    typer.echo(f"serving {graph_dir.resolve()} at {security.url(host, port, token)} (Ctrl-C stops)")
+    serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder,
+                    token=token, max_running=max_jobs or serve_app.MAX_RUNNING)
 
 
 class Format(str, Enum):
