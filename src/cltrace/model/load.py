@@ -152,6 +152,11 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     """Wrap an already built transformers model (e.g. a tiny random one in tests)."""
     model.eval()
     model.requires_grad_(False)
+    if getattr(model.config, "attn_logit_softcapping", None) and model.config._attn_implementation != "eager":
+        # Older transformers (5.17) default Gemma to SDPA, which silently drops the attention
+        # soft-cap: the model would then not compute what it was trained to, nor what the
+        # replacement model's frozen attention computes.
+        model.set_attn_implementation("eager")
     return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), name or model.config.model_type)
 
 
