@@ -27,17 +27,17 @@ LONG_TEXT = (
 )
 
 
-def realistic_random_clt(model, n_features: int = 256, seed: int = 0):
+def realistic_random_clt(model, n_features: int = 256, seed: int = 0, ids: torch.Tensor | None = None):
     """A seeded random JumpReLU CLT for `model` whose per-layer thresholds make about
-    ACTIVE_PER_LAYER features fire per layer and token on English text."""
+    ACTIVE_PER_LAYER features fire per layer and token on English text (or on the token ids [pos] `ids`)."""
     from cltrace.replacement import ReplacementModel
     from cltrace.transcoder import Transcoder, TranscoderConfig
 
     cfg = TranscoderConfig(kind="clt", n_layers=model.n_layers, d_model=model.d_model, n_features=n_features,
                            activation="jumprelu", model_id="default")
-    tc = Transcoder.random(cfg, seed=seed)
+    tc = Transcoder.random(cfg, seed=seed, device=model.device)
     with torch.no_grad():
-        run = ReplacementModel(model, tc).run(model.encode(CALIBRATION_TEXT * 4))
+        run = ReplacementModel(model, tc).run(model.encode(CALIBRATION_TEXT * 4) if ids is None else ids)
         pre = run.pre_activations[1:].permute(1, 0, 2).reshape(model.n_layers, -1)  # [layer, pos * F]
         q = torch.quantile(pre.float(), 1 - ACTIVE_PER_LAYER / n_features, dim=1)  # [layer]
         tc.activation.threshold.copy_(q.clamp(min=1e-3)[:, None].expand_as(tc.activation.threshold))

@@ -112,9 +112,13 @@ def prepare_model_dir(work: Path) -> Path:
         from cltrace.cache import cache_dir
 
         src = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    dst = work / "model-tf457"
+    return tf457_copy(src, work / "model-tf457")
+
+
+def tf457_copy(src: Path, dst: Path) -> Path:
+    """`dst`: a copy of the model folder `src` that transformers 4.57 reads (made once, then reused)."""
     if not (dst / "model.safetensors").is_file():
-        tmp = work / "model-tf457.tmp"
+        tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
         config = json.loads((tmp / "config.json").read_text())
