@@ -221,26 +221,7 @@ def create_app(
     app.add_middleware(_LimitBody, limit=MAX_BODY)
     app.add_middleware(security.Guard, host=host, port=port, token=token)  # added last: runs first
 
-    @app.exception_handler(CltraceError)
-    async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
-        # TooBusy is no bad request: the same one succeeds once a job finishes
-        status = (403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound)
-                  else 429 if isinstance(exc, TooBusy) else 400)
-        return _error(status, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _one_line(exc))
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> Response:
-        if exc.status_code in (204, 304):
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        detail = str(exc.detail)
-        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
-            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8
-            detail = "the request body is not UTF-8 JSON: send a JSON object"
-        return _error(exc.status_code, detail, headers=exc.headers)
+    _add_error_handlers(app)
 
     @app.get("/api/info", summary="The served folder, and whether assets and a feature store are there")
     def info() -> dict[str, Any]:
@@ -282,6 +263,53 @@ def create_app(
     def post_intervene(path: GraphPath, body: InterventionBody = Body()) -> dict[str, Any]:
         return _intervene(workspace, models, path, body)
 
+    _add_job_routes(app, jobs)
+
+    _add_page(app)
+    return app
+
+
+def _add_page(app: FastAPI) -> None:
+    """The explorer's page and its built assets."""
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        if not assets_built():
+            return JSONResponse({"detail": BUILD_HINT}, status_code=503)
+        return FileResponse(STATIC / "index.html")
+
+    # StaticFiles serves only files inside STATIC: '..', encoded or not, and symlinks leading out are 404
+    app.mount("/static", _Assets(directory=STATIC, check_dir=False), name="static")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """One-line JSON errors with the status each kind of failure deserves."""
+
+    @app.exception_handler(CltraceError)
+    async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
+        # TooBusy is no bad request: the same one succeeds once a job finishes
+        status = (403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound)
+                  else 429 if isinstance(exc, TooBusy) else 400)
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _one_line(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8
+            detail = "the request body is not UTF-8 JSON: send a JSON object"
+        return _error(exc.status_code, detail, headers=exc.headers)
+
+
+def _add_job_routes(app: FastAPI, jobs: Jobs) -> None:
+    """New graphs computed in the background: start, follow, cancel."""
+
     @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
               responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
     def post_job(body: NewGraphBody) -> dict[str, Any]:
@@ -294,16 +322,6 @@ def create_app(
     @app.delete("/api/jobs/{job_id}", summary="Cancel a new graph: a queued one never starts, a running one stops")
     def delete_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
         return jobs.cancel(job_id)
-
-    @app.get("/", include_in_schema=False)
-    def index() -> Response:
-        if not assets_built():
-            return JSONResponse({"detail": BUILD_HINT}, status_code=503)
-        return FileResponse(STATIC / "index.html")
-
-    # StaticFiles serves only files inside STATIC: '..', encoded or not, and symlinks leading out are 404
-    app.mount("/static", _Assets(directory=STATIC, check_dir=False), name="static")
-    return app
 
 
 def _intervene(workspace: Workspace, models: Models, path: str, body: InterventionBody) -> dict[str, Any]:
