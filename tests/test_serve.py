@@ -369,10 +369,10 @@ def test_a_store_of_another_transcoder_of_the_same_shape_is_not_shown(tmp_path: 
         progress=False,
     )
     (tmp_path / "g.safetensors").write_bytes(folder["graph"].read_bytes())
-    node = first_feature(TestClient(create_app(folder["root"])).get("/api/graph", params={"path": "acronym.safetensors"}).json())
+    node = first_feature(TestClient(create_app(folder["root"]), base_url="http://127.0.0.1").get("/api/graph", params={"path": "acronym.safetensors"}).json())
     where = {"layer": node["layer"], "feature": node["feature"]}
     for app in (create_app(tmp_path), create_app(tmp_path, features=tmp_path / "features.db")):
-        c = TestClient(app, raise_server_exceptions=False)
+        c = TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1")
         assert c.get("/api/graph", params={"path": "g.safetensors"}).json()["features_db"] is False
         r = c.get("/api/graph/feature", params={"path": "g.safetensors", **where})
         assert r.status_code == 404 and "built for another transcoder" in r.json()["detail"], r.json()
@@ -385,7 +385,7 @@ def test_a_store_of_another_transcoder_of_the_same_shape_is_not_shown(tmp_path: 
     older = Graph.load(tmp_path / "g.safetensors")
     del older.metadata["transcoder_fingerprint"]
     older.save(tmp_path / "old.safetensors")
-    c = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    c = TestClient(create_app(tmp_path), raise_server_exceptions=False, base_url="http://127.0.0.1")
     assert c.get("/api/graph", params={"path": "old.safetensors"}).json()["features_db"] is True
     r = c.get("/api/graph/feature", params={"path": "old.safetensors", **where})
     with FeatureStore(tmp_path / "features.db") as store:

@@ -402,7 +402,7 @@ def test_jobs_are_bounded_cancellable_and_never_half_written(layout: dict[str, P
 
 def test_a_prompt_and_cap_are_checked_as_the_command_line_checks_them(layout: dict[str, Path]) -> None:
     """A prompt past the model's context ends the job with the CLI's own one line, before any work;
-    a cap below 1 is refused as `--max-feature-nodes 0` is."""
+    a cap below the config's bound (0) is refused as `--max-feature-nodes -1` is."""
     from fastapi.testclient import TestClient
 
     rm = replacement()
@@ -419,7 +419,7 @@ def test_a_prompt_and_cap_are_checked_as_the_command_line_checks_them(layout: di
             job = client.get(f"/api/jobs/{job['id']}").json()
         assert job["status"] == "error" and job["error"] == str(cli_error.value), job
         assert not (layout["root"] / "long.safetensors").exists()
-        r = client.post("/api/jobs", json={"prompt": "AB", "max_feature_nodes": 0})
+        r = client.post("/api/jobs", json={"prompt": "AB", "max_feature_nodes": -1})
         assert r.status_code == 422 and "max_feature_nodes" in r.json()["detail"]
 
 
