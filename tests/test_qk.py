@@ -51,7 +51,7 @@ def true_scores(rm: ReplacementModel, run, mlp_out: torch.Tensor | None = None) 
     ):
         _set_impl(rm.model.model, CAPTURE)  # freeze restores the previous implementation on exit
         rm.model.model(input_ids=run.input_ids[None], use_cache=False)
-    return [_SCORES[sites._attention(layer)][0] for layer in range(rm.model.n_layers)]
+    return [_SCORES[sites.attention(layer)][0] for layer in range(rm.model.n_layers)]
 
 
 def setup(family: str, kind: str):  # noqa: ANN201

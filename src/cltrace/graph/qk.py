@@ -221,7 +221,7 @@ def qk_attribution(
         for k in range(query_pos + 1)
     ])  # [key pos, d_head]
     scores = scaling * (k_vecs @ q_vec)  # [key pos]
-    pattern_module = sites.layers[layer].get_submodule(sites.sites.attention)
+    pattern_module = sites.attention(layer)
     pattern = run.freeze_state.patterns[pattern_module][0, head, query_pos, : query_pos + 1].float().cpu()
     if key_positions is None:
         key_positions = pattern.argsort(descending=True)[: min(n_keys, query_pos + 1)].tolist()

@@ -32,6 +32,8 @@ class _FamilySites:
     attention: str
     qk_norm_layout: Literal["none", "pos_head", "head_pos"] = "none"  # axis order the QK-norm saw
     fused_qkv: bool = False  # GPT-2's c_attn: one Conv1D with [d, 3d] weights
+    value: str = "v_proj"  # the module whose output holds the values (GPT-2: c_attn, its last third)
+    out: str = "o_proj"  # the attention's output projection; its input holds every head's mix of values
     position_table: str | None = None  # learned absolute positions, added to the embeddings
 
 
@@ -41,7 +43,7 @@ _SITES = {
     "qwen3": _FamilySites("input_layernorm", "self_attn", "pos_head"),
     "gemma2": _FamilySites("input_layernorm", "self_attn"),
     "gemma3": _FamilySites("input_layernorm", "self_attn", "head_pos"),
-    "gpt2": _FamilySites("ln_1", "attn", fused_qkv=True, position_table="transformer.wpe"),
+    "gpt2": _FamilySites("ln_1", "attn", fused_qkv=True, position_table="transformer.wpe", value="c_attn", out="c_proj"),
 }
 
 
@@ -65,15 +67,30 @@ class AttentionSites:
         cfg = loaded.config
         self.n_heads = int(cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head)
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        attn0 = self._attention(0)
+        attn0 = self.attention(0)
         self.head_dim = int(getattr(attn0, "head_dim", loaded.d_model // self.n_heads))
         self.position_table: nn.Module | None = (
             loaded.model.get_submodule(self.sites.position_table) if self.sites.position_table else None
         )
         self.resid_pre, self._rotary = self._capture(replacement, run)
 
-    def _attention(self, layer: int) -> nn.Module:
+    def attention(self, layer: int) -> nn.Module:
+        """The attention module of a layer (the key of its frozen pattern)."""
         return self.layers[layer].get_submodule(self.sites.attention)
+
+    def value_module(self, layer: int) -> nn.Module:
+        """The module whose output holds the layer's values: see `values`."""
+        return self.attention(layer).get_submodule(self.sites.value)
+
+    def values(self, output: torch.Tensor) -> torch.Tensor:
+        """[..., kv_head, d_head]: the values in an output of `value_module`."""
+        if self.sites.fused_qkv:
+            output = output[..., 2 * self.n_heads * self.head_dim :]
+        return output.unflatten(-1, (self.n_kv_heads, self.head_dim))
+
+    def out_module(self, layer: int) -> nn.Module:
+        """The attention's output projection, whose input is [..., head · d_head] (heads side by side)."""
+        return self.attention(layer).get_submodule(self.sites.out)
 
     def _input_norm(self, layer: int) -> nn.Module:
         return self.layers[layer].get_submodule(self.sites.input_norm)
@@ -97,7 +114,7 @@ class AttentionSites:
         try:
             for layer in range(len(self.layers)):
                 handles.append(self._input_norm(layer).register_forward_pre_hook(grab_resid))
-                handles.append(self._attention(layer).register_forward_pre_hook(grab_rotary, with_kwargs=True))
+                handles.append(self.attention(layer).register_forward_pre_hook(grab_rotary, with_kwargs=True))
             replacement.frozen(run, logits_to_keep=1)
         finally:
             for handle in handles:
@@ -117,18 +134,18 @@ class AttentionSites:
 
     def scaling(self, layer: int) -> float:
         """The factor the family multiplies q·k by."""
-        attn = self._attention(layer)
+        attn = self.attention(layer)
         scale = getattr(attn, "scaling", None)
         return float(self.head_dim**-0.5 if scale is None else scale)
 
     def softcap(self, layer: int) -> float | None:
         """The attention-logit soft-capping of the layer (Gemma), or None."""
-        cap = getattr(self._attention(layer), "attn_logit_softcapping", None)
+        cap = getattr(self.attention(layer), "attn_logit_softcapping", None)
         return None if cap is None else float(cap)
 
     def _projection(self, layer: int, side: Side, head: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W [d_model, d_head], b [d_head] or None) of one head's query or key projection."""
-        attn = self._attention(layer)
+        attn = self.attention(layer)
         dh = self.head_dim
         index = head if side == "query" else self.kv_head(head)
         if self.sites.fused_qkv:
@@ -146,7 +163,7 @@ class AttentionSites:
         layout = self.sites.qk_norm_layout
         if layout == "none":
             return x
-        attn = self._attention(layer)
+        attn = self.attention(layer)
         module = attn.q_norm if side == "query" else attn.k_norm
         index = head if side == "query" else self.kv_head(head)
         scales = self.run.freeze_state.norm_scales[module]  # [1, pos, head, 1] or [1, head, pos, 1]
