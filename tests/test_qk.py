@@ -117,3 +117,17 @@ def test_qk_attribution_rejects_bad_positions() -> None:
         qk_attribution(rm, run, 0, 9, 3)
     with pytest.raises(CltraceError, match="key position 5 is not in 0..3"):
         qk_attribution(rm, run, 0, 0, 3, key_positions=[5])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "gpt2"])
+def test_sites_hold_the_residual_stream_each_layer_reads(family: str) -> None:
+    rm, run = setup(family, "clt")
+    sites = AttentionSites(rm, run)
+    seen: list[torch.Tensor] = []
+    norms = [layer.get_submodule(sites.sites.input_norm) for layer in sites.layers]
+    handles = [n.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0])) for n in norms]
+    with torch.no_grad():
+        rm.model.model(input_ids=run.input_ids[None], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(sites.resid_pre, torch.stack(seen, dim=1), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cltrace import cli_qk
 from cltrace.errors import CltraceError
 
 app = typer.Typer(
@@ -717,6 +718,9 @@ def serve(
             raise CltraceError(f"no automatic feature store for {transcoder} yet: run `cltrace trace` with it first")
     typer.echo(f"serving {graph_dir.resolve()} at http://{host}:{port} (Ctrl-C stops)")
     serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder)
+
+
+app.command("qk")(cli_qk.qk)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,34 +84,35 @@ def residual_nodes(sites: AttentionSites, replacement: ReplacementModel, layer: 
     if layer > 0:
         parts.append(("decoder_bias", -1, -1, 0.0, tc.b_dec[:layer].float().sum(0)))
     nodes = _nodes(pos, parts)
-    feats = _feature_nodes(replacement, run, layer, pos)
+    feats = _feature_nodes(sites, replacement, layer, pos)
     return _concat(nodes, feats)
 
 
 @torch.no_grad()
-def _feature_nodes(replacement: ReplacementModel, run: ReplacementRun, layer: int, pos: int) -> ResidualNodes:
+def decoder_sums(sites: AttentionSites, replacement: ReplacementModel, layer: int) -> torch.Tensor:
+    """[layer, F, d]: for each source layer i < `layer`, every feature's decoders into layers
+    i..layer−1 summed. Computed once per layer and run, kept in `sites.memo`."""
+    key = ("decoder_sums", layer)
+    if key not in sites.memo:
+        tc = replacement.transcoder
+        every = torch.arange(tc.n_features, device=tc.W_enc.device)
+        sums = torch.zeros(layer, tc.n_features, tc.d_model)
+        for i in range(layer):
+            out = tc.output_layers(i)  # starts at i: a feature writes its own layer first
+            sums[i] = tc.decoder_vectors(i, every)[:, : min(out.stop, layer) - out.start].float().sum(1).cpu()
+        sites.memo[key] = sums
+    return sites.memo[key]
+
+
+@torch.no_grad()
+def _feature_nodes(sites: AttentionSites, replacement: ReplacementModel, layer: int, pos: int) -> ResidualNodes:
     """Active features of the layers below `layer` at `pos`, each with its decoders into those layers summed."""
-    tc = replacement.transcoder
-    kinds: list[str] = []
-    layers, features, acts, vectors = [], [], [], []
-    for i in range(layer):
-        active = run.activations[pos, i].nonzero().flatten()  # [n]
-        reach = [j for j in tc.output_layers(i) if j < layer]
-        if active.numel() == 0 or not reach:
-            continue
-        first = tc.output_layers(i).start
-        dec = tc.decoder_vectors(i, active)[:, reach[0] - first : reach[-1] - first + 1].float().sum(1)  # [n, d]
-        value = run.activations[pos, i, active].float()  # [n]
-        kinds += ["feature"] * active.numel()
-        layers.append(torch.full_like(active, i))
-        features.append(active)
-        acts.append(value)
-        vectors.append(dec * value[:, None])
-    if not kinds:
-        return ResidualNodes(pos, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                             torch.zeros(0), torch.zeros(0, run.resid_mid.shape[-1]))
-    return ResidualNodes(pos, kinds, torch.cat(layers).cpu(), torch.cat(features).cpu(), torch.cat(acts).cpu(),
-                         torch.cat(vectors))
+    sums = decoder_sums(sites, replacement, layer)  # [layer, F, d]
+    acts = sites.run.activations[pos, :layer].float().cpu()  # [layer, F]
+    layers, features = acts.nonzero(as_tuple=True)  # [n] each, layer-major
+    value = acts[layers, features]  # [n]
+    return ResidualNodes(pos, ["feature"] * int(layers.numel()), layers, features, value,
+                         sums[layers, features] * value[:, None])
 
 
 def _concat(a: ResidualNodes, b: ResidualNodes) -> ResidualNodes:
@@ -216,10 +217,10 @@ def qk_attribution(
     query = head_nodes(sites, replacement, layer, head, "query", query_pos)
     q_vec = query.vectors.sum(0)  # [d_head]
     keys_resid = sites.resid_pre[: query_pos + 1, layer]  # [key pos, d_model]
-    k_vecs = torch.stack([
-        sites.head_vectors(layer, "key", head, k, keys_resid[k : k + 1])[0] + sites.head_constant(layer, "key", head, k)
-        for k in range(query_pos + 1)
-    ])  # [key pos, d_head]
+    positions = torch.arange(query_pos + 1, device=keys_resid.device)
+    k_vecs = sites.head_vectors(layer, "key", head, positions, keys_resid) + sites.head_constant(
+        layer, "key", head, positions
+    )  # [key pos, d_head]
     scores = scaling * (k_vecs @ q_vec)  # [key pos]
     pattern_module = sites.attention(layer)
     pattern = run.freeze_state.patterns[pattern_module][0, head, query_pos, : query_pos + 1].float().cpu()

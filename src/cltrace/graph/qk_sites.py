@@ -3,14 +3,15 @@
 With the prompt's norm denominators frozen, a head's query at position q is an affine function of
 the residual stream entering its layer at q: the layer's input norm (frozen scale), the query
 projection (with its bias, if any), the QK-norm (frozen scale, Qwen 3 and Gemma 3) and the rotary
-embedding of position q (a fixed rotation). The same holds for keys. `AttentionSites` records what
-those maps need from one frozen forward pass of the replacement model (the residual stream at every
-layer's input, the rotary cos/sin each layer received) and applies them to any batch of
+embedding of position q (a fixed rotation). The same holds for keys. `AttentionSites` gathers what
+those maps need (the residual stream at every layer's input, from the replacement run; each layer's
+rotary cos/sin, from the model's rotary module) and applies them to any batch of
 residual-stream vectors: the linear part to nodes, the constant part once.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,9 +20,11 @@ from torch import nn
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import frozen_norm
+from cltrace.model.load import LoadedModel
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
 
 Side = Literal["query", "key"]
+Position = int | torch.Tensor  # one position, or [n] positions (one per row of the vectors)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ _SITES = {
     "gemma3": _FamilySites("input_layernorm", "self_attn", "head_pos"),
     "gpt2": _FamilySites("ln_1", "attn", fused_qkv=True, position_table="transformer.wpe", value="c_attn", out="c_proj"),
 }
+
+
+class _Stop(Exception):
+    """Ends a forward pass once what it was run for has been read."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,10 @@ class AttentionSites:
         self.position_table: nn.Module | None = (
             loaded.model.get_submodule(self.sites.position_table) if self.sites.position_table else None
         )
-        self.resid_pre, self._rotary = self._capture(replacement, run)
+        self.base = loaded.model.base_model
+        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.resid_pre = self._residuals(loaded, run)  # [pos, layer, d_model]
+        self.memo: dict[object, object] = {}  # what later stages derive once per run (QK's decoder sums)
 
     def attention(self, layer: int) -> nn.Module:
         """The attention module of a layer (the key of its frozen pattern)."""
@@ -96,30 +106,40 @@ class AttentionSites:
         return self.layers[layer].get_submodule(self.sites.input_norm)
 
     @torch.no_grad()
-    def _capture(
-        self, replacement: ReplacementModel, run: ReplacementRun
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """One frozen forward pass: each layer's input residual and the rotary (cos, sin) it used."""
-        resid: list[torch.Tensor] = []
-        rotary: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        handles = []
+    def _residuals(self, loaded: LoadedModel, run: ReplacementRun) -> torch.Tensor:
+        """[pos, layer, d_model]: each layer's input residual. Layer 0's is read from the model (a
+        forward pass stopped there); layer l's is resid_mid + MLP output of layer l − 1, from the run."""
+        grabbed: list[torch.Tensor] = []
 
-        def grab_resid(_m: nn.Module, args: tuple) -> None:
-            resid.append(args[0][0].float())  # [pos, d_model]
+        def grab(_m: nn.Module, args: tuple) -> None:
+            grabbed.append(args[0][0].float())  # [pos, d_model]
+            raise _Stop
 
-        def grab_rotary(_m: nn.Module, _args: tuple, kwargs: dict) -> None:
-            pe = kwargs.get("position_embeddings")
-            rotary.append(None if pe is None else (pe[0][0].float(), pe[1][0].float()))  # [pos, d_head] each
-
+        handle = self._input_norm(0).register_forward_pre_hook(grab)
         try:
-            for layer in range(len(self.layers)):
-                handles.append(self._input_norm(layer).register_forward_pre_hook(grab_resid))
-                handles.append(self.attention(layer).register_forward_pre_hook(grab_rotary, with_kwargs=True))
-            replacement.frozen(run, logits_to_keep=1)
+            loaded.model(input_ids=run.input_ids[None], use_cache=False)
+        except _Stop:
+            pass
         finally:
-            for handle in handles:
-                handle.remove()
-        return torch.stack(resid, dim=1), rotary  # [pos, layer, d_model]
+            handle.remove()
+        above = (run.resid_mid[:, :-1] + run.mlp_out[:, :-1]).float()  # [pos, layer - 1, d_model]
+        return torch.cat([grabbed[0][:, None], above], dim=1)
+
+    def _rotary_of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (cos, sin) [pos, d_head] the layer's attention rotates by, from the model's rotary module."""
+        if layer not in self._rotary:
+            rotary = getattr(self.base, "rotary_emb", None)
+            if rotary is None:
+                self._rotary[layer] = None
+            else:
+                positions = torch.arange(self.run.n_pos, device=self.resid_pre.device)[None]
+                extra = ()
+                layer_type = getattr(self.attention(layer), "layer_type", None)
+                if layer_type is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+                    extra = (layer_type,)
+                cos, sin = rotary(self.resid_pre[None, :, 0], positions, *extra)
+                self._rotary[layer] = (cos[0].float(), sin[0].float())
+        return self._rotary[layer]
 
     def position_term(self) -> torch.Tensor | None:
         """[pos, d_model]: the learned position embeddings added to the tokens' (GPT-2), else None."""
@@ -158,7 +178,7 @@ class AttentionSites:
         b = None if proj.bias is None else proj.bias[index * dh : (index + 1) * dh].float()
         return w.float(), b
 
-    def _qk_norm(self, layer: int, side: Side, head: int, pos: int, x: torch.Tensor) -> torch.Tensor:
+    def _qk_norm(self, layer: int, side: Side, head: int, pos: Position, x: torch.Tensor) -> torch.Tensor:
         """The frozen QK-norm of head vectors x [n, d_head] at `pos` (identity where there is none)."""
         layout = self.sites.qk_norm_layout
         if layout == "none":
@@ -170,34 +190,39 @@ class AttentionSites:
         scale = scales[0, pos, index] if layout == "pos_head" else scales[0, index, pos]
         return frozen_norm(self.norm_kinds[module], module, x, scale.float())
 
-    def _rope(self, layer: int, pos: int, x: torch.Tensor) -> torch.Tensor:
-        rotary = self._rotary[layer]
+    def _rope(self, layer: int, pos: Position, x: torch.Tensor) -> torch.Tensor:
+        rotary = self._rotary_of(layer)
         if rotary is None:
             return x
-        cos, sin = rotary[0][pos], rotary[1][pos]  # [d_head]
+        cos, sin = rotary[0][pos], rotary[1][pos]  # [d_head] or [n, d_head]
         if cos.shape[-1] != x.shape[-1]:
             raise CltraceError("QK attribution supports rotary embeddings over the whole head dimension only")
         return x * cos + _rotate_half(x) * sin
 
-    def head_vectors(self, layer: int, side: Side, head: int, pos: int, x: torch.Tensor) -> torch.Tensor:
-        """The linear part of the map from residual vectors x [n, d_model] at `pos` to the head's
-        rotated queries (or keys) [n, d_head], with every norm frozen at the prompt's values."""
+    def _norm_scale(self, layer: int, pos: Position) -> torch.Tensor:
+        """The input norm's frozen scale at `pos`: [1], or [n, 1] for n positions."""
+        return self.run.freeze_state.norm_scales[self._input_norm(layer)][0, pos].float()
+
+    def head_vectors(self, layer: int, side: Side, head: int, pos: Position, x: torch.Tensor) -> torch.Tensor:
+        """The linear part of the map from residual vectors x [n, d_model] at `pos` (one position, or
+        one per row) to the head's rotated queries (or keys) [n, d_head], every norm frozen at the
+        prompt's values."""
         norm = self._input_norm(layer)
-        kind = self.norm_kinds[norm]
-        scale = self.run.freeze_state.norm_scales[norm][0, pos].float()  # [1]
+        kind, scale = self.norm_kinds[norm], self._norm_scale(layer, pos)
         x = x.float()
         normed = frozen_norm(kind, norm, x, scale) - frozen_norm(kind, norm, torch.zeros_like(x[:1]), scale)
         w, _ = self._projection(layer, side, head)
         out = self._qk_norm(layer, side, head, pos, normed @ w)  # [n, d_head]
         return self._rope(layer, pos, out)
 
-    def head_constant(self, layer: int, side: Side, head: int, pos: int) -> torch.Tensor:
-        """[d_head]: what the query (or key) holds whatever the residual: norm and projection biases."""
+    def head_constant(self, layer: int, side: Side, head: int, pos: Position) -> torch.Tensor:
+        """What the query (or key) holds whatever the residual (norm and projection biases):
+        [d_head] at one position, [n, d_head] at n."""
         norm = self._input_norm(layer)
-        scale = self.run.freeze_state.norm_scales[norm][0, pos].float()
         zero = torch.zeros(1, self.resid_pre.shape[-1], device=self.resid_pre.device)
         w, b = self._projection(layer, side, head)
-        out = frozen_norm(self.norm_kinds[norm], norm, zero, scale) @ w  # [1, d_head]
+        out = frozen_norm(self.norm_kinds[norm], norm, zero, self._norm_scale(layer, pos)) @ w  # [1 or n, d_head]
         if b is not None:
             out = out + b
-        return self._rope(layer, pos, self._qk_norm(layer, side, head, pos, out))[0]
+        out = self._rope(layer, pos, self._qk_norm(layer, side, head, pos, out))
+        return out[0] if isinstance(pos, int) else out
