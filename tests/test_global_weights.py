@@ -12,6 +12,7 @@ import torch
 from cltrace.errors import CltraceError
 from cltrace.features.global_weights import (
     CoActivation,
+    format_global_weights,
     global_weights,
     read_global_weights,
     write_global_weights,
@@ -108,10 +109,45 @@ def test_store_round_trip(tmp_path: Path) -> None:
     n = write_global_weights(db, tc, global_weights(tc, top_k=2))
     assert n == 4 * 2 + 4 * 1 + 4 * 1 + 4 * 2  # down: layer 0 two partners, layer 1 one; up: layer 1 one, layer 2 two
     page = read_global_weights(db, 0, 1)
-    assert page["virtual_down"] == [{"layer": 2, "feature": 1, "weight": 3.0}, {"layer": 1, "feature": 1, "weight": 1.0}]
+    assert page["virtual_down"] == [
+        {"layer": 2, "feature": 1, "weight": 3.0, "label": ""}, {"layer": 1, "feature": 1, "weight": 1.0, "label": ""}
+    ]
+    text = format_global_weights(page)
+    assert "outputs (virtual weight): 2:1 +3.000; 1:1 +1.000" in text and "inputs" not in text
     assert read_global_weights(db, 2, 3)["virtual_up"][0]["weight"] == 3.0
     with sqlite3.connect(db) as raw:
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"features", "examples", "global_weights"} <= tables
     with pytest.raises(CltraceError, match="no feature store"):
         write_global_weights(tmp_path / "missing.db", tc, global_weights(tc))
+
+
+def test_cli_global_weights_on_a_feature_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cltrace features build`, then `features global-weights` (with co-activation statistics), then
+    `features show`: the page lists the feature's inputs and outputs by both global weights."""
+    from conftest import assert_one_line_error, run_cli
+
+    from cltrace.transcoder import save_transcoder
+
+    tc = Transcoder.random(TranscoderConfig("clt", 30, 576, 4, activation="relu"), seed=0)  # the default model's shape
+    save_transcoder(tc, tmp_path / "tc")
+    db = tmp_path / "f.db"
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. Harry Potter went to school, and Harry Potter came back.\n" * 20)
+    code, _, err = run_cli("features", "build", str(tmp_path / "tc"), "-s", str(text), "-n", "100", "-o", str(db),
+                           "--n-ctx", "32", "-b", "2", "--top-k", "3", "-q", capsys=capsys)
+    assert code == 0, err
+    code, out, err = run_cli("features", "global-weights", "-t", str(tmp_path / "tc"), "--db", str(db), "-s", str(text),
+                             "-n", "200", "--n-ctx", "32", "-b", "2", "--top-k", "3", capsys=capsys)
+    assert code == 0, err
+    assert "co-activation statistics over 200 tokens" in out and "global weights to" in out
+    code, out, err = run_cli("features", "show", "15:2", "--db", str(db), capsys=capsys)
+    assert code == 0, err
+    for title in ("inputs (virtual weight)", "outputs (virtual weight)", "inputs (target-weighted)"):
+        assert title in out
+    stored = read_global_weights(db, 15, 2)
+    assert len(stored["virtual_up"]) == 3 and len(stored["virtual_down"]) == 3
+    other = Transcoder.random(TranscoderConfig("clt", 30, 576, 4, activation="relu"), seed=1)
+    save_transcoder(other, tmp_path / "other")
+    code, _, err = run_cli("features", "global-weights", "-t", str(tmp_path / "other"), "--db", str(db), capsys=capsys)
+    assert_one_line_error(code, err, "another transcoder")

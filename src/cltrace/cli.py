@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cltrace import cli_qk
+from cltrace import cli_global_weights, cli_qk
 from cltrace.errors import CltraceError
 
 app = typer.Typer(
@@ -607,11 +607,15 @@ def features_show(
 ) -> None:
     """Print a feature's page: label, density, what it promotes, and the contexts where it fires."""
     from cltrace.features import FeatureStore
+    from cltrace.features.global_weights import format_global_weights, read_global_weights
     from cltrace.features.show import format_page, parse_feature
 
     layer, index = parse_feature(feature)
     with FeatureStore(db) as store:
         typer.echo(format_page(store.page(layer, index), n_top=top, n_samples=samples, activations=activations))
+    weights = read_global_weights(db, layer, index)
+    if weights:
+        typer.echo(format_global_weights(weights))
 
 
 @features_app.command("label")
@@ -721,6 +725,7 @@ def serve(
 
 
 app.command("qk")(cli_qk.qk)
+features_app.command("global-weights")(cli_global_weights.global_weights_command)
 
 
 def main(argv: list[str] | None = None) -> None:

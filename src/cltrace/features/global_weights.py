@@ -168,16 +168,25 @@ def gather_coactivation(tc: Transcoder, batches: Iterable[torch.Tensor], harvest
     return stats
 
 
-def write_global_weights(db: str | Path, tc: Transcoder, weights: GlobalWeights) -> int:
-    """Store the weights in the feature store `db` (built for `tc`), replacing any earlier ones; returns the row count."""
+def check_store(db: str | Path, tc: Transcoder) -> None:
+    """Raise a one-line CltraceError unless `db` is a feature store built for `tc`."""
     path = Path(db)
     if not path.is_file():
         raise CltraceError(f"no feature store at {path}: build one with `cltrace features build` first")
-    conn = connect(path)
+    conn = connect(path, wal=False)
     try:
-        meta = read_meta(conn)
-        if meta.get("fingerprint") not in (None, transcoder_fingerprint(tc)):
-            raise CltraceError(f"the feature store {path} belongs to another transcoder: give this transcoder's store")
+        fingerprint = read_meta(conn).get("fingerprint")
+    finally:
+        conn.close()
+    if fingerprint not in (None, transcoder_fingerprint(tc)):
+        raise CltraceError(f"the feature store {path} belongs to another transcoder: give this transcoder's store")
+
+
+def write_global_weights(db: str | Path, tc: Transcoder, weights: GlobalWeights) -> int:
+    """Store the weights in the feature store `db` (built for `tc`), replacing any earlier ones; returns the row count."""
+    check_store(db, tc)
+    conn = connect(Path(db))
+    try:
         rows = []
         for (kind, direction), top in weights.top.items():
             L, F, k = top.weight.shape
@@ -205,19 +214,40 @@ def write_global_weights(db: str | Path, tc: Transcoder, weights: GlobalWeights)
 
 
 def read_global_weights(db: str | Path, layer: int, feature: int, k: int = 10) -> dict[str, list[dict[str, Any]]]:
-    """A feature's stored global weights: {"virtual_down": [{layer, feature, weight}, …], …}; {} if none stored."""
+    """A feature's stored global weights, each partner with its label (a person's, else the automatic
+    one): {"virtual_down": [{layer, feature, weight, label}, …], …}; {} if none are stored."""
     conn = connect(Path(db), wal=False)
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'global_weights'").fetchone() is None:
             return {}
         out: dict[str, list[dict[str, Any]]] = {}
-        for kind, direction, other_layer, other_feature, weight in conn.execute(
-            "SELECT kind, direction, other_layer, other_feature, weight FROM global_weights "
-            "WHERE layer = ? AND feature = ? AND rank < ? ORDER BY kind, direction, rank", (layer, feature, k)
-        ):
+        rows = conn.execute(
+            "SELECT g.kind, g.direction, g.other_layer, g.other_feature, g.weight, "
+            "COALESCE(l.label, f.auto_label, '') FROM global_weights g "
+            "LEFT JOIN labels l ON l.layer = g.other_layer AND l.feature = g.other_feature "
+            "LEFT JOIN features f ON f.layer = g.other_layer AND f.feature = g.other_feature "
+            "WHERE g.layer = ? AND g.feature = ? AND g.rank < ? ORDER BY g.kind, g.direction, g.rank",
+            (layer, feature, k),
+        )
+        for kind, direction, other_layer, other_feature, weight, label in rows:
             out.setdefault(f"{kind}_{direction}", []).append(
-                {"layer": other_layer, "feature": other_feature, "weight": weight}
+                {"layer": other_layer, "feature": other_feature, "weight": weight, "label": label}
             )
         return out
     finally:
         conn.close()
+
+
+def format_global_weights(weights: dict[str, list[dict[str, Any]]], k: int = 5) -> str:
+    """The section of a feature's page listing its strongest inputs and outputs by global weight."""
+    titles = {
+        "virtual_up": "inputs (virtual weight)", "virtual_down": "outputs (virtual weight)",
+        "target_weighted_up": "inputs (target-weighted)", "target_weighted_down": "outputs (target-weighted)",
+    }
+    lines = ["  global weights:"]
+    for key, title in titles.items():
+        if key in weights:
+            cells = [f"{p['layer']}:{p['feature']} {p['weight']:+.3f}" + (f" ({p['label']})" if p["label"] else "")
+                     for p in weights[key][:k]]
+            lines.append(f"    {title}: " + ("; ".join(cells) or "-"))
+    return "\n".join(lines)
