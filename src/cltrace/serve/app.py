@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from cltrace.errors import CltraceError
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
+from cltrace.serve.attention import add_attention_routes
 from cltrace.serve.jobs import Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
@@ -270,6 +271,8 @@ def create_app(
     @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
     def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
         return jobs.get(job_id)
+
+    add_attention_routes(app, workspace, models)
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
