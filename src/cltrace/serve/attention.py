@@ -60,6 +60,7 @@ def add_attention_routes(app: FastAPI, workspace: Workspace, models: Models) -> 
         layer: int = Query(ge=0, le=MAX_INDEX),
         head: int = Query(ge=0, le=MAX_INDEX),
         query: int | None = Query(None, ge=0, le=MAX_INDEX, description="The query position (default: the last)."),
+        key: int | None = Query(None, ge=0, le=MAX_INDEX, description="A key position to decompose first (e.g. an edge's source)."),
         keys: int = Query(3, ge=1, le=64, description="Key positions to decompose, most attended first."),
         top: int = Query(10, ge=1, le=1000, description="Pairs per key position."),
     ) -> dict[str, Any]:
@@ -70,7 +71,12 @@ def add_attention_routes(app: FastAPI, workspace: Workspace, models: Models) -> 
             rm = models.replacement(graph.metadata)
             run = rm.run(ids)
             q = run.n_pos - 1 if query is None else query
-            result = qk_attribution(rm, run, layer, head, q, n_keys=keys, sites=AttentionSites(rm, run))
+            sites = AttentionSites(rm, run)
+            positions = None
+            if key is not None:
+                order = qk_attribution(rm, run, layer, head, q, key_positions=[], sites=sites).pattern.argsort(descending=True)
+                positions = [key, *[k for k in order.tolist() if k != key][: keys - 1]]
+            result = qk_attribution(rm, run, layer, head, q, key_positions=positions, n_keys=keys, sites=sites)
             tokens = [rm.model.decode_token(t) for t in ids.tolist()]
         data = result.to_json(top)
         labels = workspace.labels(graph_path, graph)
