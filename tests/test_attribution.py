@@ -501,7 +501,7 @@ def test_estimate_counts_what_attribute_then_does() -> None:
 def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypatch) -> None:
     """With no limit given, the limit is the memory available now; a prompt whose forward run alone
     (attention patterns grow with tokens squared) would not fit is refused before the model runs."""
-    import cltrace.graph.attribution as attribution_module  # it reads available memory through its own name
+    import cltrace.graph.config as config_module  # AttributionConfig reads available memory through its own name
 
     rm, _ = case("gemma2", "clt")
     ids = prompt_ids()
@@ -510,7 +510,7 @@ def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypa
     params = sum(t.numel() * t.element_size() for t in (*rm.model.model.parameters(), *rm.transcoder.parameters()))
     patterns = 4 * tc.n_layers * mcfg.num_attention_heads * P * P
     # 'available' memory just below what the run needs: refused, and the model is never run.
-    monkeypatch.setattr(attribution_module, "available_memory_bytes", lambda: params + patterns)
+    monkeypatch.setattr(config_module, "available_memory_bytes", lambda: params + patterns)
     ran = []
     monkeypatch.setattr(rm, "run", lambda *a, **k: ran.append(1))
     with pytest.raises(CltraceError, match=rf"a prompt of {P} tokens needs at least .* GB .*shorten the prompt"):
@@ -518,7 +518,7 @@ def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypa
     assert not ran
     # Plenty available: the same call builds the graph, and an explicit limit overrides what is available.
     monkeypatch.undo()
-    monkeypatch.setattr(attribution_module, "available_memory_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(config_module, "available_memory_bytes", lambda: 1 << 40)
     assert attribute(rm, ids, progress=False).n_edges > 0
     with pytest.raises(CltraceError, match="needs"):
         attribute(rm, ids, config=AttributionConfig(max_memory_bytes=params), progress=False)
@@ -566,12 +566,13 @@ def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(m
     import dataclasses
 
     from cltrace.graph import attribution as attribution_module
+    from cltrace.graph import estimate as estimate_module
     from cltrace.graph.attribution import estimate_attribution
 
     rm, full = case("qwen2", "clt")
     # Rows in bf16 lower the peak where the rows outweigh the graph's edges (fp32 rows are held while
     # the edges are laid out); on these tiny graphs the edges weigh more, unless they are sparse.
-    monkeypatch.setattr(attribution_module, "_EDGE_DENSITY", 0.01)
+    monkeypatch.setattr(estimate_module, "_EDGE_DENSITY", 0.01)
     config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, progress=False)
     fp32 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=False))
     bf16 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=True))

@@ -16,7 +16,7 @@ import pytest
 from test_train import Planted, planted_config
 
 from cltrace.errors import CltraceError
-from cltrace.train.trainer import prepare_run_dir
+from cltrace.train.run_dir import prepare_run_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import crash_safety  # noqa: E402

@@ -17,7 +17,7 @@ from conftest import VOCAB, assert_one_line_error, run_cli, tiny_model
 from cltrace.data.packing import PackConfig, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.features import FeatureStore, build_feature_store
-from cltrace.features.build import unembedding_directions
+from cltrace.features.views import unembedding_directions
 from cltrace.features.show import format_page
 from cltrace.transcoder import Transcoder, TranscoderConfig
 

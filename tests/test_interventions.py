@@ -24,21 +24,19 @@ from conftest import prompt_ids, run_cli, tiny_model
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 from cltrace.replacement import ReplacementModel
+from cltrace.graph.predict import compare_with_graph, predict_effects
+from cltrace.graph.supernodes import merge_supernodes, supernodes_to_qparams
 from cltrace.replacement.interventions import (
     Intervention,
-    compare_with_graph,
     intervene,
     intervene_batch,
     parse_intervention,
-    predict_effects,
 )
 from cltrace.replacement.supernodes import (
     Supernode,
     load_supernodes,
-    merge_supernodes,
     save_supernodes,
     supernodes_from_json,
-    supernodes_to_qparams,
 )
 from cltrace.transcoder import Transcoder, TranscoderConfig
 

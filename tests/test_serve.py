@@ -76,7 +76,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def client(folder: dict[str, Path]) -> TestClient:
     app = create_app(folder["root"], loader=lambda _metadata: replacement())
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -205,7 +205,7 @@ def test_pins_and_supernodes_persist_in_the_sidecar(client: TestClient, folder: 
     on_disk = json.loads(sidecar.read_text())
     assert on_disk["qParams"] == {"pinnedIds": feats[:2], "supernodes": [["say-N", *feats[1:3]]]}
     # a fresh server (a restart) sees the same work, and `cltrace intervene --supernodes` reads the file
-    fresh = TestClient(create_app(folder["root"]))
+    fresh = TestClient(create_app(folder["root"]), base_url="http://127.0.0.1")
     assert fresh.get("/api/graph", params={"path": "acronym.safetensors"}).json()["state"] == body
     members = [tuple(int(x) for x in nid.split("_")) for nid in feats[1:3]]
     assert load_supernodes(sidecar)["say-N"].members == members
@@ -241,7 +241,7 @@ def test_feature_page_and_label_round_trip(client: TestClient, folder: dict[str,
 
 def test_without_a_feature_store_labels_go_to_the_sidecar(tmp_path: Path, folder: dict[str, Path]) -> None:
     (tmp_path / "g.safetensors").write_bytes(folder["graph"].read_bytes())
-    c = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    c = TestClient(create_app(tmp_path), raise_server_exceptions=False, base_url="http://127.0.0.1")
     view = c.get("/api/graph", params={"path": "g.safetensors"}).json()
     assert view["features_db"] is False
     node = first_feature(view)
@@ -351,3 +351,42 @@ def test_serve_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
     monkeypatch.setattr(serve_app, "assets_built", lambda: False)
     code, _, err = run_cli("serve", str(tmp_path), capsys=capsys)
     assert_one_line_error(code, err, "make setup")
+
+
+def test_a_store_of_another_transcoder_of_the_same_shape_is_not_shown(tmp_path: Path, folder: dict[str, Path]) -> None:
+    """A graph records its transcoder's fingerprint; served beside the feature store of a retrained
+    transcoder of the same shape, its pages are refused with the reason instead of showing the
+    other transcoder's features. A graph without a fingerprint (older files) still matches by shape."""
+    rm = replacement()
+    graph = graph_of(folder)
+    with FeatureStore(folder["db"]) as store:
+        assert graph.metadata["transcoder_fingerprint"] == store.meta["fingerprint"]
+    other = Transcoder.random(rm.transcoder.config, seed=2)  # same kind and sizes, other weights
+    tok = rm.model.tokenizer
+    build_feature_store(
+        rm.model, other, CORPUS, 200, tmp_path / "features.db", n_ctx=32, batch_size=4, top_k=5, n_bands=2,
+        per_band=2, tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"], bos_id=0, first_position=1,
+        progress=False,
+    )
+    (tmp_path / "g.safetensors").write_bytes(folder["graph"].read_bytes())
+    node = first_feature(TestClient(create_app(folder["root"])).get("/api/graph", params={"path": "acronym.safetensors"}).json())
+    where = {"layer": node["layer"], "feature": node["feature"]}
+    for app in (create_app(tmp_path), create_app(tmp_path, features=tmp_path / "features.db")):
+        c = TestClient(app, raise_server_exceptions=False)
+        assert c.get("/api/graph", params={"path": "g.safetensors"}).json()["features_db"] is False
+        r = c.get("/api/graph/feature", params={"path": "g.safetensors", **where})
+        assert r.status_code == 404 and "built for another transcoder" in r.json()["detail"], r.json()
+        assert "cltrace features build -t" in r.json()["detail"]
+        r = c.put("/api/graph/label", params={"path": "g.safetensors"}, json={**where, "label": "not in the store"})
+        assert r.json()["saved_in"] == "sidecar"
+    with FeatureStore(tmp_path / "features.db") as store:
+        assert store.labels() == {}
+
+    older = Graph.load(tmp_path / "g.safetensors")
+    del older.metadata["transcoder_fingerprint"]
+    older.save(tmp_path / "old.safetensors")
+    c = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    assert c.get("/api/graph", params={"path": "old.safetensors"}).json()["features_db"] is True
+    r = c.get("/api/graph/feature", params={"path": "old.safetensors", **where})
+    with FeatureStore(tmp_path / "features.db") as store:
+        assert r.status_code == 200 and r.json()["top"][0]["texts"] == store.page(**where).top[0].texts

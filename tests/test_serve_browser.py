@@ -6,6 +6,10 @@ feature (tooltip), click it (feature page with contexts), pin two nodes (the pin
 group two features into a supernode, run an intervention on it (result shown), and compute a new
 graph from a prompt (progress, then the graph). What the page shows is checked against the graph
 file, the feature store and the sidecar file on disk. Screenshots go to test-artifacts/serve/.
+
+Then the guards, as a browser meets them: the URL `cltrace serve --token` prints opens the explorer
+(its token becomes a cookie the page's own requests carry) and a page without it is refused; a name
+re-pointed at 127.0.0.1 (DNS rebinding, Chromium's --host-resolver-rules) gets 403.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from test_serve import ACRONYM, build_folder, replacement
 
 from cltrace.features import FeatureStore
@@ -23,7 +28,7 @@ from cltrace.graph.graph import Graph
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from cltrace.serve.app import BUILD_HINT, assets_built, create_app, start_in_thread  # noqa: E402
+from cltrace.serve.app import BUILD_HINT, assets_built, create_app, free_port, start_in_thread  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "serve"
@@ -47,7 +52,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def page(served: dict) -> Iterator:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # evil.example resolves to this machine, as a rebinding attacker's name would
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--host-resolver-rules=MAP evil.example 127.0.0.1"])
         pg = browser.new_page(viewport={"width": 1400, "height": 850})
         errors: list[str] = []
         pg.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -168,3 +174,54 @@ def test_explore_the_acronym_graph(page, served: dict) -> None:
     pg.wait_for_function("window.explorer.view.firstPaint")
     shot(pg, "07-new-graph")
     assert pg.errors == []
+
+
+def test_the_printed_url_with_its_token_opens_the_explorer(page, served: dict, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`cltrace serve --token` (the token a server beyond loopback needs, enforced on loopback when
+    given): the printed URL opens the explorer, whose own requests (a PUT among them) carry the token
+    as a cookie; the same address without the token is refused."""
+    import uvicorn
+
+    port, running = free_port(), []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_kw: running.append(start_in_thread(app, host=host, port=port)[0]))
+    code, out, err = run_cli("serve", str(served["root"]), "--port", str(port), "--token", "browser-token", capsys=capsys)
+    assert code == 0 and running, err
+    printed = out.split(" at ")[1].split(" ")[0]
+    assert printed == f"http://127.0.0.1:{port}/?token=browser-token"
+    pg = page.context.browser.new_page()
+    try:
+        pg.goto(printed)
+        pg.wait_for_function("window.explorer && window.explorer.view.firstPaint", timeout=30_000)
+        shown = pg.locator("#graph-select").input_value()  # the graph list and a graph came through
+        assert pg.locator("#prompt-line").inner_text() == Graph.load(served["root"] / shown).metadata["prompt"]
+        node = top_features(pg, 1)[0]["id"]
+        status = pg.evaluate(
+            "([path, id]) => fetch('/api/graph/state?path=' + encodeURIComponent(path), {method: 'PUT', headers: "
+            "{'Content-Type': 'application/json'}, body: JSON.stringify({pinned: [id]})}).then(r => r.status)", [shown, node])
+        assert status == 200
+        sidecar = served["root"] / shown.replace(".safetensors", ".explorer.json")
+        assert json.loads(sidecar.read_text())["qParams"]["pinnedIds"] == [node]
+        shot(pg, "08-token-url")
+        fresh = page.context.browser.new_context().new_page()  # no cookie: the address alone is refused
+        response = fresh.goto(f"http://127.0.0.1:{port}/api/graphs")
+        assert response.status == 401 and "token" in response.json()["detail"]
+        fresh.context.close()
+    finally:
+        pg.close()
+        for server in running:
+            server.should_exit = True
+
+
+def test_a_rebound_name_gets_403_in_the_browser(page, served: dict) -> None:
+    """A page of evil.example whose name now points at 127.0.0.1 reaches the server, which refuses
+    its Host: neither the page nor the graph list comes back."""
+    port = served["url"].rstrip("/").rsplit(":", 1)[1]
+    pg = page.context.browser.new_page()
+    try:
+        for target in ["/", "/api/graphs"]:
+            response = pg.goto(f"http://evil.example:{port}{target}")
+            assert response.status == 403 and "is not this server's" in response.json()["detail"]
+            assert ACRONYM not in pg.content()
+    finally:
+        pg.close()

@@ -1,7 +1,11 @@
 """The explorer's security properties, each checked from outside (a real uvicorn server on a socket,
 where the request's exact bytes matter) or through the command line:
 
-- it binds 127.0.0.1 unless told otherwise; another interface takes an explicit --host and warns;
+- it binds 127.0.0.1 unless told otherwise; another interface takes an explicit --host, warns, and
+  needs a token (generated and printed with the URL, or given): every request then carries it;
+- a request whose Host is not the server's gets 403 before any route runs (DNS rebinding), and one
+  that changes state from another page's Origin gets 403 and writes nothing;
+- background jobs are bounded (N queued or running, the rest 429), cancellable, and saved atomically;
 - no file outside the served folder is read or written: '..', absolute paths, percent-encoded dots,
   symlinked files and folders leading out get a 4xx and never the file;
 - request bodies are limited: over the limit, declared or streamed chunked, is a 413;
@@ -12,9 +16,13 @@ where the request's exact bytes matter) or through the command line:
 from __future__ import annotations
 
 import ast
+import hashlib
 import http.client
 import json
+import re
 import socket
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,7 +110,7 @@ def fake_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     import cltrace.serve.app as serve_app
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({**kw, "app": app}))
     monkeypatch.setattr(serve_app, "assets_built", lambda: True)
     return calls
 
@@ -117,10 +125,12 @@ def test_binds_loopback_by_default_and_warns_for_any_other_interface(
     for host in ["127.0.0.1", "localhost", "::1", "127.0.0.2"]:  # loopback: no one else can connect
         code, out, err = run_cli("serve", root, "--host", host, capsys=capsys)
         assert code == 0 and fake_uvicorn[-1]["host"] == host and "warning" not in err, (host, err)
+        assert "token=" not in out  # no token on loopback unless given
     for host in ["0.0.0.0", "::", "192.168.1.10", "example.org"]:
         code, out, err = run_cli("serve", root, "--host", host, capsys=capsys)
         assert code == 0 and fake_uvicorn[-1]["host"] == host
         assert err.startswith(f"warning: binding {host}:") and len(err.strip().splitlines()) == 1, err
+        assert re.search(r"\?token=[\w-]{20,} ", out), out  # a token, generated and printed with the URL
     calls = len(fake_uvicorn)
     for host in ["", "  "]:  # uvicorn would take "" for every interface
         code, _, err = run_cli("serve", root, "--host", host, capsys=capsys)
@@ -130,6 +140,305 @@ def test_binds_loopback_by_default_and_warns_for_any_other_interface(
     cltrace.serve.serve(root)
     assert fake_uvicorn[-1]["host"] == "127.0.0.1"
     assert server[0] == "127.0.0.1"
+
+
+def test_a_token_is_required_beyond_loopback(fake_uvicorn: list[dict[str, Any]], layout: dict[str, Path],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The app `cltrace serve --host 0.0.0.0` builds refuses every request without the token it
+    printed, and serves the one with it (in-process: no interface beyond loopback is bound here)."""
+    from fastapi.testclient import TestClient
+
+    root = str(layout["root"])
+    code, out, err = run_cli("serve", root, "--host", "0.0.0.0", "--port", "8765", capsys=capsys)
+    assert code == 0, err
+    printed = re.search(r"at (http://\S+) ", out).group(1)
+    token = printed.split("?token=")[1]
+    assert printed == f"http://0.0.0.0:8765/?token={token}"
+    with TestClient(fake_uvicorn[-1]["app"], base_url="http://192.168.1.10:8765") as client:
+        for target in ["/api/graphs", "/api/info", "/openapi.json", f"/api/graph?path={GRAPH}", "/static/app.js"]:
+            r = client.get(target)
+            assert r.status_code == 401 and "token" in r.json()["detail"], (target, r.text)
+        assert client.get("/api/graphs", headers={"Authorization": "token wrong"}).status_code == 401
+        assert client.get("/api/graphs", headers={"Authorization": f"token {token}"}).status_code == 200
+        r = client.get(f"/api/graphs?token={token}")  # the printed URL's query sets the cookie ...
+        assert r.status_code == 200 and "cltrace-token-8765" in r.headers["set-cookie"]
+        assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
+        assert client.get("/api/graphs").status_code == 200  # ... which the page's own requests then carry
+    # a token given is the one required; an empty one beyond loopback is refused before serving
+    code, out, err = run_cli("serve", root, "--host", "192.168.1.10", "--token", "s3cret", capsys=capsys)
+    assert code == 0 and out.rstrip().endswith("?token=s3cret (Ctrl-C stops)"), out
+    calls = len(fake_uvicorn)
+    code, out, err = run_cli("serve", root, "--host", "0.0.0.0", "--token", "", capsys=capsys)
+    assert_one_line_error(code, err, "--token is empty", "0.0.0.0")
+    code, out, err = run_cli("serve", root, "--token", "two words", capsys=capsys)  # it must fit a URL and a cookie
+    assert_one_line_error(code, err, "--token holds spaces")
+    assert len(fake_uvicorn) == calls
+    with pytest.raises(CltraceError, match="without a token"):  # the Python API refuses it too
+        cltrace.serve.serve(root, host="0.0.0.0")
+    assert len(fake_uvicorn) == calls
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (symlinks followed where they lead to a file)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def every_route(job_id: str = "nojob") -> list[tuple[str, str, bytes | None]]:
+    """One well-formed request to each route of the app (and its pages and schema)."""
+    return [("GET", "/", None), ("GET", "/static/app.js", None), ("GET", "/openapi.json", None),
+            ("GET", "/api/info", None), ("GET", "/api/graphs", None), ("GET", f"/api/jobs/{job_id}", None),
+            ("POST", "/api/jobs", json.dumps({"prompt": "AB", "max_feature_nodes": 5}).encode()),
+            ("DELETE", f"/api/jobs/{job_id}", None), *endpoint_requests(GRAPH)]
+
+
+def test_the_routes_cover_the_app() -> None:
+    """`every_route` names each route the app has, so that a new one cannot skip the checks below."""
+    app = create_app(".")
+    routes = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
+    sent = {(m, t.split("?")[0]) for m, t, _ in every_route("{job_id}")}
+    assert {(m, p) for m, p in routes if not p.startswith("/static")} <= sent | {("GET", "/static")}, routes - sent
+
+
+FOREIGN_HOSTS = ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil.example:8000",
+                 "", "127.0.0.2", "[::2]:80", "0.0.0.0", "LOCALHOST:abc", "localhost:80:80", "évil"]
+
+
+def test_a_foreign_host_gets_403_on_every_route_before_it_runs(server: tuple[str, int], layout: dict[str, Path]) -> None:
+    before = digests(layout["root"].parent)
+    port = server[1]
+    for host in FOREIGN_HOSTS:
+        for method, target, body in every_route():
+            headers = {"Host": host, "Content-Type": "application/json"}
+            code, text = request(server, method, target, body, headers)
+            assert code == 403, (host, method, target, code, text)
+            detail = json.loads(text)["detail"]
+            assert "is not this server's" in detail and len(detail.splitlines()) == 1
+    assert digests(layout["root"].parent) == before  # no job started, nothing written
+    for host in ["localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LocalHost:{port}"]:
+        code, text = request(server, "GET", "/api/graphs", headers={"Host": host})
+        assert code == 200, (host, text)
+
+
+FOREIGN_ORIGINS = ["http://evil.example", "null", "https://127.0.0.1:{port}", "http://127.0.0.1:1",
+                   "http://localhost:{port}", "http://127.0.0.1:{port}.evil.example", "file://"]
+
+
+def test_a_foreign_origin_cannot_change_anything(layout: dict[str, Path]) -> None:
+    """Each state-changing route from another page's Origin: 403, no file changed, no job started
+    or cancelled; from the server's own origin or with no Origin (curl, the CLI) it works."""
+    gate = threading.Event()
+    srv, url = start_in_thread(create_app(layout["root"], loader=lambda _m: gate.wait(60) and replacement()))
+    server = srv.servers[0].sockets[0].getsockname()[:2]
+    host = f"127.0.0.1:{server[1]}"
+    jobs = srv.config.app.state.jobs
+    try:
+        own = {"Content-Type": "application/json", "Host": host, "Origin": f"http://{host}"}
+        code, text = request(server, "POST", "/api/jobs", json.dumps({"prompt": "AB", "max_feature_nodes": 5}).encode(), own)
+        assert code == 202, text
+        job_id = json.loads(text)["id"]
+        writes = [(m, t, b) for m, t, b in every_route(job_id) if m in ("PUT", "POST", "DELETE")]
+        assert len(writes) == 5
+        before = digests(layout["root"].parent)
+        for origin in FOREIGN_ORIGINS:
+            for method, target, body in writes:
+                headers = {"Content-Type": "application/json", "Host": host, "Origin": origin.format(port=server[1])}
+                code, text = request(server, method, target, body, headers)
+                assert code == 403 and "not this server's own page" in json.loads(text)["detail"], (origin, target, code)
+        assert digests(layout["root"].parent) == before
+        assert list(jobs._jobs) == [job_id] and jobs._jobs[job_id].status in ("queued", "running")
+        # text/plain (what a form may send without asking): refused as today, nothing written
+        code, text = request(server, "PUT", f"/api/graph/state?path={GRAPH}", b'{"pinned": []}',
+                             {"Content-Type": "text/plain", "Host": host})
+        assert code == 422 and digests(layout["root"].parent) == before, text
+        # the server's own page, and no Origin at all, are served
+        for headers in (own, {"Content-Type": "application/json"}):
+            code, text = request(server, "PUT", f"/api/graph/label?path={GRAPH}",
+                                 json.dumps({"layer": 0, "feature": 1, "label": "mine"}).encode(), headers)
+            assert code == 200, text
+        code, text = request(server, "DELETE", f"/api/jobs/{job_id}", None, own)
+        assert code == 200 and json.loads(text)["status"] in ("cancelled", "cancelling"), text
+    finally:
+        gate.set()
+        srv.should_exit = True
+        (layout["root"] / "g.explorer.json").unlink(missing_ok=True)
+
+
+def test_an_explicit_token_is_enforced_on_loopback_too(layout: dict[str, Path]) -> None:
+    """The token path of a server beyond loopback, on a real socket: `--token` on loopback enforces it."""
+    from cltrace.serve.app import free_port
+    from cltrace.serve.security import url
+
+    port = free_port()
+    srv, _ = start_in_thread(create_app(layout["root"], port=port, token="tok/en+1"), port=port)
+    server = ("127.0.0.1", port)
+    try:
+        for method, target, body in every_route():
+            code, text = request(server, method, target, body, {"Content-Type": "application/json"})
+            assert code == 401, (method, target, code, text)
+        code, text = request(server, "GET", "/api/graphs", headers={"Host": "evil.example"})
+        assert code == 403  # the Host is checked first: no token check tells a foreign page anything
+        printed = url("127.0.0.1", port, "tok/en+1")
+        assert printed.endswith("?token=tok%2Fen%2B1")
+        conn = http.client.HTTPConnection(*server, timeout=30)
+        conn.request("GET", printed.removeprefix(f"http://127.0.0.1:{port}"))
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status in (200, 503) and resp.getheader("set-cookie").startswith(f"cltrace-token-{port}=")
+        cookie = resp.getheader("set-cookie").split(";")[0]
+        conn.close()
+        assert request(server, "GET", "/api/graphs", headers={"Cookie": cookie})[0] == 200
+        assert request(server, "GET", "/api/graphs", headers={"Cookie": f"cltrace-token-{port + 1}=tok/en+1"})[0] == 401
+        assert request(server, "GET", "/api/graphs", headers={"Authorization": "token tok/en+1"})[0] == 200
+    finally:
+        srv.should_exit = True
+
+
+# -- bounded background work -------------------------------------------------------------------------
+
+
+def test_jobs_are_bounded_cancellable_and_never_half_written(layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """N+1 concurrent new graphs: N accepted, the rest 429, the server answering within a second
+    throughout; a queued job cancelled never starts, a running one stops and saves nothing; a job
+    stopped while saving (as a restart would) leaves no graph file behind, only a hidden temp file."""
+    import os
+
+    from tqdm import tqdm
+
+    n = 3
+    gate = threading.Event()
+    root = layout["root"]
+    srv, _ = start_in_thread(create_app(root, loader=lambda _m: gate.wait(60) and replacement(), max_running=n))
+    server = srv.servers[0].sockets[0].getsockname()[:2]
+    jobs = srv.config.app.state.jobs
+    graphs_before = sorted(p.name for p in root.glob("*.safetensors"))
+    post = json.dumps({"prompt": "AB(C", "max_feature_nodes": 5}).encode()
+    answers: list[tuple[int, str]] = []
+    try:
+        threads = [threading.Thread(target=lambda: answers.append(
+            request(server, "POST", "/api/jobs", post, {"Content-Type": "application/json"}))) for _ in range(n + 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        codes = sorted(code for code, _ in answers)
+        assert codes == [202] * n + [429], answers
+        assert f"{n} graphs are already being computed" in next(t for c, t in answers if c == 429)
+        t0 = time.monotonic()  # one job holds the model (its loader waits), the others queue behind it
+        code, _ = request(server, "GET", "/api/graphs")
+        assert code == 200 and time.monotonic() - t0 < 1.0
+        ids = [json.loads(t)["id"] for c, t in answers if c == 202]
+        time.sleep(0.2)
+        running = [i for i in ids if jobs._jobs[i].status == "running"]
+        queued = [i for i in ids if jobs._jobs[i].status == "queued"]
+        assert len(running) == 1 and len(queued) == n - 1
+        # cancelling a queued job frees its place at once: one more is accepted
+        code, text = request(server, "DELETE", f"/api/jobs/{queued[0]}")
+        assert code == 200 and json.loads(text)["status"] == "cancelled", text
+        code, text = request(server, "POST", "/api/jobs", post, {"Content-Type": "application/json"})
+        assert code == 202, text
+        ids.append(json.loads(text)["id"])
+        assert request(server, "POST", "/api/jobs", post, {"Content-Type": "application/json"})[0] == 429
+        # cancelling the running job: it stops before attributing, then the rest run
+        code, text = request(server, "DELETE", f"/api/jobs/{running[0]}")
+        assert code == 200 and json.loads(text)["status"] == "cancelling", text
+        gate.set()
+        deadline = time.monotonic() + 60
+        while any(jobs._jobs[i].status in ("queued", "running", "cancelling") for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = {i: json.loads(request(server, "GET", f"/api/jobs/{i}")[1]) for i in ids}
+        assert [status[i]["status"] for i in (queued[0], running[0])] == ["cancelled", "cancelled"]
+        assert status[running[0]]["graph"] is None and status[queued[0]]["stage"] == "cancelled"
+        done = [s for s in status.values() if s["status"] == "done"]
+        assert len(done) == n - 1, status
+        # a job cancelled mid-attribution stops at its next batch of rows
+        slow = tqdm.update
+
+        def slow_update(self: Any, n: float | None = 1) -> Any:
+            time.sleep(0.3)
+            return slow(self, n)
+
+        monkeypatch.setattr(tqdm, "update", slow_update)
+        code, text = request(server, "POST", "/api/jobs", json.dumps({"prompt": "AB(C" * 8, "name": "cut"}).encode(),
+                             {"Content-Type": "application/json"})
+        job_id = json.loads(text)["id"]
+        while jobs._jobs[job_id].stage != "attributing" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert json.loads(request(server, "DELETE", f"/api/jobs/{job_id}")[1])["status"] == "cancelling"
+        while jobs._jobs[job_id].status == "cancelling" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert jobs._jobs[job_id].status == "cancelled" and time.monotonic() - t0 < 5
+        assert not (root / "cut.safetensors").exists()
+        monkeypatch.undo()
+        # a job stopped while saving, just before its rename, as a restart would stop it
+        replace, holding, never = os.replace, threading.Event(), threading.Event()
+
+        def stuck(src: Any, dst: Any) -> None:
+            if threading.current_thread().name.startswith("graph-"):
+                holding.set()
+                never.wait(30)
+                raise CltraceError("stopped here, as a restart would stop it")
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", stuck)
+        code, text = request(server, "POST", "/api/jobs", json.dumps({"prompt": "AB", "name": "torn"}).encode(),
+                             {"Content-Type": "application/json"})
+        assert code == 202 and holding.wait(30)
+        assert not (root / "torn.safetensors").exists()
+        temps = [p.name for p in root.iterdir() if p.name.startswith(".torn.safetensors.")]
+        assert temps and all(p.endswith(".tmp") for p in temps)
+        restarted = create_app(root)  # what a restarted server lists: no torn graph
+        listed = [g["path"] for g in restarted.state.workspace.list_graphs()]
+        assert "torn.safetensors" not in listed and not any(p.startswith(".") for p in listed)
+        never.set()
+    finally:
+        gate.set()
+        srv.should_exit = True
+        for p in root.iterdir():
+            if p.name not in graphs_before and (p.suffix == ".safetensors" or p.name.endswith(".tmp")) and p.is_file():
+                p.unlink()
+
+
+def test_a_prompt_and_cap_are_checked_as_the_command_line_checks_them(layout: dict[str, Path]) -> None:
+    """A prompt past the model's context ends the job with the CLI's own one line, before any work;
+    a cap below 1 is refused as `--max-feature-nodes 0` is."""
+    from fastapi.testclient import TestClient
+
+    rm = replacement()
+    too_long = "A" * (rm.model.max_context + 5)
+    with pytest.raises(CltraceError) as cli_error:
+        rm.input_ids(too_long)
+    with TestClient(create_app(layout["root"], loader=lambda _m: rm), base_url="http://127.0.0.1") as client:
+        r = client.post("/api/jobs", json={"prompt": too_long, "name": "long"})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 30
+        job = r.json()
+        while job["status"] not in ("done", "error") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            job = client.get(f"/api/jobs/{job['id']}").json()
+        assert job["status"] == "error" and job["error"] == str(cli_error.value), job
+        assert not (layout["root"] / "long.safetensors").exists()
+        r = client.post("/api/jobs", json={"prompt": "AB", "max_feature_nodes": 0})
+        assert r.status_code == 422 and "max_feature_nodes" in r.json()["detail"]
+
+
+def test_a_prompt_with_bytes_that_are_not_utf8_is_read_with_a_note(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`cltrace predict "$(printf '\\xff\\xfe bad')"`: Python hands such bytes to the program as lone
+    surrogates (os.fsdecode, surrogateescape), which the tokenizer refused with a traceback."""
+    import os
+
+    import cltrace.model
+
+    model = replacement().model  # its tokenizer, a fast one, raised TypeError on such text as SmolLM2's did
+    monkeypatch.setattr(cltrace.model, "load_model", lambda *_a, **_kw: model)
+    argv = os.fsdecode(b"\xff\xfe bad")
+    assert argv == "\udcff\udcfe bad"
+    code, out, err = run_cli("predict", argv, "--top", "2", capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["note: the prompt has bytes that are not UTF-8: each is read as U+FFFD, the replacement character"]
+    assert out.count("\n") == 3
 
 
 # -- files outside the folder ------------------------------------------------------------------------
@@ -219,7 +528,7 @@ def test_static_files_stay_in_the_static_folder(server: tuple[str, int], monkeyp
     monkeypatch.setattr(serve_app, "STATIC", tmp_path / "not-built")
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(tmp_path), raise_server_exceptions=False) as client:
+    with TestClient(create_app(tmp_path), raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
         assert client.get("/static/app.js").status_code == 404
         assert "make setup" in client.get("/").json()["detail"]
 
@@ -231,11 +540,11 @@ def test_oversized_bodies_get_413_declared_or_chunked(server: tuple[str, int], l
     target = f"/api/graph/state?path={GRAPH}".encode()
     sidecar = layout["root"] / "g.explorer.json"
     # declared: refused from the header, before the body is read
-    head = b"PUT " + target + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    head = b"PUT " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     code, text = raw_request(server, head % (MAX_BODY + 1), iter([b" " * 4096]))
     assert code == 413 and "request body over" in json.loads(text)["detail"]
     # chunked, no Content-Length: refused once the bytes streamed pass the limit
-    chunked = b"PUT " + target + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"PUT " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     piece = b" " * 65536
     chunks = iter([b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 2) + [b"0\r\n\r\n"])
     code, text = raw_request(server, chunked, chunks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import char_tokenizer, run_cli, tiny_model
 
-from cltrace.features.build import token_views
+from cltrace.features.views import token_views
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
 from cltrace.replacement import ReplacementModel
 from cltrace.trace.plot import node_xy, plot_graph

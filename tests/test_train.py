@@ -457,8 +457,8 @@ def test_cli_bad_training_input_is_one_line_and_keeps_the_earlier_run(tmp_path: 
 def test_config_too_big_for_memory_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch) -> None:
     """The estimate counts the weights four times (weights, gradients, two Adam moments): a machine
     with less available is refused in one line, and no run folder is started."""
-    import cltrace.train.trainer as trainer_module
-    from cltrace.train.trainer import training_memory_bytes
+    import cltrace.train.run_dir as run_dir_module
+    from cltrace.train.run_dir import training_memory_bytes
 
     cfg = resume_config().with_overrides({"total_tokens": 16 * 4})
     model = tiny_model("llama")
@@ -467,10 +467,10 @@ def test_config_too_big_for_memory_is_refused_before_anything_is_written(tmp_pat
     weights = sum(p.numel() for p in Transcoder.random(TranscoderConfig(
         cfg.kind, L, d, cfg.n_features, cfg.activation, cfg.topk_k, cfg.skip)).parameters()) * 4
     assert 4 * weights <= need  # the bound holds what training certainly keeps
-    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda: need - 1)
+    monkeypatch.setattr(run_dir_module, "available_memory_bytes", lambda: need - 1)
     with pytest.raises(CltraceError, match=rf"training {cfg.n_features} features per layer .* needs at least .* GB.*lower n_features"):
         tiny_train(tmp_path, tmp_path / "run", cfg)
     assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda: need)
+    monkeypatch.setattr(run_dir_module, "available_memory_bytes", lambda: need)
     tiny_train(tmp_path, tmp_path / "run", cfg)
     assert (tmp_path / "run" / "transcoder").is_dir()

@@ -84,6 +84,57 @@ def test_plt_dense_decode_with_skip_matches_naive_loop() -> None:
     torch.testing.assert_close(tc.decode(acts, x), expected.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "kind,activation,skip", [("clt", "jumprelu", False), ("plt", "jumprelu", True), ("clt", "topk", False), ("plt", "relu", False)]
+)
+def test_per_layer_encode_and_decode_match_the_naive_loops(kind: str, activation: str, skip: bool) -> None:
+    tc = randomized(config(kind, activation, dtype="float64", skip=skip))
+    x = inputs(4, 3)
+    acts = [tc.encode_layer(l, x[..., l, :]) for l in range(L)]  # each [4, 3, F]
+    for l in range(L):
+        pre = x[..., l, :] @ tc.W_enc[l].T + tc.b_enc[l]  # [4, 3, F]
+        torch.testing.assert_close(tc.encode_layer_pre(l, x[..., l, :]), pre, rtol=1e-12, atol=1e-12)
+        if activation == "jumprelu":
+            expected = torch.where(pre > tc.activation.threshold[l], pre, torch.zeros_like(pre))
+        elif activation == "relu":
+            expected = pre.clamp_min(0)
+        else:  # the k largest of each row, ReLU'd
+            kth = pre.sort(dim=-1, descending=True).values[..., 2:3]
+            expected = torch.where(pre >= kth, pre.clamp_min(0), torch.zeros_like(pre))
+        torch.testing.assert_close(acts[l], expected, rtol=0, atol=0)
+    dense = torch.stack(acts, dim=-2)  # [4, 3, L, F]
+    expected_recon = naive_clt_decode(tc, dense) if kind == "clt" else None
+    for l in range(L):
+        got = tc.decode_layer(l, acts, x[..., l, :])  # [4, 3, D]
+        if kind == "clt":
+            want = expected_recon[..., l, :]
+        else:
+            want = tc.b_dec[l] + dense[..., l, :] @ tc.W_dec[l]
+            if skip:
+                want = want + torch.einsum("...i,io->...o", x[..., l, :], tc.W_skip[l])
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_training_decodes_match_decode_values_and_gradients() -> None:
+    for kind, skip in (("clt", False), ("plt", True)):
+        tc = randomized(config(kind, dtype="float64", skip=skip))
+        x = inputs(6)
+        acts = tc.encode(x).detach().requires_grad_(True)  # [6, L, F]
+        rows, layers, features = (acts != 0).nonzero(as_tuple=True)
+        reference = tc.decode(acts, x)
+        grad = torch.randn_like(reference)
+        (g_ref,) = torch.autograd.grad((reference * grad).sum(), acts)
+        dense = tc.decode_dense(acts, x, torch.float64)
+        (g_dense,) = torch.autograd.grad((dense * grad).sum(), acts)
+        torch.testing.assert_close(dense, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_dense, g_ref, rtol=1e-12, atol=1e-12)
+        values = acts[rows, layers, features]
+        sparse = tc.decode_sparse_matmul(rows, layers, features, values, 6, x)
+        (g_values,) = torch.autograd.grad((sparse * grad).sum(), values)
+        torch.testing.assert_close(sparse, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_values, g_ref[rows, layers, features], rtol=1e-12, atol=1e-12)
+
+
 def test_plt_equals_clt_whose_off_diagonal_decoders_are_zero() -> None:
     plt = randomized(config("plt", activation="relu", dtype="float64"))
     clt = make_transcoder(config("clt", activation="relu", dtype="float64"))

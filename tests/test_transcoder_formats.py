@@ -12,9 +12,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cltrace.errors import CltraceError
+from cltrace.fingerprint import file_sha256
 from cltrace.transcoder import (
     Transcoder,
     TranscoderConfig,
+    circuit_tracer,
     detect_format,
     formats,
     load_transcoder,
@@ -205,7 +207,7 @@ def test_missing_tensor_names_file_and_tensor(tmp_path: Path) -> None:
     del tensors["W_dec.1"]
     save_file(tensors, weights)
     meta = json.loads((tmp_path / "native" / "config.json").read_text())
-    meta["sha256"]["transcoder.safetensors"] = formats._sha256(weights)
+    meta["sha256"]["transcoder.safetensors"] = file_sha256(weights)
     meta["config_sha256"] = formats._config_digest(meta)
     (tmp_path / "native" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CltraceError, match=r"native: missing tensor\(s\) W_dec\.1"):
@@ -271,7 +273,7 @@ def test_failed_write_leaves_the_old_directory_whole(tmp_path: Path, monkeypatch
     old = make("clt")
     save_transcoder(old, tmp_path / "tc", format="circuit-tracer")
     calls = {"n": 0}
-    real_save_file = formats.save_file
+    real_save_file = circuit_tracer.save_file
 
     def failing_save_file(*args, **kwargs):
         calls["n"] += 1
@@ -279,7 +281,7 @@ def test_failed_write_leaves_the_old_directory_whole(tmp_path: Path, monkeypatch
             raise OSError("disk full")
         return real_save_file(*args, **kwargs)
 
-    monkeypatch.setattr(formats, "save_file", failing_save_file)
+    monkeypatch.setattr(circuit_tracer, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_transcoder(make("clt", "relu"), tmp_path / "tc", format="circuit-tracer", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["tc"]

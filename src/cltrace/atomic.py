@@ -109,8 +109,13 @@ def check_writable(path: str | os.PathLike, what: str = "file", *, folder: bool 
     return path
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside `directory` durable (best effort: not every filesystem allows it)."""
+def fsync_directory(directory: Path, files: bool = False) -> None:
+    """Make a rename inside `directory` durable (best effort: not every filesystem allows it); with
+    `files`, flush every file in it to disk first."""
+    if files:
+        for child in directory.iterdir():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:

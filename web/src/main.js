@@ -464,7 +464,7 @@ $("new-graph-form").addEventListener("submit", async (e) => {
   }
   status.className = "muted";
   bar.hidden = false;
-  while (job.status === "queued" || job.status === "running") {
+  while (job.status === "queued" || job.status === "running" || job.status === "cancelling") {
     bar.max = Math.max(1, job.total);
     bar.value = job.done;
     status.textContent = jobProgress(job);
@@ -473,8 +473,8 @@ $("new-graph-form").addEventListener("submit", async (e) => {
     });
     job = await api.job(job.id);
   }
-  if (job.status === "error") {
-    status.textContent = job.error;
+  if (job.status === "error" || job.status === "cancelled") {
+    status.textContent = job.error || "cancelled";
     status.className = "error";
     return;
   }

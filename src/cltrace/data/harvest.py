@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cltrace.errors import CltraceError
+from cltrace.model.hooks import mlp_hooks
 from cltrace.model.load import LoadedModel
 
 FIRST_POSITION = 2
@@ -111,31 +112,19 @@ class Harvester:
         return Harvest(x.view(B * P, L, d), y.view(B * P, L, d))
 
     def _run(self, ids: torch.Tensor, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
-        handles = []
         first = self.first_position
 
-        def grab_in(l: int):
-            def hook(module: nn.Module, args: tuple) -> None:
-                x_out[:, :, l].copy_(args[0][:, first:])  # sink positions left out
+        def grab_in(l: int, x: torch.Tensor) -> None:
+            x_out[:, :, l].copy_(x[:, first:])  # sink positions left out
 
-            return hook
+        def grab_out(l: int, y: torch.Tensor) -> None:
+            y_out[:, :, l].copy_(y[:, first:])
 
-        def grab_out(l: int):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                out = output[0] if isinstance(output, tuple) else output
-                y_out[:, :, l].copy_(out[:, first:])
-
-            return hook
-
-        try:
-            for l in range(self.n_layers):
-                handles.append(self.mlp_in[l].register_forward_pre_hook(grab_in(l)))
-                handles.append(self.mlp_out[l].register_forward_hook(grab_out(l)))
-            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                self.base(input_ids=ids, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with (
+            mlp_hooks(self.loaded, grab_in, grab_out),
+            torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16),
+        ):
+            self.base(input_ids=ids, use_cache=False)
 
     def stream(self, batches: Iterator) -> Iterator[tuple[Harvest, object]]:
         """Harvest every `PackedBatch` of `batches`; yields (Harvest, the batch's resume position)."""

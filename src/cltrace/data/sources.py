@@ -20,45 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from cltrace.errors import CltraceError
+from cltrace.data.default_corpus import DefaultCorpusSource
+from cltrace.data.text_source import TextSource
+from cltrace.errors import CltraceError, first_line
 
 #: File suffixes a :class:`FileSource` reads; anything else is an unsupported file type.
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".parquet")
 
 TxtSplit = Literal["file", "paragraph"]
-
-
-class TextSource(ABC):
-    """A re-iterable stream of documents.
-
-    Subclasses implement :meth:`_documents`; iteration drops empty/whitespace-only documents and
-    raises ``CltraceError`` when a full pass yields no text at all (never a silent empty stream).
-    """
-
-    @abstractmethod
-    def _documents(self) -> Iterator[str]:
-        """Yield raw documents in a fixed order (may include empty ones)."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """A short human-readable name for messages and run configs."""
-
-    def __iter__(self) -> Iterator[str]:
-        n = 0
-        for doc in self._documents():
-            if doc and not doc.isspace():
-                n += 1
-                yield doc
-        if n == 0:
-            raise CltraceError(
-                f"text source {self.describe()} holds no text; give a source with at least one "
-                "non-empty document"
-            )
 
 
 class HFDatasetSource(TextSource):
@@ -175,18 +148,11 @@ class FileSource(TextSource):
             else:
                 yield from _read_parquet(f, self.text_column)
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (pyarrow's span several)."""
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_txt(path: Path, split: TxtSplit) -> Iterator[str]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")  # bad bytes become U+FFFD, never an error
     except OSError as e:
-        raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
+        raise CltraceError(f"cannot read {path} ({first_line(e)}); check the file and its permissions") from None
     if split == "file":
         yield text
         return
@@ -205,7 +171,7 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
     try:
         fh = path.open(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
+        raise CltraceError(f"cannot read {path} ({first_line(e)}); check the file and its permissions") from None
     with fh:
         for lineno, line in enumerate(_lines(fh, path), start=1):
             if not line.strip():
@@ -213,7 +179,7 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an integer too long to read
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else _first_line(e)
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e)
                 raise CltraceError(
                     f"{path}:{lineno} is not valid JSON ({msg}); each line of a .jsonl file "
                     "must be one JSON object"
@@ -241,7 +207,7 @@ def _lines(fh: Any, path: Path) -> Iterator[str]:
         try:
             line = fh.readline()
         except OSError as e:
-            raise CltraceError(f"cannot read {path} ({_first_line(e)}); check the file and its permissions") from None
+            raise CltraceError(f"cannot read {path} ({first_line(e)}); check the file and its permissions") from None
         if not line:
             return
         yield line
@@ -260,7 +226,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
         names = pf.schema_arrow.names
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for non-parquet bytes
-        raise CltraceError(f"{path} is not a readable parquet file ({_first_line(e)}); {damaged}") from None
+        raise CltraceError(f"{path} is not a readable parquet file ({first_line(e)}); {damaged}") from None
     _check_column(names, column, str(path))
     batches = pf.iter_batches(columns=[column], batch_size=1024)
     while True:
@@ -268,7 +234,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
             batch = next(batches, None)
             values = None if batch is None else batch.column(0).to_pylist()
         except Exception as e:  # a damaged page: a decompression, decoding or checksum error
-            raise CltraceError(f"cannot read {path} ({_first_line(e)}); {damaged}") from None
+            raise CltraceError(f"cannot read {path} ({first_line(e)}); {damaged}") from None
         if values is None:
             return
         for value in values:
@@ -342,8 +308,6 @@ def open_text_source(
             "text source is empty; give a path, 'default', or 'hf:NAME[:CONFIG][:SPLIT]'"
         )
     if spec == "default":
-        from cltrace.data.default_corpus import DefaultCorpusSource
-
         return DefaultCorpusSource(roots=default_roots)
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)

@@ -19,96 +19,53 @@ contexts are a seeded random draw from across the held-out split, not its first 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cltrace.data.harvest import FIRST_POSITION
+from cltrace.data.packing import model_packing, pack_batches
+from cltrace.data.sources import open_text_source
 from cltrace.errors import CltraceError
+from cltrace.model.hooks import mlp_hooks
 from cltrace.model.load import LoadedModel
-from cltrace.transcoder import JumpReLU, ReLU, TopK, Transcoder
-
-
-def layer_activations(tc: Transcoder, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """Activations [..., F] of layer `layer`'s features on its input x [..., d]."""
-    pre = x.to(tc.W_enc.dtype) @ tc.W_enc[layer].T + tc.b_enc[layer]  # [..., F]
-    act = tc.activation
-    if isinstance(act, JumpReLU):
-        return pre * (pre > act.threshold[layer])
-    if isinstance(act, ReLU):
-        return torch.relu(pre)
-    if isinstance(act, TopK):
-        values, indices = pre.topk(act.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-    raise CltraceError(f"unsupported activation {type(act).__name__}")
-
-
-def layer_reconstruction(tc: Transcoder, layer: int, acts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Reconstruction [..., d] of layer `layer`'s MLP output from the activations of layers ≤ layer."""
-    if tc.config.kind == "clt":
-        out = tc.b_dec[layer].expand(*acts[layer].shape[:-1], tc.d_model)
-        for k in range(layer + 1):
-            out = out + acts[k] @ tc.W_dec[k][:, layer - k, :]
-        return out
-    out = acts[layer] @ tc.W_dec[layer] + tc.b_dec[layer]
-    if tc.W_skip is not None:
-        out = out + x.to(tc.W_skip.dtype) @ tc.W_skip[layer]
-    return out
+from cltrace.transcoder import Transcoder
 
 
 class _Hooks:
-    """Capture (and optionally splice) every layer's MLP input and output during one forward pass."""
+    """Capture (and, given a transcoder, splice) every layer's MLP input and output during one forward pass."""
 
     def __init__(self, loaded: LoadedModel, tc: Transcoder | None) -> None:
-        adapter = loaded.adapter
-        layers = adapter.decoder_layers(loaded.model)
-        self.mlp_in = [adapter.mlp_input_module(layer) for layer in layers]
-        self.mlp_out = [adapter.mlp_output_module(layer) for layer in layers]
+        self.loaded = loaded
         self.tc = tc
-        self.x: list[torch.Tensor] = []
+        self.x: list[torch.Tensor] = []  # per layer: [B, T - FIRST_POSITION, d]
         self.y: list[torch.Tensor] = []
-        self.acts: list[torch.Tensor] = []
+        self.acts: list[torch.Tensor] = []  # per layer: [B, T - FIRST_POSITION, F]
 
-    def __enter__(self) -> _Hooks:
-        self.handles = []
-        for l, (mi, mo) in enumerate(zip(self.mlp_in, self.mlp_out)):
-            self.handles.append(mi.register_forward_pre_hook(self._pre(l)))
-            self.handles.append(mo.register_forward_hook(self._post(l)))
-        return self
+    def open(self) -> contextlib.AbstractContextManager[None]:
+        """The hooks, active while the returned context is open."""
+        return mlp_hooks(self.loaded, self._input, self._output)
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
+    def _input(self, layer: int, resid_mid: torch.Tensor) -> None:
+        x = resid_mid[:, FIRST_POSITION:]  # sink positions left out
+        self.x.append(x)
+        if self.tc is not None:
+            self.acts.append(self.tc.encode_layer(layer, x))
 
-    def _pre(self, l: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0][:, FIRST_POSITION:]  # [B, T - FIRST_POSITION, d] sink positions left out
-            self.x.append(x)
-            if self.tc is not None:
-                self.acts.append(layer_activations(self.tc, l, x))
-
-        return hook
-
-    def _post(self, l: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            out = output[0] if isinstance(output, tuple) else output
-            self.y.append(out[:, FIRST_POSITION:])
-            if self.tc is None:
-                return None
-            recon = layer_reconstruction(self.tc, l, self.acts, self.x[l]).to(out.dtype)
-            spliced = torch.cat([out[:, :FIRST_POSITION], recon], dim=1)
-            return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
-
-        return hook
+    def _output(self, layer: int, out: torch.Tensor) -> torch.Tensor | None:
+        self.y.append(out[:, FIRST_POSITION:])
+        if self.tc is None:
+            return None
+        recon = self.tc.decode_layer(layer, self.acts, self.x[layer]).to(out.dtype)
+        return torch.cat([out[:, :FIRST_POSITION], recon], dim=1)
 
 
 #: Contexts are drawn in a seeded random order from pools of consecutive held-out contexts,
-#: SAMPLE_POOL_FACTOR times as many as the evaluation needs and at most SAMPLE_POOL_CONTEXTS (all of
-#: the default corpus's held-out split, 1,768 contexts, fits in one): the first contexts in order come
-#: from a handful of long documents, and 4k tokens of them moved NMSE by about 0.02. The pool is
+#: SAMPLE_POOL_FACTOR times as many as the evaluation needs and at most SAMPLE_POOL_CONTEXTS: the first
+#: contexts in order come from a handful of long documents, which would bias the figures. The pool is
 #: bounded because filling it reads about 1/heldout_fraction times its text (a streamed dataset).
 SAMPLE_POOL_FACTOR = 64
 SAMPLE_POOL_CONTEXTS = 4096
@@ -140,9 +97,6 @@ def token_batches(
         need = -(-n_tokens // per)
         yield from source[:need].split(batch_size)
         return
-    from cltrace.data.packing import model_packing, pack_batches
-    from cltrace.data.sources import open_text_source
-
     if isinstance(source, str):
         source = open_text_source(source)
     need = -(-n_tokens // (n_ctx - FIRST_POSITION))  # contexts
@@ -158,6 +112,27 @@ def token_batches(
         got += batch.tokens.shape[0] * (n_ctx - FIRST_POSITION)
         if got >= n_tokens:
             return
+
+
+def _run_batch(model: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model on tokens [B, T]: its logits [B, T', V] and every layer's MLP input x [N, L, d] and
+    output y [N, L, d] (float64), sink positions left out (T' = T - FIRST_POSITION, N = B·T')."""
+    hooks = _Hooks(model, None)
+    with hooks.open():
+        logits = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
+    x = torch.stack(hooks.x, dim=2).reshape(-1, model.n_layers, model.d_model)  # [N, L, d]
+    y = torch.stack(hooks.y, dim=2).reshape(-1, model.n_layers, model.d_model).to(torch.float64)
+    return logits, x, y
+
+
+def _spliced(model: LoadedModel, tc: Transcoder, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """(summed KL(original ‖ spliced), tokens whose top-1 agrees) of the model with every MLP block
+    spliced out for the transcoder, on tokens [B, T] whose original logits are `logits`."""
+    with _Hooks(model, tc).open():
+        sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
+    lp_o = F.log_softmax(logits.double(), dim=-1)
+    lp_s = F.log_softmax(sp.double(), dim=-1)
+    return float((lp_o.exp() * (lp_o - lp_s)).sum()), int((logits.argmax(-1) == sp.argmax(-1)).sum())
 
 
 @torch.no_grad()
@@ -204,11 +179,7 @@ def evaluate(
         tokens = tokens.to(device)
         if n_scored >= n_tokens:
             break
-        hooks = _Hooks(model, None)
-        with hooks:
-            logits = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]  # [B, T - FIRST_POSITION, V]
-        x = torch.stack(hooks.x, dim=2).reshape(-1, L, cfg.d_model)  # [N, L, d]
-        y = torch.stack(hooks.y, dim=2).reshape(-1, L, cfg.d_model).to(torch.float64)
+        logits, x, y = _run_batch(model, tokens)
         acts = tc.encode(x)  # [N, L, F]
         recon = tc.decode(acts, x).to(torch.float64)
         sq_err += (recon - y).pow(2).sum(dim=(0, 2))
@@ -219,12 +190,9 @@ def evaluate(
         fired |= nz.any(0)
         n = x.shape[0]
         if spliced:
-            with _Hooks(model, tc):
-                sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
-            lp_o = F.log_softmax(logits.double(), dim=-1)
-            lp_s = F.log_softmax(sp.double(), dim=-1)
-            kl_sum += float((lp_o.exp() * (lp_o - lp_s)).sum())
-            agree += int((logits.argmax(-1) == sp.argmax(-1)).sum())
+            kl, same = _spliced(model, tc, tokens, logits)
+            kl_sum += kl
+            agree += same
         n_scored += n
     if n_scored == 0:
         raise CltraceError("no held-out tokens to evaluate on: give a source with more text")
@@ -271,4 +239,4 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SAMPLE_POOL_CONTEXTS", "SAMPLE_POOL_FACTOR", "evaluate", "format_table", "layer_activations", "layer_reconstruction", "token_batches"]
+__all__ = ["SAMPLE_POOL_CONTEXTS", "SAMPLE_POOL_FACTOR", "evaluate", "format_table", "token_batches"]

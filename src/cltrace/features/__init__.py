@@ -3,7 +3,6 @@
 from cltrace.features.build import (
     BuildParams,
     build_feature_store,
-    token_views,
     transcoder_fingerprint,
 )
 from cltrace.features.store import (
@@ -14,6 +13,7 @@ from cltrace.features.store import (
     TokenLabeller,
     TokenScore,
 )
+from cltrace.features.views import token_views
 
 __all__ = [
     "BuildParams",

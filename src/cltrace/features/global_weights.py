@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from cltrace.errors import CltraceError
-from cltrace.features.build import transcoder_fingerprint
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.features.store import connect, read_meta
 from cltrace.transcoder import Transcoder
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
+from cltrace import notation
 from cltrace.errors import CltraceError
-from cltrace.features.store import Example, FeaturePage, TokenScore, _printable
+from cltrace.features.page import Example, FeaturePage, TokenScore, _printable
+from cltrace.notation import NotationError
 
 
 def parse_feature(text: str) -> tuple[int, int]:
     """"LAYER:FEATURE" (e.g. "3:117") as (layer, feature); CltraceError otherwise."""
-    m = re.fullmatch(r"\s*(\d+)\s*[:/]\s*(\d+)\s*", text)
-    if not m:
-        raise CltraceError(f"{text!r} is not a feature: write LAYER:FEATURE, e.g. 3:117")
-    return int(m.group(1)), int(m.group(2))
+    try:
+        return notation.parse_feature(text)
+    except NotationError:
+        raise CltraceError(f"{text!r} is not a feature: write LAYER:FEATURE, e.g. 3:117") from None
 
 
 def _tokens(scores: list[TokenScore]) -> str:

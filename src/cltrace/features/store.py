@@ -34,9 +34,8 @@ seals the store (:func:`seal_store`): the meta key ``seal`` records sha256 diges
 keys readers use and of the ``vocab``, ``contexts``, ``features`` and ``labels`` tables,
 ``example_seals`` one digest per feature, and ``PRAGMA application_id`` is set to
 :data:`APPLICATION_ID`. Opening a store runs ``PRAGMA quick_check`` (the b-tree structure) and,
-for a sealed complete store, checks the table digests: together under a second for the default
-CLT's 80 MB store on a 2-core CPU, and once per process while the file is unchanged, so a server
-pays it once. :meth:`FeatureStore.page` checks the feature's ``example_seals`` digest. The two
+for a sealed complete store, checks the table digests, once per process while the file is unchanged,
+so a server pays it once. :meth:`FeatureStore.page` checks the feature's ``example_seals`` digest. The two
 marks of a seal (the meta key and the application id) sit in different places, so no single
 damaged byte makes a sealed store read as an unsealed one. Stores built before sealing existed
 read as before, checked structurally only. A store in the middle of a build (status "building")
@@ -45,157 +44,33 @@ is not content-checked: its digests are being rewritten.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from cltrace.errors import CltraceError
-
-SCHEMA_VERSION = 1
-
-#: ``PRAGMA application_id`` of a sealed store (ASCII "cltF"); 0 in a store built before sealing.
-APPLICATION_ID = 0x636C7446
-#: Meta keys a reader relies on, covered by the seal (others, like build timings, may change later).
-SEALED_META_KEYS = (
-    "schema_version", "transcoder", "fingerprint", "model", "params", "tokens", "contexts", "status",
-    "vocab_size", "finalized_tokens",
+from cltrace.errors import CltraceError, first_line, is_int
+from cltrace.features.database import (
+    APPLICATION_ID,
+    REBUILD,
+    SCHEMA_VERSION,
+    SEALED_TABLES,
+    _feature_examples,
+    _meta_digest,
+    _rows_digest,
+    _table_digest,
+    connect,
+    read_meta,
+    seal_store,
+    transaction,
+    write_meta,
 )
-#: Sealed tables: (columns other than the blob, the blob column or None, the order of the rows).
-SEALED_TABLES: dict[str, tuple[str, str | None, str]] = {
-    "vocab": ("token_id, text", None, "token_id"),
-    "contexts": ("ctx_id", "tokens", "ctx_id"),
-    "features": (
-        "layer, feature, count, density, max_act, mean_act, hist, promoted, suppressed, inputs, auto_label",
-        None, "layer, feature",
-    ),
-    "labels": ("layer, feature, label, updated", None, "layer, feature"),
-}
-EXAMPLE_COLUMNS = "layer, feature, kind, rank, ctx_id, pos, act, acts"
-#: What to do about a damaged store.
-REBUILD = "rebuild it with `cltrace features build ... --overwrite`"
-#: The table of per-feature digests (also created by `seal_store` in a store made before it existed).
-EXAMPLE_SEALS_TABLE = """CREATE TABLE IF NOT EXISTS example_seals (
-    layer INTEGER NOT NULL, feature INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    PRIMARY KEY (layer, feature)
-) WITHOUT ROWID"""
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, text TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS contexts (ctx_id INTEGER PRIMARY KEY, tokens BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS features (
-    layer INTEGER NOT NULL, feature INTEGER NOT NULL,
-    count INTEGER NOT NULL, density REAL NOT NULL, max_act REAL NOT NULL, mean_act REAL NOT NULL,
-    hist TEXT NOT NULL, promoted TEXT NOT NULL, suppressed TEXT NOT NULL, inputs TEXT NOT NULL,
-    auto_label TEXT NOT NULL,
-    PRIMARY KEY (layer, feature)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS examples (
-    layer INTEGER NOT NULL, feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL,
-    ctx_id INTEGER NOT NULL, pos INTEGER NOT NULL, act REAL NOT NULL, acts BLOB NOT NULL,
-    PRIMARY KEY (layer, feature, kind, rank)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS labels (
-    layer INTEGER NOT NULL, feature INTEGER NOT NULL, label TEXT NOT NULL, updated REAL NOT NULL,
-    PRIMARY KEY (layer, feature)
-) WITHOUT ROWID;
-{EXAMPLE_SEALS_TABLE};
-CREATE INDEX IF NOT EXISTS features_auto_label ON features (auto_label);
-"""
-
-
-def connect(path: str | Path, wal: bool = True) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit) with full durability of commits;
-    `wal` switches the file to WAL mode (the builder does; the mode then stays with the file)."""
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    if wal:
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
-def read_meta(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Every meta key with its JSON-decoded value."""
-    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-
-
-def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
-    """Set meta keys (JSON-encoded values), inside the caller's transaction."""
-    conn.executemany(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()]
-    )
-
-
-# -- seals -----------------------------------------------------------------------------------------
-
-
-def _rows_digest(rows: list[tuple], blob: bool) -> str | None:
-    """sha256 of rows as read from SQLite (the last value of each a blob when `blob`); None when a
-    value has a type the table never holds (a damaged record)."""
-    h = hashlib.sha256()
-    if blob:
-        blobs = [r[-1] for r in rows]
-        if not all(isinstance(b, bytes) for b in blobs):
-            return None
-        h.update(repr([r[:-1] for r in rows]).encode())  # repr: exact for int, float and str
-        h.update(repr([len(b) for b in blobs]).encode())
-        h.update(b"".join(blobs))
-    else:
-        h.update(repr(rows).encode())
-    return h.hexdigest()
-
-
-def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
-    cols, blob, order = SEALED_TABLES[table]
-    select = cols + (f", {blob}" if blob else "")
-    return _rows_digest(conn.execute(f"SELECT {select} FROM {table} ORDER BY {order}").fetchall(), blob is not None)
-
-
-def _meta_digest(meta: dict[str, Any]) -> str:
-    body = {k: meta.get(k) for k in SEALED_META_KEYS}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _feature_examples(conn: sqlite3.Connection, layer: int, feature: int) -> list[tuple]:
-    """The examples rows of one feature, in the order the seal and the page read them."""
-    return conn.execute(
-        f"SELECT {EXAMPLE_COLUMNS} FROM examples WHERE layer=? AND feature=? ORDER BY kind, rank", (layer, feature)
-    ).fetchall()
-
-
-def seal_store(conn: sqlite3.Connection) -> None:
-    """Record the digests that let readers detect damage (see the module docstring).
-
-    Call inside the transaction that finishes a build, after its last write to the sealed meta keys
-    and tables; `FeatureStore.set_label` keeps the labels digest current.
-    """
-    conn.execute(EXAMPLE_SEALS_TABLE)
-    conn.execute("DELETE FROM example_seals")
-    groups: dict[tuple[int, int], list[tuple]] = {
-        (int(l), int(f)): [] for l, f in conn.execute("SELECT layer, feature FROM features")
-    }
-    for row in conn.execute(f"SELECT {EXAMPLE_COLUMNS} FROM examples ORDER BY layer, feature, kind, rank"):
-        groups.setdefault((row[0], row[1]), []).append(row)
-    conn.executemany(
-        "INSERT INTO example_seals (layer, feature, sha256) VALUES (?, ?, ?)",
-        [(l, f, _rows_digest(rows, True)) for (l, f), rows in groups.items()],
-    )
-    seal = {"version": 1, "meta": _meta_digest(read_meta(conn))}
-    seal |= {table: _table_digest(conn, table) for table in SEALED_TABLES}
-    write_meta(conn, {"seal": seal})
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-
+from cltrace.features.page import Example, FeaturePage, Labeller, TokenLabeller, TokenScore
 
 #: Stores checked in this process (quick_check and, if sealed, the digests), by `_identity`.
 _VERIFIED: dict[tuple, bool] = {}
@@ -212,126 +87,6 @@ def _identity(path: Path) -> tuple:
     except OSError:
         wal_id = None
     return str(path.resolve()), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), wal_id
-
-
-# -- pages -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenScore:
-    """A token and a score (a logit effect, an encoder product or a mean activation)."""
-
-    token: int
-    text: str
-    score: float
-
-
-@dataclass
-class Example:
-    """One context where the feature fired: the tokens of a window around `pos` and their activations."""
-
-    ctx_id: int
-    pos: int
-    """Position of the marked token in its context (0 is BOS)."""
-    act: float
-    """The feature's activation at `pos`."""
-    tokens: list[int]
-    texts: list[str]
-    acts: list[float]
-    """Activations of the window's tokens (0 where inactive)."""
-    mark: int
-    """Index in `tokens` of the marked token."""
-    band: int | None = None
-    """The quantile band of a sampled example (0 the lowest), None for a top example."""
-
-    def render(self, left: str = "«", right: str = "»") -> str:
-        """The window as one line of text with the marked token between `left` and `right`."""
-        parts = [
-            f"{left}{t}{right}" if i == self.mark else t for i, t in enumerate(_printable(x) for x in self.texts)
-        ]
-        return "".join(parts)
-
-
-@dataclass
-class FeaturePage:
-    """What the store knows about one feature."""
-
-    layer: int
-    feature: int
-    label: str | None
-    """The label a person gave, if any."""
-    auto_label: str
-    count: int
-    """Tokens where the feature was active."""
-    density: float
-    """count / tokens analysed."""
-    max_act: float
-    mean_act: float
-    """Mean activation over the tokens where it was active."""
-    hist_edges: list[float]
-    """Edges of the histogram's bins; bin 0 holds activations below edges[0], the last those above edges[-1]."""
-    hist_counts: list[int]
-    promoted: list[TokenScore]
-    """Tokens whose logits its decoder raises most (decoder · final norm weight · unembedding)."""
-    suppressed: list[TokenScore]
-    """Tokens whose logits its decoder lowers most."""
-    inputs: list[TokenScore]
-    """Input tokens that drive it most (encoder · token embedding)."""
-    top: list[Example]
-    """The contexts of its highest activations, highest first."""
-    samples: list[Example] = field(default_factory=list)
-    """Contexts sampled uniformly from its activations, ordered by quantile band, lowest first."""
-    tokens_analysed: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"{self.layer}:{self.feature}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (for the web UI and scripts)."""
-        return {**dataclasses.asdict(self), "name": self.name, "display_label": self.display_label}
-
-    @property
-    def display_label(self) -> str:
-        return self.label if self.label else self.auto_label
-
-
-class Labeller(Protocol):
-    """Makes an automatic label from a page (its `label` and `auto_label` are not yet set)."""
-
-    def __call__(self, page: FeaturePage) -> str: ...
-
-
-def _printable(text: str) -> str:
-    return text.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "")
-
-
-def _short(text: str) -> str:
-    return repr(_printable(text).strip() or _printable(text))
-
-
-class TokenLabeller:
-    """The default labeller, needing no language model: the tokens it fires on and the tokens it says.
-
-    E.g. ``"on ' Paris'/' France' → say ' French'/' Paris'"``.
-    """
-
-    def __init__(self, n_fire: int = 2, n_say: int = 3) -> None:
-        self.n_fire = n_fire
-        self.n_say = n_say
-
-    def __call__(self, page: FeaturePage) -> str:
-        if page.count == 0:
-            return "dead"
-        freq: dict[str, int] = {}
-        for ex in page.top:
-            text = ex.texts[ex.mark]
-            freq[text] = freq.get(text, 0) + 1
-        fire = sorted(freq, key=lambda t: -freq[t])[: self.n_fire]
-        say = [s.text for s in page.promoted[: self.n_say]]
-        left = "on " + "/".join(_short(t) for t in fire) if fire else "fires"
-        right = " → say " + "/".join(_short(t) for t in say) if say else ""
-        return left + right
 
 
 # -- the store -------------------------------------------------------------------------------------
@@ -375,7 +130,7 @@ class FeatureStore:
         except (sqlite3.Error, ValueError, RecursionError) as exc:  # ValueError: unreadable meta JSON
             self.close()
             raise CltraceError(
-                f"'{path}' is not a feature store, or is damaged ({_first_line(exc)}): pass a database built by "
+                f"'{path}' is not a feature store, or is damaged ({first_line(exc)}): pass a database built by "
                 f"`cltrace features build`, or {REBUILD}"
             ) from None
         try:
@@ -409,10 +164,10 @@ class FeatureStore:
             raise self._damaged("only one of its two seal marks is present")
         cfg, params = meta.get("transcoder"), meta.get("params")
         ok = (
-            isinstance(cfg, dict) and all(_is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
-            and isinstance(params, dict) and all(_is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
+            isinstance(cfg, dict) and all(is_int(cfg.get(k)) and cfg[k] >= 1 for k in ("n_layers", "n_features"))
+            and isinstance(params, dict) and all(is_int(params.get(k)) and params[k] >= 0 for k in ("window_before", "window_after"))
             and isinstance(params.get("hist_edges"), list) and meta.get("status") in ("building", "complete")
-            and _is_int(meta.get("tokens", 0)) and _is_int(meta.get("contexts", 0))
+            and is_int(meta.get("tokens", 0)) and is_int(meta.get("contexts", 0))
         )
         if not ok:
             raise self._damaged("its meta table holds malformed values")
@@ -432,7 +187,7 @@ class FeatureStore:
                 if seal[table] != _table_digest(self.conn, table):
                     raise self._damaged(f"its {table} table does not match its seal")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def close(self) -> None:
         """Close the database connection."""
@@ -465,7 +220,7 @@ class FeatureStore:
                 for tid in chunk:
                     self._vocab.setdefault(tid, f"<{tid}>")
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         return self._vocab
 
     def page(self, layer: int, feature: int) -> FeaturePage:
@@ -476,7 +231,7 @@ class FeatureStore:
         except CltraceError:
             raise
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
             # Rows that do not decode (bad JSON, blobs of the wrong length, missing contexts): only a
             # damaged or foreign database holds them; a sealed one is caught by its digests first.
@@ -555,10 +310,10 @@ class FeatureStore:
         try:
             self._set_label(layer, feature, label)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _set_label(self, layer: int, feature: int, label: str | None) -> None:
-        with _transaction(self.conn):
+        with transaction(self.conn):
             if label:
                 self.conn.execute(
                     "INSERT OR REPLACE INTO labels (layer, feature, label, updated) VALUES (?, ?, ?, ?)",
@@ -575,7 +330,7 @@ class FeatureStore:
         try:
             return {(l, f): s for l, f, s in self.conn.execute("SELECT layer, feature, label FROM labels")}
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def search(self, text: str, limit: int = 50) -> list[tuple[int, int, str]]:
         """Features whose label (or, without one, automatic label) contains `text` (case-insensitive):
@@ -584,7 +339,7 @@ class FeatureStore:
         try:
             return self._search(pattern, limit)
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
 
     def _search(self, pattern: str, limit: int) -> list[tuple[int, int, str]]:
         rows = self.conn.execute(
@@ -600,7 +355,7 @@ class FeatureStore:
         try:
             return self._stats()
         except sqlite3.Error as exc:
-            raise self._damaged(_first_line(exc)) from None
+            raise self._damaged(first_line(exc)) from None
         except (ValueError, TypeError, KeyError) as exc:
             raise self._damaged(f"its summary does not decode: {type(exc).__name__}") from None
 
@@ -628,34 +383,6 @@ class FeatureStore:
             "bytes": self.path.stat().st_size,
         }
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-class _transaction:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
-
-
-transaction = _transaction
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from cltrace.graph.config import AttributionConfig
 from cltrace.graph.export import to_neuronpedia_json, write_neuronpedia_json
 from cltrace.graph.graph import Graph, GraphPath, NodeKind
 from cltrace.graph.prune import graph_scores, prune
 from cltrace.graph.targets import LogitDifference
 
-_COMPUTE = ("AttributionConfig", "attribute", "estimate_attribution")  # in cltrace.graph.attribution
+_COMPUTE = ("attribute", "estimate_attribution")  # in cltrace.graph.attribution
 
 
 def __getattr__(name: str) -> Any:

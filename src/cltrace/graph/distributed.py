@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cltrace.distributed import init_layout
 from cltrace.graph.attribution import AttributionConfig, _Attribution, resolve_config
 from cltrace.graph.graph import Graph
 from cltrace.graph.targets import TargetSpec
@@ -62,8 +63,6 @@ def attribute_sharded(
     Every rank returns the same graph; it equals the one-process graph. Joins the process group
     (gloo on CPUs, NCCL on GPUs) if it is not joined yet; with one rank it is plain `attribute`.
     """
-    from cltrace.train.distributed import init_layout
-
     layout = init_layout()
     if layout is not None and not layout.is_main:
         progress = False  # one progress bar (rank 0's, which counts every rank's rows)

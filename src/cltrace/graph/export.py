@@ -8,7 +8,7 @@ written as a string (``"E"`` for embeddings, ``str(n_layers + 1)`` for logits); 
 ``"{layer}_{feature}-0"``; an embedding's ``feature`` is its position; a logit's is its token id,
 with ``clerp`` ``'Output "tok" (p=0.123)'`` (the front end parses the probability from it) and
 ``is_target_logit`` on the first (most probable) logit; ``influence`` is the cumulative influence
-share from pruning. Node ids follow DESIGN.md: error nodes are ``"{layer}_-1_{pos}"``.
+share from pruning. Node ids follow `cltrace.graph.graph`: error nodes are ``"{layer}_-1_{pos}"``.
 
 Graph metadata read (all optional): ``prompt`` (str), ``tokens`` (list of token strings),
 ``n_layers`` (int), ``model`` (str), ``transcoder`` (str, list of str, or a config dict with a
@@ -82,30 +82,20 @@ def _finite(x: float, what: str) -> float:
     return x
 
 
-def to_neuronpedia_json(
-    graph: Graph,
-    slug: str = "cltrace-graph",
-    scan: str | list[str] | None = None,
-    *,
-    prune_graph: bool | None = None,
-    node_threshold: float = DEFAULT_NODE_THRESHOLD,
-    edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
-    clerps: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The front-end JSON of `graph`, as a dict.
+def _prompt_tokens(graph: Graph) -> list[str]:
+    """Prompt tokens: metadata, else the embedding nodes' token ids as text."""
+    tokens = graph.metadata.get("tokens")
+    if tokens is None:
+        kinds, poss, toks = graph.nodes.kind.tolist(), graph.nodes.pos.tolist(), graph.nodes.token.tolist()
+        emb = sorted((p, t) for k, p, t in zip(kinds, poss, toks) if k == NodeKind.EMBEDDING)
+        n_pos = max(poss) + 1 if poss else 0
+        by_pos = dict(emb)
+        tokens = [str(by_pos.get(p, "")) for p in range(n_pos)]
+    return [str(t) for t in tokens]
 
-    `prune_graph`: None (default) prunes unless the graph is already pruned (its metadata has
-    ``pruning``); True always prunes; False exports every node and edge. `clerps` maps node ids to
-    labels (default: metadata ``clerps``).
-    """
-    if not slug or not isinstance(slug, str):
-        raise CltraceError("slug must be a non-empty string naming the graph")
-    already = "pruning" in graph.metadata
-    if prune_graph or (prune_graph is None and not already):
-        graph, _ = prune(graph, node_threshold, edge_threshold)
-    elif already:
-        node_threshold = graph.metadata["pruning"].get("node_threshold", node_threshold)
-    md = graph.metadata
+
+def _node_dicts(graph: Graph, ids: list[str], clerps: dict[str, str]) -> list[dict[str, Any]]:
+    """One front-end dict per node, in the graph's order."""
     n_layers = graph.n_layers
     kinds = graph.nodes.kind.tolist()
     layers, poss = graph.nodes.layer.tolist(), graph.nodes.pos.tolist()
@@ -115,21 +105,7 @@ def to_neuronpedia_json(
         infl = graph.nodes.influence.tolist()
     else:
         infl = cumulative_scores(node_influence(graph)).tolist()
-    ids = graph.node_ids()
-    clerps = dict(md.get("clerps", {}) if clerps is None else clerps)
-
-    # Prompt tokens: metadata, else the embedding nodes' token ids as text.
-    tokens = md.get("tokens")
-    if tokens is None:
-        emb = sorted((p, t) for k, p, t in zip(kinds, poss, toks) if k == NodeKind.EMBEDDING)
-        n_pos = max(poss) + 1 if poss else 0
-        by_pos = dict(emb)
-        tokens = [str(by_pos.get(p, "")) for p in range(n_pos)]
-    tokens = [str(t) for t in tokens]
-    prompt = md.get("prompt")
-    if prompt is None:
-        prompt = "".join(tokens)
-    logit_names = _logit_labels(md)
+    logit_names = _logit_labels(graph.metadata)
     logit_rank = 0
 
     nodes: list[dict[str, Any]] = []
@@ -159,6 +135,40 @@ def to_neuronpedia_json(
                         clerp=clerps.get(node_id) or f'Output "{name}" (p={p:.3f})')
             logit_rank += 1
         nodes.append(base)
+    return nodes
+
+
+def to_neuronpedia_json(
+    graph: Graph,
+    slug: str = "cltrace-graph",
+    scan: str | list[str] | None = None,
+    *,
+    prune_graph: bool | None = None,
+    node_threshold: float = DEFAULT_NODE_THRESHOLD,
+    edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
+    clerps: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The front-end JSON of `graph`, as a dict.
+
+    `prune_graph`: None (default) prunes unless the graph is already pruned (its metadata has
+    ``pruning``); True always prunes; False exports every node and edge. `clerps` maps node ids to
+    labels (default: metadata ``clerps``).
+    """
+    if not slug or not isinstance(slug, str):
+        raise CltraceError("slug must be a non-empty string naming the graph")
+    already = "pruning" in graph.metadata
+    if prune_graph or (prune_graph is None and not already):
+        graph, _ = prune(graph, node_threshold, edge_threshold)
+    elif already:
+        node_threshold = graph.metadata["pruning"].get("node_threshold", node_threshold)
+    md = graph.metadata
+    ids = graph.node_ids()
+    clerps = dict(md.get("clerps", {}) if clerps is None else clerps)
+    tokens = _prompt_tokens(graph)
+    prompt = md.get("prompt")
+    if prompt is None:
+        prompt = "".join(tokens)
+    nodes = _node_dicts(graph, ids, clerps)
 
     weights = graph.edge_weight.tolist()
     links = []

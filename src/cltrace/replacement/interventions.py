@@ -42,219 +42,23 @@ attention is free while generating (no patterns were recorded for new tokens), w
 Many intervention sets run at once in one batched forward pass (`intervene_batch`): batch element
 b carries its own set of interventions.
 
-Predicted against actual: `predict_effects` reads an attribution graph's node table and COO edges
-only, and predicts each target's change as Σ_s Δa_s · edge(s → t) / a_s (direct effects, linear);
-`compare_with_graph` puts that beside the change measured by a constrained, frozen-attention
-intervention over all layers, where the two agree exactly for an unpruned graph.
+The graph's prediction of an intervention's effects, beside the measured ones, is in
+`cltrace.graph.predict`.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import FreezeState, freeze
+from cltrace.model.hooks import mlp_hooks, raw_logits
+from cltrace.replacement.intervention import MAX_VALUE, MODES, Intervention, Mode
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
-
-if TYPE_CHECKING:
-    from cltrace.graph.graph import Graph
-    from cltrace.replacement.supernodes import Supernode
-
-Mode = Literal["iterative", "constrained"]
-MODES = ("iterative", "constrained")
-#: Largest |value| or |factor| a parsed intervention may have: far past any real activation, and
-#: small enough that float32 activations and logits stay finite (1e308 overflowed float32).
-MAX_VALUE = 1e6
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """Set (``value``) or scale (``factor``) one feature of one layer at some positions.
-
-    Positions: ``start`` None means every position (prompt and generated); otherwise positions
-    start..end inclusive, ``end`` None meaning open-ended (the rest of the prompt and every
-    generated token).
-    """
-
-    layer: int
-    feature: int
-    value: float | None = None
-    """Set the activation to this value (exactly one of value and factor)."""
-    factor: float | None = None
-    """Multiply the activation by this factor."""
-    start: int | None = None
-    end: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.value is None) == (self.factor is None):
-            raise CltraceError("an intervention needs exactly one of value (set) or factor (scale)")
-        number = self.value if self.value is not None else self.factor
-        if not math.isfinite(float(number)):
-            raise CltraceError(f"intervention on {self.layer}:{self.feature}: {number} is not a finite number")
-        if self.start is None and self.end is not None:
-            raise CltraceError("an intervention with an end position needs a start position")
-        if self.start is not None and self.start < 0:
-            raise CltraceError(f"position {self.start} is negative: positions count from 0")
-        if self.start is not None and self.end is not None and self.end < self.start:
-            raise CltraceError(f"position range {self.start}-{self.end} is empty: write it low-high")
-
-    @classmethod
-    def at(
-        cls,
-        layer: int,
-        feature: int,
-        pos: int | tuple[int, int | None] | None = None,
-        *,
-        value: float | None = None,
-        factor: float | None = None,
-    ) -> Intervention:
-        """An intervention at `pos`: an int, (a, b) inclusive, (a, None) open-ended, or None (everywhere)."""
-        if pos is None:
-            start, end = None, None
-        elif isinstance(pos, tuple):
-            start, end = pos
-        else:
-            start, end = int(pos), int(pos)
-        return cls(int(layer), int(feature), value, factor, start, end)
-
-    @property
-    def mode(self) -> Literal["set", "scale"]:
-        return "set" if self.value is not None else "scale"
-
-    @property
-    def open_ended(self) -> bool:
-        """Whether it also covers generated tokens."""
-        return self.end is None
-
-    def covers(self, pos: int) -> bool:
-        return (self.start is None or pos >= self.start) and (self.end is None or pos <= self.end)
-
-    def apply(self, activation: float) -> float:
-        """The new activation of a feature whose activation would be `activation`."""
-        return float(self.value) if self.value is not None else activation * float(self.factor)
-
-    def positions_text(self) -> str:
-        if self.start is None:
-            return ""
-        if self.end is None:
-            return f"@{self.start}-"
-        return f"@{self.start}" if self.start == self.end else f"@{self.start}-{self.end}"
-
-    def __str__(self) -> str:
-        what = f"{self.value:g}" if self.value is not None else f"x{self.factor:g}"
-        return f"{self.layer}:{self.feature}{self.positions_text()}={what}"
-
-
-_SPEC = re.compile(r"^\s*(?P<target>[^@=\s]+)\s*(?:@\s*(?P<pos>[^=]*?)\s*)?=\s*(?P<val>\S+)\s*$")
-_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
-SPEC_HELP = "expected LAYER:FEATURE[@POS]=VALUE or LAYER:FEATURE[@POS]=xFACTOR (POS: 4, 2-5 or 2-), e.g. 5:123@4=0 or 5:123=x2"
-
-
-def _bad(spec: str, why: str) -> CltraceError:
-    return CltraceError(f"malformed --set {spec!r}: {why}; {SPEC_HELP}")
-
-
-def _parse_int(spec: str, text: str, what: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
-        raise _bad(spec, f"{what} {text!r} is not a non-negative integer")
-    return int(text)
-
-
-def parse_positions(spec: str, text: str | None) -> tuple[int | None, int | None]:
-    """(start, end) of a POS text: "4" → (4, 4), "2-5" → (2, 5), "2-" → (2, None), None → (None, None)."""
-    if text is None:
-        return None, None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*", text)
-    if not m:
-        raise _bad(spec, f"position {text!r} is not N, A-B or A-")
-    start = int(m.group(1))
-    if m.group(2) is None:
-        return start, start
-    if m.group(3) is None:
-        return start, None
-    end = int(m.group(3))
-    if end < start:
-        raise _bad(spec, f"position range {start}-{end} is empty (write it low-high)")
-    return start, end
-
-
-def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = None) -> list[Intervention]:
-    """Parse ``LAYER:FEATURE[@POS]=VALUE|xFACTOR`` (or ``SUPERNODE[@POS]=...``) into interventions.
-
-    A supernode name expands to one intervention per member; a member's own position wins over
-    ``@POS``, which applies to members given without one. One-line CltraceErrors for malformed specs.
-    """
-    m = _SPEC.match(spec)
-    if not m:
-        raise _bad(spec, "it does not have the form TARGET[@POS]=VALUE")
-    target, pos_text, val_text = m.group("target"), m.group("pos"), m.group("val")
-    if val_text.lower().startswith(("x", "*")):
-        try:
-            value, factor = None, float(val_text[1:])
-        except ValueError:
-            raise _bad(spec, f"factor {val_text[1:]!r} is not a number") from None
-    else:
-        try:
-            value, factor = float(val_text), None
-        except ValueError:
-            raise _bad(spec, f"value {val_text!r} is not a number (write xF to multiply by F)") from None
-    number = value if value is not None else factor
-    if not math.isfinite(number):
-        raise _bad(spec, f"{val_text!r} is not a finite number")
-    if abs(number) > MAX_VALUE:
-        raise _bad(spec, f"{val_text!r} is beyond ±{MAX_VALUE:g}")
-    start, end = parse_positions(spec, pos_text)
-    if ":" in target:
-        layer_text, _, feature_text = target.partition(":")
-        layer = _parse_int(spec, layer_text, "layer")
-        feature = _parse_int(spec, feature_text, "feature")
-        return [Intervention(layer, feature, value, factor, start, end)]
-    if not _NAME.match(target):
-        raise _bad(spec, f"{target!r} is neither LAYER:FEATURE nor a supernode name")
-    if not supernodes or target not in supernodes:
-        known = ", ".join(sorted(supernodes)) if supernodes else "none loaded"
-        raise CltraceError(
-            f"--set {spec!r}: no supernode named {target!r} (known: {known}); define it in a supernodes file "
-            "(--supernodes FILE) or write LAYER:FEATURE"
-        )
-    return supernodes[target].interventions(value=value, factor=factor, start=start, end=end)
-
-
-def check_interventions(
-    interventions: Sequence[Intervention], n_layers: int, n_features: int, n_prompt: int | None
-) -> None:
-    """One-line CltraceError for a layer or feature out of range or a position beyond the prompt.
-
-    `n_prompt` None: the prompt's length is not known yet (the command line checks layers and
-    features before loading the model); positions are then checked on the next call, with it.
-    """
-    for iv in interventions:
-        if not 0 <= iv.layer < n_layers:
-            raise CltraceError(
-                f"intervention {iv}: layer {iv.layer} is out of range: the transcoder has layers 0..{n_layers - 1}"
-            )
-        if not 0 <= iv.feature < n_features:
-            raise CltraceError(
-                f"intervention {iv}: feature {iv.feature} is out of range: layer {iv.layer} has features 0..{n_features - 1}"
-            )
-        if n_prompt is None:
-            continue
-        if iv.start is not None and iv.start >= n_prompt:
-            raise CltraceError(
-                f"intervention {iv}: position {iv.start} is beyond the prompt ({n_prompt} tokens, positions 0..{n_prompt - 1})"
-            )
-        if iv.end is not None and iv.end >= n_prompt:
-            raise CltraceError(
-                f"intervention {iv}: position {iv.end} is beyond the prompt ({n_prompt} tokens, positions "
-                f"0..{n_prompt - 1}); write {iv.start}- for a range that also covers generated tokens"
-            )
-
+from cltrace.replacement.spec import SPEC_HELP, check_interventions, parse_intervention, parse_positions
 
 # --------------------------------------------------------------------------------------- results
 
@@ -317,16 +121,6 @@ class InterventionResult:
 # ----------------------------------------------------------------------------------- the run itself
 
 
-def _layer_activation(tc, pre: torch.Tensor, layer: int) -> torch.Tensor:
-    """The activation function of `layer` applied to pre [..., F]."""
-    threshold = getattr(tc.activation, "threshold", None)
-    if threshold is not None and type(tc.activation).__name__ == "JumpReLU":
-        return pre * (pre > threshold[layer].to(pre.dtype))
-    full = pre.new_zeros(*pre.shape[:-1], tc.n_layers, pre.shape[-1])
-    full[..., layer, :] = pre
-    return tc.activation(full)[..., layer, :]
-
-
 class _Pass:
     """Hooks that run the replacement model with interventions on a batch of sequences [B, T]."""
 
@@ -343,7 +137,6 @@ class _Pass:
         self.keep = keep  # keep every layer's activations and pre-activations (not needed while generating)
         self.tc = rm.transcoder
         self.P = run.n_pos
-        self.skip = getattr(self.tc, "W_skip", None)
 
     def forward(self, ids: torch.Tensor, frozen: bool) -> torch.Tensor:
         """Raw logits [B, T, vocab] (the unembedding's output) of `ids` [B, T]; fills acts/pre per layer."""
@@ -354,23 +147,15 @@ class _Pass:
         self.acts: list[torch.Tensor] = []
         self.pre: list[torch.Tensor] = []
         self._masks = self._build_masks(ids.shape[0], self.T, ids.device)
-        layers = model.adapter.decoder_layers(model.model)
-        handles = []
-        captured: list[torch.Tensor] = []
-        try:
-            for index, layer in enumerate(layers):
-                handles.append(model.adapter.mlp_input_module(layer).register_forward_pre_hook(self._capture(index)))
-                handles.append(model.adapter.mlp_output_module(layer).register_forward_hook(self._slot(index)))
-            unembed = model.model.get_output_embeddings()
-            handles.append(unembed.register_forward_hook(lambda _m, _i, out: captured.append(out)))
-            # Free attention still runs through the freezing code, recording into a scratch state:
-            # patterns and norms are recomputed, with exactly the arithmetic of the recorded run.
-            state = self.run.freeze_state.replaying() if frozen else FreezeState("record")
-            with freeze(model.model, model.adapter.norms(model.model), state):
-                model.model(input_ids=ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        # Free attention still runs through the freezing code, recording into a scratch state:
+        # patterns and norms are recomputed, with exactly the arithmetic of the recorded run.
+        state = self.run.freeze_state.replaying() if frozen else FreezeState("record")
+        with (
+            raw_logits(model) as captured,
+            mlp_hooks(model, self._capture, self._compute_slot),
+            freeze(model.model, model.adapter.norms(model.model), state),
+        ):
+            model.model(input_ids=ids, use_cache=False)
         return captured[0]
 
     def _build_masks(self, B: int, T: int, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
@@ -396,24 +181,15 @@ class _Pass:
                     scale[b, covered, iv.feature] *= float(iv.factor)
         return masks
 
-    def _capture(self, layer: int):
-        def hook(_module, args):
-            self.resid[layer] = args[0]
-
-        return hook
-
-    def _slot(self, layer: int):
-        def hook(_module, _args, output: torch.Tensor) -> torch.Tensor:
-            return self._compute_slot(layer, output)
-
-        return hook
+    def _capture(self, layer: int, resid_mid: torch.Tensor) -> None:
+        self.resid[layer] = resid_mid  # [B, T, d]
 
     def _compute_slot(self, l: int, output: torch.Tensor) -> torch.Tensor:
         tc, run, P, T = self.tc, self.run, self.P, self.T
         x = self.resid[l]  # [B, T, d]
         xt = x.to(tc.W_enc.dtype)
-        pre = xt @ tc.W_enc[l].T + tc.b_enc[l]  # [B, T, F]
-        computed = _layer_activation(tc, pre, l)  # [B, T, F]
+        pre = tc.encode_layer_pre(l, xt)  # [B, T, F]
+        computed = tc.activation.at_layer(pre, l)  # [B, T, F]
         n_p = min(P, T)
         orig = run.activations[:n_p, l].to(computed.dtype)  # [p, F]
         # Where the residual stream is bitwise the prompt's, the features are the prompt's: take
@@ -450,9 +226,9 @@ class _Pass:
             j = l - first
             if 0 <= j < vecs.shape[1]:
                 change = change + d_s @ vecs[:, j].to(d_s.dtype)  # [B, T, d]
-        if self.skip is not None:
+        if tc.W_skip is not None:
             moved = xt[:, :n_p] - run.resid_mid[:n_p, l].to(xt.dtype)  # [B, p, d]
-            change[:, :n_p] = change[:, :n_p] + moved @ self.skip[l].to(xt.dtype)
+            change[:, :n_p] = change[:, :n_p] + tc.skip_layer(l, moved)
         return base + change.to(base.dtype)
 
 
@@ -523,17 +299,7 @@ def intervene_batch(
     # raw (pre-soft-cap) logits of the original prompt, for demeaned-logit comparisons
     base_raw = _raw_logits_of_run(rm, run) if getattr(model.config, "final_logit_softcapping", None) else before
 
-    gen_before: list[int] = []
-    gen_after: list[list[int]] = [[] for _ in plans]
-    if generate:
-        gen_runner = _Pass(rm, run, [*plans, []], mode, lo_hi, keep=False)
-        seq = ids[None].expand(len(plans) + 1, -1).clone()
-        for _ in range(generate):
-            logits = model.finalize_logits(gen_runner.forward(seq, frozen=False)[:, -1].float())
-            nxt = logits.argmax(-1)  # [B + 1]
-            seq = torch.cat([seq, nxt[:, None].to(seq.dtype)], dim=1)
-        new = seq[:, P:].tolist()
-        gen_after, gen_before = new[:-1], new[-1]
+    gen_after, gen_before = _generate(rm, run, plans, mode, lo_hi, generate)
 
     decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: " ".join(f"<{i}>" for i in t))
     results = []
@@ -564,6 +330,25 @@ def intervene_batch(
     return results
 
 
+def _generate(
+    rm: ReplacementModel, run: ReplacementRun, plans: list[list[Intervention]], mode: Mode, lo_hi: tuple[int, int],
+    generate: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Greedy continuations of `generate` tokens: one per plan, and the unintervened one (ridden along
+    as the batch's last element)."""
+    if not generate:
+        return [[] for _ in plans], []
+    model = rm.model
+    runner = _Pass(rm, run, [*plans, []], mode, lo_hi, keep=False)
+    seq = run.input_ids.to(model.device)[None].expand(len(plans) + 1, -1).clone()  # [B + 1, T]
+    for _ in range(generate):
+        logits = model.finalize_logits(runner.forward(seq, frozen=False)[:, -1].float())
+        nxt = logits.argmax(-1)  # [B + 1]
+        seq = torch.cat([seq, nxt[:, None].to(seq.dtype)], dim=1)
+    new = seq[:, run.n_pos:].tolist()
+    return new[:-1], new[-1]
+
+
 def _raw_logits_of_run(rm: ReplacementModel, run: ReplacementRun) -> torch.Tensor:
     """The unembedding's output [vocab] at the last position of the original prompt (before soft-capping)."""
     return rm.frozen(run).logits[0, -1].float()
@@ -587,146 +372,16 @@ def intervene(
     )[0]
 
 
-# ------------------------------------------------------------------------- predicted against actual
-
-
-@dataclass
-class Prediction:
-    """The graph's linear prediction of an intervention's direct effects."""
-
-    source_change: dict[int, float]
-    """Graph node index → Δ activation of each intervened feature node."""
-    change: dict[int, float]
-    """Graph node index → predicted change of its target value (a feature's pre-activation, a logit
-    node's demeaned logit), for every node with an edge from an intervened node."""
-    missing: list[str]
-    """Intervened (layer, feature, pos) that change but are not nodes of the graph (inactive, at
-    the BOS position or pruned): their effect is not in the prediction."""
-
-
-def predict_effects(graph: Graph, interventions: Sequence[Intervention]) -> Prediction:
-    """Predict each target's change from the graph's edges: Σ_s Δa_s · edge(s → t) / a_s.
-
-    Uses only the graph's node table and COO edges (and, to count positions, the number of
-    embedding nodes or the largest position), so it works whatever built the graph. Exact for a
-    constrained intervention over all layers with frozen attention on an unpruned graph.
-    """
-    from cltrace.graph.graph import NodeKind
-
-    nodes = graph.nodes
-    is_feat = nodes.kind == int(NodeKind.FEATURE)
-    idx = is_feat.nonzero(as_tuple=True)[0].tolist()
-    key = {
-        (int(nodes.layer[i]), int(nodes.feature[i]), int(nodes.pos[i])): i for i in idx
-    }
-    n_pos = int(nodes.pos.max()) + 1 if graph.n_nodes else 0
-    if isinstance(graph.metadata.get("input_ids"), list):
-        n_pos = len(graph.metadata["input_ids"])
-    source_change: dict[int, float] = {}
-    missing: list[str] = []
-    for iv in interventions:
-        positions = range(n_pos) if iv.start is None else range(iv.start, n_pos if iv.end is None else min(iv.end + 1, n_pos))
-        for p in positions:
-            node = key.get((iv.layer, iv.feature, p))
-            if node is None:
-                if iv.value is not None and iv.value != 0:
-                    missing.append(f"{iv.layer}_{iv.feature}_{p}")
-                continue
-            a = float(nodes.activation[node])
-            current = a + source_change.get(node, 0.0)
-            source_change[node] = iv.apply(current) - a
-    change: dict[int, float] = {}
-    if source_change:
-        src = torch.tensor(list(source_change), dtype=torch.long)
-        ratio = torch.zeros(graph.n_nodes, dtype=torch.float64)
-        ratio[src] = torch.tensor(
-            [source_change[int(s)] / float(nodes.activation[int(s)]) if float(nodes.activation[int(s)]) != 0 else 0.0 for s in src],
-            dtype=torch.float64,
-        )
-        hit = ratio[graph.edge_source] != 0
-        contrib = graph.edge_weight[hit].double() * ratio[graph.edge_source[hit]]
-        total = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_target[hit], contrib)
-        touched = torch.zeros(graph.n_nodes, dtype=torch.bool)
-        touched[graph.edge_target[hit]] = True
-        change = {int(i): float(total[i]) for i in touched.nonzero(as_tuple=True)[0]}
-    return Prediction(source_change, change, missing)
-
-
-@dataclass
-class EffectRow:
-    node: int
-    node_id: str
-    kind: str  # "logit" | "feature"
-    label: str
-    predicted: float
-    actual: float
-
-
-def compare_with_graph(
-    replacement: ReplacementModel,
-    graph: Graph,
-    interventions: Sequence[Intervention],
-    prompt: str | torch.Tensor | None = None,
-) -> tuple[list[EffectRow], InterventionResult, Prediction]:
-    """The graph's predicted change of each logit node and downstream feature node beside the
-    measured change from a constrained (all layers), frozen-attention intervention.
-
-    Logit nodes: the change of the demeaned logit (logit − mean logit; for a logit-difference
-    target, as in its metadata). Feature nodes: the change of the pre-activation. Rows sorted by
-    |predicted|, logit nodes first.
-    """
-    from cltrace.graph.graph import NodeKind
-
-    if prompt is None:
-        ids = graph.metadata.get("input_ids")
-        if not isinstance(ids, list):
-            raise CltraceError("the graph's metadata has no input_ids: pass the prompt")
-        prompt = torch.tensor(ids, dtype=torch.long)
-    prediction = predict_effects(graph, interventions)
-    result = intervene(replacement, prompt, interventions, mode="constrained", freeze_attention=True)
-    nodes = graph.nodes
-    targets = graph.metadata.get("targets")
-    logit_nodes = (nodes.kind == int(NodeKind.LOGIT)).nonzero(as_tuple=True)[0].tolist()
-    before, after = result.raw_logits_before.double(), result.raw_logits_after.double()
-    rows: list[EffectRow] = []
-    ids_text = graph.node_ids()
-    for k, i in enumerate(logit_nodes):
-        if isinstance(targets, list) and k < len(targets) and isinstance(targets[k], dict):
-            tokens, coefs = targets[k]["tokens"], targets[k]["coefs"]
-            label = str(targets[k].get("label", tokens[0]))
-        else:
-            tokens, coefs = [int(nodes.token[i])], [1.0]
-            label = replacement.model.decode_token(tokens[0])
-
-        def value(logits: torch.Tensor, tokens: list = tokens, coefs: list = coefs) -> float:
-            mean = logits.mean()
-            return float(sum(c * (logits[t] - mean) for t, c in zip(tokens, coefs)))
-
-        rows.append(EffectRow(i, ids_text[i], "logit", label, prediction.change.get(i, 0.0), value(after) - value(before)))
-    feature_rows = []
-    for i, predicted in prediction.change.items():
-        if int(nodes.kind[i]) != int(NodeKind.FEATURE):
-            continue
-        layer, pos, feat = int(nodes.layer[i]), int(nodes.pos[i]), int(nodes.feature[i])
-        actual = float(result.pre_activations_after[pos, layer, feat]) - float(result.pre_activations_before[pos, layer, feat])
-        feature_rows.append(EffectRow(i, ids_text[i], "feature", ids_text[i], predicted, actual))
-    rows.sort(key=lambda r: -abs(r.predicted))
-    feature_rows.sort(key=lambda r: -abs(r.predicted))
-    return rows + feature_rows, result, prediction
-
-
 __all__ = [
+    "MAX_VALUE",
     "MODES",
-    "EffectRow",
+    "SPEC_HELP",
     "Intervention",
     "InterventionResult",
-    "Prediction",
     "TokenProb",
     "check_interventions",
-    "compare_with_graph",
     "intervene",
     "intervene_batch",
     "parse_intervention",
     "parse_positions",
-    "predict_effects",
 ]

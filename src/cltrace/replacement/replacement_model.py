@@ -20,6 +20,7 @@ from torch import nn
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import FreezeState, freeze
+from cltrace.model.hooks import mlp_hooks, raw_logits
 from cltrace.model.load import LoadedModel
 from cltrace.transcoder import Transcoder
 
@@ -96,7 +97,7 @@ class ReplacementModel:
         tc = self.transcoder
         x = resid_mid.to(tc.W_enc.dtype)
         pre = tc.encode_pre(x)  # [pos, layer, n_features]
-        acts = tc.activation(pre)
+        acts = tc.activation(pre)  # [pos, layer, n_features]
         recon = tc.decode(acts, x).to(mlp_out.dtype)  # [pos, layer, d_model]
         return ReplacementRun(ids, logits, resid_mid, mlp_out, pre, acts, recon, mlp_out - recon, state)
 
@@ -149,64 +150,42 @@ class ReplacementModel:
             if inputs_embeds is not None
             else {"input_ids": run.input_ids[None].expand(batch, -1)}
         )
-        skip = None
-        if live_skip:
-            skip = getattr(self.transcoder, "W_skip", None)
-            if skip is None:
-                raise CltraceError("live_skip needs a transcoder with a skip path (a PLT with W_skip)")
-        unembed = self.model.model.get_output_embeddings()
-        captured: list[torch.Tensor] = []
-        handle = unembed.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        # With logits_to_keep the unembedding gets a strided slice of the last positions, and torch's
-        # linear then multiplies it by a broadcast copy of the weight per batch row: 6x slower, both
-        # ways, than the same product on a contiguous input (0.29 s against 0.05 s at batch 32).
-        contiguous = unembed.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+        if live_skip and self.transcoder.W_skip is None:
+            raise CltraceError("live_skip needs a transcoder with a skip path (a PLT with W_skip)")
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        try:
-            with (
-                freeze(self.model.model, self._norms, run.freeze_state.replaying()),
-                self._slots(mlp_out, skip, run.resid_mid if skip is not None else None) as slots,
-            ):
-                self.model.model(**inputs, use_cache=False, **extra)
-        finally:
-            handle.remove()
-            contiguous.remove()
+        with (
+            raw_logits(self.model) as captured,
+            freeze(self.model.model, self._norms, run.freeze_state.replaying()),
+            self._slots(mlp_out, run.resid_mid if live_skip else None) as slots,
+        ):
+            self.model.model(**inputs, use_cache=False, **extra)
         return FrozenOutput(captured[0], list(slots.resid_mid))
 
     @contextlib.contextmanager
     def _slots(
         self,
         override: torch.Tensor | list[torch.Tensor] | None = None,
-        skip: torch.Tensor | None = None,
         skip_base: torch.Tensor | None = None,
     ) -> Iterator[_Slots]:
         """Capture resid_mid and the MLP blocks' outputs; with `override`, make each block emit it instead.
 
-        With `skip` ([layer, d_in, d_out]) and `skip_base` ([pos, layer, d_model]), each block emits
-        override + (resid_mid − skip_base) @ skip instead, the skip path kept live.
+        With `skip_base` ([pos, layer, d_model]), each block emits override + the transcoder's skip
+        path of (resid_mid − skip_base) instead, the skip path kept live.
         """
-        slots = _Slots([], [], override is not None)
-        handles = []
+        slots = _Slots([], [], override, self.transcoder if skip_base is not None else None, skip_base)
         skipped: list[nn.Module] = []
         try:
-            for layer_index, layer in enumerate(self._layers):
-                adapter = self.model.adapter
-                handles.append(adapter.mlp_input_module(layer).register_forward_pre_hook(slots.capture_input))
-                handles.append(
-                    adapter.mlp_output_module(layer).register_forward_hook(
-                        slots.output_hook(layer_index, override, skip, skip_base)
-                    )
-                )
-                mlp = getattr(layer, "mlp", None)
-                if override is not None and isinstance(mlp, nn.Module):
-                    # Its output is replaced anyway: skip the MLP's computation (the costliest part
-                    # of a forward pass) by having it emit zeros of the residual stream's shape.
-                    mlp.forward = _zeros_like_input
-                    skipped.append(mlp)
-            yield slots
+            if override is not None:
+                for layer in self._layers:
+                    mlp = getattr(layer, "mlp", None)
+                    if isinstance(mlp, nn.Module):
+                        # Its output is replaced anyway: skip the MLP's computation (the costliest part
+                        # of a forward pass) by having it emit zeros of the residual stream's shape.
+                        mlp.forward = _zeros_like_input
+                        skipped.append(mlp)
+            with mlp_hooks(self.model, slots.capture_input, slots.replace_output):
+                yield slots
         finally:
-            for handle in handles:
-                handle.remove()
             for mlp in skipped:
                 del mlp.forward  # the class's own forward shows through again
 
@@ -219,32 +198,26 @@ def _zeros_like_input(x: torch.Tensor, *args: object, **kwargs: object) -> torch
 class _Slots:
     resid_mid: list[torch.Tensor]  # per layer: [batch, pos, d_model]
     mlp_out: list[torch.Tensor]  # per layer: [batch, pos, d_model]
-    overridden: bool = False  # the blocks' outputs are replaced, so nothing flows back through them
+    override: torch.Tensor | list[torch.Tensor] | None = None  # what the blocks emit instead
+    skip: Transcoder | None = None  # with a live skip path: the transcoder whose W_skip it is
+    skip_base: torch.Tensor | None = None  # [pos, layer, d_model] resid_mid where the skip adds nothing
 
-    def capture_input(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple | None:
-        self.resid_mid.append(args[0])
-        if self.overridden and args[0].requires_grad:
+    def capture_input(self, _layer: int, resid_mid: torch.Tensor) -> torch.Tensor | None:
+        self.resid_mid.append(resid_mid)
+        if self.override is not None and resid_mid.requires_grad:
             # The block's output is replaced, so its inside never carries gradient: run it on a
             # detached input, which spares autograd from saving its intermediate tensors.
-            return (args[0].detach(), *args[1:])
+            return resid_mid.detach()
         return None
 
-    def output_hook(  # noqa: ANN201 - a forward hook
-        self,
-        layer: int,
-        override: torch.Tensor | list[torch.Tensor] | None,
-        skip: torch.Tensor | None = None,
-        skip_base: torch.Tensor | None = None,
-    ):
-        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            self.mlp_out.append(output)
-            if override is None:
-                return None
-            slot = override[layer] if isinstance(override, list) else override[:, :, layer]
-            out = slot.to(output.dtype)  # cuts the path back through the MLP
-            if skip is not None:
-                moved = self.resid_mid[layer] - skip_base[:, layer].to(self.resid_mid[layer].dtype)  # [batch, pos, d]
-                out = out + (moved.to(skip.dtype) @ skip[layer]).to(output.dtype)
-            return out
-
-        return hook
+    def replace_output(self, layer: int, output: torch.Tensor) -> torch.Tensor | None:
+        self.mlp_out.append(output)
+        if self.override is None:
+            return None
+        slot = self.override[layer] if isinstance(self.override, list) else self.override[:, :, layer]
+        out = slot.to(output.dtype)  # cuts the path back through the MLP
+        if self.skip is not None:
+            x = self.resid_mid[layer]
+            moved = x - self.skip_base[:, layer].to(x.dtype)  # [batch, pos, d]
+            out = out + self.skip.skip_layer(layer, moved).to(output.dtype)
+        return out

@@ -8,6 +8,9 @@ line}``: 400 for a request the graph or model cannot satisfy (or a body that is 
 (declared or streamed), 422 for a malformed request, 429 for a new graph while the most allowed are
 being computed. No request gets a 5xx: tests/test_serve_fuzz.py
 fuzzes every operation from this schema.
+
+Before any route, `cltrace.serve.security.Guard` refuses a foreign Host (403), a missing token where
+the server has one (401) and a state-changing request from another page's Origin (403).
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from cltrace.errors import CltraceError
+from cltrace.fields import field_bounds, field_default, field_help
+from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
+from cltrace.serve import security
 from cltrace.serve.attention import add_attention_routes
-from cltrace.serve.jobs import Jobs, Loader, Models, TooBusy
+from cltrace.serve.jobs import MAX_RUNNING, Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
 log = logging.getLogger(__name__)
@@ -93,11 +99,21 @@ class InterventionBody(BaseModel):
     top: int = Field(default=10, ge=1, le=50)
 
 
+#: The most feature nodes a graph built by the server may have: the web app's own resource limit
+#: (the library's bound, shared with the command line, is AttributionConfig's).
+MAX_FEATURE_NODES_SERVED = 50_000
+
+
 class NewGraphBody(BaseModel):
-    prompt: str = Field(min_length=1, max_length=4000)
+    """A new graph; the prompt's length and the cap are checked as `cltrace attribute` checks them
+    (the model's context, the memory limit), in the job before any work."""
+
+    prompt: str = Field(min_length=1)
     name: str | None = Field(default=None, max_length=100, description="File name (default: from the prompt).")
     like: str | None = Field(default=None, max_length=1000, description="Use this graph's model and transcoder.")
-    max_feature_nodes: int = Field(default=7500, ge=1, le=50000)
+    max_feature_nodes: int = Field(
+        default=field_default(AttributionConfig, "max_feature_nodes"), ge=field_bounds(AttributionConfig, "max_feature_nodes")[0],
+        le=MAX_FEATURE_NODES_SERVED, description=field_help(AttributionConfig, "max_feature_nodes"))
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -179,17 +195,20 @@ def _finite(x: float) -> float | None:
 
 def create_app(
     root: str | Path, features: str | Path | None = None, model: str | None = None,
-    transcoder: str | Path | None = None, loader: Loader | None = None,
+    transcoder: str | Path | None = None, loader: Loader | None = None, host: str = "127.0.0.1",
+    port: int | None = None, token: str | None = None, max_running: int = MAX_RUNNING,
 ) -> FastAPI:
     """The explorer app serving the graphs under `root`.
 
     `features`: a feature store for every graph (default: a matching ``*.db`` in `root`).
     `model`, `transcoder`: what interventions and new graphs run on (default: what each graph's
     metadata names). `loader`: builds the replacement model from a graph's metadata instead (tests).
+    `host`, `port`: where it listens (a Host naming them is allowed beside loopback names);
+    `token`: required on every request when given. `max_running`: new graphs queued or running at once.
     """
     workspace = Workspace(root, features)
     models = Models(model, transcoder, loader)
-    jobs = Jobs(workspace, models)
+    jobs = Jobs(workspace, models, max_running=max_running)
     app = FastAPI(
         title="cltrace graph explorer",
         summary="Attribution graphs, feature pages, saved work, interventions and new graphs.",
@@ -201,27 +220,9 @@ def create_app(
     )
     app.state.workspace, app.state.models, app.state.jobs = workspace, models, jobs
     app.add_middleware(_LimitBody, limit=MAX_BODY)
+    app.add_middleware(security.Guard, host=host, port=port, token=token)  # added last: runs first
 
-    @app.exception_handler(CltraceError)
-    async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
-        # TooBusy is no bad request: the same one succeeds once a job finishes
-        status = (403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound)
-                  else 429 if isinstance(exc, TooBusy) else 400)
-        return _error(status, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _one_line(exc))
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> Response:
-        if exc.status_code in (204, 304):
-            return Response(status_code=exc.status_code, headers=exc.headers)
-        detail = str(exc.detail)
-        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
-            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8
-            detail = "the request body is not UTF-8 JSON: send a JSON object"
-        return _error(exc.status_code, detail, headers=exc.headers)
+    _add_error_handlers(app)
 
     @app.get("/api/info", summary="The served folder, and whether assets and a feature store are there")
     def info() -> dict[str, Any]:
@@ -263,16 +264,14 @@ def create_app(
     def post_intervene(path: GraphPath, body: InterventionBody = Body()) -> dict[str, Any]:
         return _intervene(workspace, models, path, body)
 
-    @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
-              responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
-    def post_job(body: NewGraphBody) -> dict[str, Any]:
-        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
-
-    @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
-    def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
-        return jobs.get(job_id)
-
+    _add_job_routes(app, jobs)
     add_attention_routes(app, workspace, models)
+    _add_page(app)
+    return app
+
+
+def _add_page(app: FastAPI) -> None:
+    """The explorer's page and its built assets."""
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
@@ -282,7 +281,48 @@ def create_app(
 
     # StaticFiles serves only files inside STATIC: '..', encoded or not, and symlinks leading out are 404
     app.mount("/static", _Assets(directory=STATIC, check_dir=False), name="static")
-    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """One-line JSON errors with the status each kind of failure deserves."""
+
+    @app.exception_handler(CltraceError)
+    async def _cltrace_error(_request: Request, exc: CltraceError) -> JSONResponse:
+        # TooBusy is no bad request: the same one succeeds once a job finishes
+        status = (403 if isinstance(exc, PathRefused) else 404 if isinstance(exc, NotFound)
+                  else 429 if isinstance(exc, TooBusy) else 400)
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _one_line(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8
+            detail = "the request body is not UTF-8 JSON: send a JSON object"
+        return _error(exc.status_code, detail, headers=exc.headers)
+
+
+def _add_job_routes(app: FastAPI, jobs: Jobs) -> None:
+    """New graphs computed in the background: start, follow, cancel."""
+
+    @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
+              responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
+    def post_job(body: NewGraphBody) -> dict[str, Any]:
+        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
+
+    @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
+    def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
+        return jobs.get(job_id)
+
+    @app.delete("/api/jobs/{job_id}", summary="Cancel a new graph: a queued one never starts, a running one stops")
+    def delete_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:
+        return jobs.cancel(job_id)
 
 
 def _intervene(workspace: Workspace, models: Models, path: str, body: InterventionBody) -> dict[str, Any]:
@@ -290,7 +330,8 @@ def _intervene(workspace: Workspace, models: Models, path: str, body: Interventi
     import torch
 
     from cltrace.graph.graph import NodeKind
-    from cltrace.replacement.interventions import Intervention, compare_with_graph, intervene
+    from cltrace.graph.predict import compare_with_graph
+    from cltrace.replacement.interventions import Intervention, intervene
 
     graph_path = workspace.resolve(path)
     graph = workspace.load(graph_path)
@@ -335,18 +376,24 @@ def _intervene(workspace: Workspace, models: Models, path: str, body: Interventi
     }
 
 
-def start_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 20.0) -> tuple[Any, str]:
-    """Serve `app` from a daemon thread on a free port of `host` (for tests and benchmarks):
-    (the uvicorn server, whose ``should_exit = True`` stops it, and the app's URL)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port of `host` free now (for tests and benchmarks)."""
     import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 20.0, port: int | None = None) -> tuple[Any, str]:
+    """Serve `app` from a daemon thread on `port` (default: a free one) of `host` (for tests and
+    benchmarks): (the uvicorn server, whose ``should_exit = True`` stops it, and the app's URL)."""
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
+    port = free_port(host) if port is None else port
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, name="cltrace-serve", daemon=True).start()
     deadline = time.monotonic() + timeout
@@ -358,8 +405,12 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", timeout: float = 20.0
 
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Run the explorer with uvicorn until interrupted."""
+    """Run the explorer with uvicorn until interrupted (`kwargs`: those of `create_app`). Beyond
+    loopback a token is required (`cltrace.serve.security.access_token` makes one)."""
     import uvicorn
 
-    app = create_app(root, **kwargs)
+    if not security.is_loopback(host) and not kwargs.get("token"):
+        raise CltraceError(f"binding {host} without a token would let anyone on the network in: pass a token")
+
+    app = create_app(root, host=host, port=port, **kwargs)
     uvicorn.run(app, host=host, port=port, log_level="warning")

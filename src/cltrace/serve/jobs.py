@@ -1,5 +1,10 @@
 """The slow work behind the graph explorer: the model and transcoder a graph names (loaded once, on
 first use), interventions on them, and new graphs computed in a background thread with progress.
+
+New graphs are bounded: at most `max_running` are queued or running at once (one more is refused,
+HTTP 429), each is checked by the command line's own rules (`AttributionConfig`: the feature cap,
+the prompt against the model's context and the memory limit, before any work), each can be
+cancelled, and each is saved atomically, so a server stopped mid-job leaves no half-written graph.
 """
 
 from __future__ import annotations
@@ -9,21 +14,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cltrace.errors import CltraceError
+from cltrace.graph.attribution import AttributionConfig, attribute, resolve_config
+from cltrace.graph.prune import prune
 from cltrace.serve.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
 
-#: New graphs computed at once; one more is refused (HTTP 429) until one finishes.
+#: New graphs queued or running at once by default; one more is refused (HTTP 429) until one ends.
 MAX_RUNNING = 4
+#: A job's statuses while it holds a place in the queue.
+ACTIVE = ("queued", "running", "cancelling")
 
 
 class TooBusy(CltraceError):
     """Too many graphs are being computed to start another now (HTTP 429: try again later)."""
+
+
+class Cancelled(CltraceError):
+    """The job was cancelled (raised inside its thread to stop the attribution)."""
 
 #: Builds the replacement model for a graph's metadata (tests pass their own tiny one).
 Loader = Callable[[dict[str, Any]], Any]
@@ -82,22 +95,23 @@ class Job:
 
     id: str
     prompt: str
-    status: str = "queued"  # queued | running | done | error
-    stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done
+    status: str = "queued"  # queued | running | cancelling | cancelled | done | error
+    stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done | cancelled
     done: int = 0  # rows of the attribution computed so far
     total: int = 0  # rows in all (0 while unknown)
     error: str | None = None
     graph: str | None = None  # the new graph's path in the served folder, once saved
     started: float = field(default_factory=time.time)
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
         out["elapsed_s"] = round(time.time() - self.started, 2)
         return out
 
 
-def _attribution_bar() -> tuple[int, int] | None:
-    """(n, total) of the running attribution's progress bar, if one is open.
+def _open_attribution_bar() -> Any:
+    """The running attribution's progress bar, if one is open.
 
     `cltrace.graph.attribution` reports progress only through its tqdm bar; tqdm keeps every open
     bar in a class-level set, and `Models.lock` lets one attribution run at a time, so the bar
@@ -105,81 +119,130 @@ def _attribution_bar() -> tuple[int, int] | None:
     """
     from tqdm import tqdm
 
-    for bar in list(tqdm._instances):
-        if getattr(bar, "desc", "") == "attribution":
-            return int(bar.n), int(bar.total or 0)
-    return None
+    return next((bar for bar in list(tqdm._instances) if getattr(bar, "desc", "") == "attribution"), None)
+
+
+def _attribution_bar() -> tuple[int, int] | None:
+    """(n, total) of the running attribution's progress bar, if one is open."""
+    bar = _open_attribution_bar()
+    return None if bar is None else (int(bar.n), int(bar.total or 0))
+
+
+def _stop_attribution() -> None:
+    """Make the running attribution stop at its next batch of rows: the bar's next update raises
+    `Cancelled` in the job's thread (the attribution frees what it holds as any error does)."""
+    bar = _open_attribution_bar()
+    if bar is not None:
+        def stop(*_args: Any, **_kwargs: Any) -> None:
+            raise Cancelled("cancelled")
+
+        bar.update = stop
 
 
 class Jobs:
-    """New graphs computed in background threads, polled by id."""
+    """New graphs computed in background threads, polled by id; at most `max_running` queued or
+    running at once, and the `max_jobs` most recent remembered."""
 
-    def __init__(self, workspace: Workspace, models: Models, max_jobs: int = 100) -> None:
+    def __init__(self, workspace: Workspace, models: Models, max_jobs: int = 100, max_running: int = MAX_RUNNING) -> None:
+        if max_running < 1:
+            raise CltraceError(f"at most {max_running} jobs at once would refuse every new graph: allow 1 or more")
         self.workspace = workspace
         self.models = models
         self.max_jobs = max_jobs
+        self.max_running = max_running
         self._jobs: dict[str, Job] = {}
         self._outputs: dict[str, Path] = {}  # job id -> the file it will write, until it has
         self._lock = threading.Lock()
 
-    def submit(self, prompt: str, name: str | None = None, like: str | None = None, max_feature_nodes: int = 7500) -> Job:
+    def submit(self, prompt: str, name: str | None = None, like: str | None = None,
+               max_feature_nodes: int | None = None) -> Job:
         """Start computing the graph of `prompt` with the model and transcoder of graph `like` (a
         path in the served folder; default: the server's --model/--transcoder)."""
         if not prompt.strip():
             raise CltraceError("the prompt is empty: type the text whose next token to explain")
+        config = resolve_config(None, max_feature_nodes=max_feature_nodes, progress=True)  # the CLI's checks
         metadata = dict(self.workspace.graph(like).metadata) if like else {}
         job = Job(id=uuid.uuid4().hex[:12], prompt=prompt)
         with self._lock:
-            running = sum(j.status in ("queued", "running") for j in self._jobs.values())
-            if running >= MAX_RUNNING:
-                raise TooBusy(f"{MAX_RUNNING} graphs are already being computed: wait for one to finish, then try again")
+            active = sum(j.status in ACTIVE for j in self._jobs.values())
+            if active >= self.max_running:
+                raise TooBusy(f"{self.max_running} graphs are already being computed: wait for one to finish, then try again")
             # a name unused on disk and by the jobs not yet saved: two jobs never write one file
             out = self.workspace.new_graph_path(name or prompt, taken=set(self._outputs.values()))
             self._outputs[job.id] = out
             self._jobs[job.id] = job
             while len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
-                oldest = next((k for k, j in self._jobs.items() if j.status in ("done", "error")), None)
+                oldest = next((k for k, j in self._jobs.items() if j.status not in ACTIVE), None)
                 if oldest is None:
                     break
                 del self._jobs[oldest]
         threading.Thread(
-            target=self._run, args=(job, metadata, out, max_feature_nodes), name=f"graph-{job.id}", daemon=True
+            target=self._run, args=(job, metadata, out, config), name=f"graph-{job.id}", daemon=True
         ).start()
         return job
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job '{job_id}': it finished long ago or never existed")
+        """A job's progress (``to_dict``); NotFound for an unknown id."""
+        job = self._find(job_id)
         if job.status == "running" and job.stage == "attributing":
             bar = _attribution_bar()
             if bar is not None:
                 job.done, job.total = bar
+        elif job.status == "cancelling" and job.stage == "attributing":
+            _stop_attribution()  # its bar may have opened since the cancel
         return job.to_dict()
 
-    def _run(self, job: Job, metadata: dict[str, Any], out: Path, max_feature_nodes: int) -> None:
-        from cltrace.graph.attribution import attribute
-        from cltrace.graph.prune import prune
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one never starts, a running one stops at its next step and saves
+        nothing; a finished one is left as it is. Its place in the queue is freed once it stops."""
+        job = self._find(job_id)
+        with self._lock:
+            if job.status not in ACTIVE:
+                return job.to_dict()
+            job.cancel.set()
+            job.status = "cancelling" if job.status == "running" else "cancelled"
+            if job.status == "cancelled":
+                job.stage = "cancelled"
+        if job.status == "cancelling" and job.stage == "attributing":
+            _stop_attribution()
+        return job.to_dict()
 
+    def _find(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job '{job_id}': it finished long ago or never existed")
+        return job
+
+    def _step(self, job: Job, stage: str) -> None:
+        """Enter `stage`, unless the job was cancelled (then stop it here)."""
+        if job.cancel.is_set():
+            raise Cancelled("cancelled")
+        job.stage = stage
+
+    def _run(self, job: Job, metadata: dict[str, Any], out: Path, config: AttributionConfig) -> None:
         try:
             with self.models.lock:
-                job.status, job.stage = "running", "loading model"
+                with self._lock:  # not between a cancel's look at the status and its change
+                    self._step(job, "loading model")
+                    job.status = "running"
                 rm = self.models.replacement(metadata)
-                job.stage = "attributing"
-                graph = attribute(rm, job.prompt, max_feature_nodes=max_feature_nodes, progress=True)
-                job.stage = "scoring"
+                self._step(job, "attributing")
+                graph = attribute(rm, job.prompt, config=config)
+                self._step(job, "scoring")
                 _, result = prune(graph)
             graph.metadata["scores"] = result.as_dict()  # as `cltrace attribute` writes it
             tc_path = self.models.transcoder_path(metadata)
             if tc_path is not None:
                 graph.metadata["transcoder_path"] = str(tc_path)
-            job.stage = "saving"
-            graph.save(out)
+            self._step(job, "saving")
+            graph.save(out)  # atomic: a server stopped now leaves the old file or none, never half of one
             job.graph = self.workspace.rel(out)
             counts = graph.summary()
             job.done = job.total = counts["logit"] + counts["feature"]  # one attribution row per target node
             job.status, job.stage = "done", "done"
             log.info("new graph %s (%d nodes, %d edges)", out, graph.n_nodes, graph.n_edges)
+        except Cancelled:
+            job.status, job.stage = "cancelled", "cancelled"
         except CltraceError as exc:
             job.status, job.error = "error", str(exc)
         except Exception as exc:  # noqa: BLE001 - a background thread must report, never vanish silently

@@ -32,6 +32,7 @@ from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD, cumulative_scores, node_influence, prune
+from cltrace.notation import format_feature, parse_feature
 
 GRAPH_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".explorer.json"
@@ -72,6 +73,11 @@ def _is_graph_file(path: Path) -> bool:
         return False
 
 
+def _shape(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    """What a graph and a feature store must share at least: the transcoder's kind and sizes."""
+    return tuple(cfg.get(k) for k in ("kind", "n_layers", "d_model", "n_features"))
+
+
 class Workspace:
     """The served folder. Every path the browser sends is relative to `root` and confined to it."""
 
@@ -85,7 +91,7 @@ class Workspace:
         self._lock = threading.RLock()  # guards the caches and the sidecar writes
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self._views: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-        self._stores: dict[tuple, Path | None] = {}
+        self._stores: dict[tuple, tuple[Path | None, str]] = {}
         self._cache_size = cache_size
 
     # -- paths ---------------------------------------------------------------------------------------
@@ -289,28 +295,46 @@ class Workspace:
 
     def store_path(self, graph_path: Path, graph: Graph) -> Path | None:
         """The feature store for a graph: the one given to the server, else a ``*.db`` store in the
-        served folder built for a transcoder of the graph's shape; None when there is none."""
+        served folder; None when there is none (`_match_store` says why)."""
+        return self._match_store(graph)[0]
+
+    def _match_store(self, graph: Graph) -> tuple[Path | None, str]:
+        """(the feature store for `graph`, why there is none). A graph that records its transcoder's
+        fingerprint gets only a store of that very transcoder (a retrained one of the same shape has
+        other features); an older graph, one built for a transcoder of its shape (or the given one)."""
         cfg = graph.metadata.get("transcoder") if isinstance(graph.metadata.get("transcoder"), dict) else {}
-        shape = tuple(cfg.get(k) for k in ("kind", "n_layers", "d_model", "n_features"))
-        key = (shape, self.features)
+        shape = _shape(cfg)
+        fingerprint = graph.metadata.get("transcoder_fingerprint")
+        key = (shape, fingerprint, self.features)
         with self._lock:
             if key in self._stores:
                 return self._stores[key]
-        found = None
+        found, others = None, []
         for candidate in [self.features] if self.features is not None else sorted(self.root.glob("*.db")):
             try:
                 from cltrace.features import FeatureStore
 
                 with FeatureStore(candidate) as store:
-                    meta_cfg = store.meta.get("transcoder") or {}
+                    meta = dict(store.meta)
             except CltraceError:
                 continue
-            if self.features is not None or tuple(meta_cfg.get(k) for k in ("kind", "n_layers", "d_model", "n_features")) == shape:
+            same_shape = self.features is not None or _shape(meta.get("transcoder") or {}) == shape
+            if fingerprint is None and same_shape or fingerprint is not None and meta.get("fingerprint") == fingerprint:
                 found = candidate
                 break
+            if same_shape:
+                others.append(candidate.name)
+        why = (
+            f"the feature store {', '.join(others)} was built for another transcoder than this graph's (fingerprint "
+            f"{str(fingerprint)[:12]}…), so its pages would describe other features: build one for the graph's "
+            "transcoder with `cltrace features build -t T` and serve it beside the graph (or pass --features)"
+            if others else
+            "no feature store for this graph's transcoder: build one with `cltrace features build` and "
+            "put it in the served folder (or pass --features)"
+        )
         with self._lock:
-            self._stores[key] = found
-        return found
+            self._stores[key] = (found, why)
+        return found, why
 
     def labels(self, graph_path: Path, graph: Graph) -> dict[tuple[int, int], str]:
         """(layer, feature) -> the label shown: the store's (a person's, else automatic), and the
@@ -325,8 +349,7 @@ class Workspace:
                 out = {(l, f): s for l, f, s in store.search("", limit=store.n_layers * store.n_features)}
         else:
             for key, text in self._read_sidecar(graph_path)["labels"].items():
-                layer, _, feature = key.partition(":")
-                out[(int(layer), int(feature))] = text
+                out[parse_feature(key)] = text
         return out
 
     def _feature_in_graph(self, graph: Graph, layer: int, feature: int) -> None:
@@ -341,12 +364,9 @@ class Workspace:
         path = self.resolve(rel)
         graph = self.load(path)
         self._feature_in_graph(graph, layer, feature)
-        db = self.store_path(path, graph)
+        db, why = self._match_store(graph)
         if db is None:
-            raise NotFound(
-                "no feature store for this graph's transcoder: build one with `cltrace features build` and "
-                "put it in the served folder (or pass --features)"
-            )
+            raise NotFound(why)
         with FeatureStore(db) as store:
             return store.page(layer, feature).to_dict()
 
@@ -368,9 +388,9 @@ class Workspace:
         with self._lock:
             data = self._read_sidecar(path)
             if label.strip():
-                data["labels"][f"{layer}:{feature}"] = label.strip()
+                data["labels"][format_feature(layer, feature)] = label.strip()
             else:
-                data["labels"].pop(f"{layer}:{feature}", None)
+                data["labels"].pop(format_feature(layer, feature), None)
             self._write_sidecar(path, data)
         return "sidecar"
 

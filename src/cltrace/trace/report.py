@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cltrace.features.views import summed_decoders, unembedding_directions
 from cltrace.graph.graph import Graph, GraphPath, NodeKind
 
 
@@ -92,8 +93,6 @@ def promoted_tokens(loaded: Any, transcoder: Any, layer: int, features: list[int
     """For each feature of `layer`, the `n` tokens whose logits its decoder raises most: its decoder
     vectors summed over the layers it writes to, times the final norm's weight and the unembedding
     (the direct "say X" effect; the same view as the feature pages')."""
-    from cltrace.features.build import summed_decoders, unembedding_directions
-
     if not features:
         return []
     U = unembedding_directions(loaded)  # [d, V]

@@ -16,6 +16,8 @@ from typing import Any
 
 from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.cache import cache_dir
+from cltrace.features import build_feature_store
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.attribution import attribute
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import prune
@@ -51,16 +53,12 @@ class TraceResult:
 def feature_db_path(transcoder: Any) -> Path:
     """Where the automatic feature database of `transcoder` lives: the user's cache, one file per
     transcoder (named by a hash of its weights, so a retrained one gets a new database)."""
-    from cltrace.features.build import transcoder_fingerprint
-
     return cache_dir() / "features" / f"{transcoder_fingerprint(transcoder)[:16]}.db"
 
 
 def ensure_feature_db(loaded: Any, transcoder: Any, n_tokens: int, progress: bool = True) -> Path:
     """The automatic feature database of `transcoder`, built (or resumed, or extended to `n_tokens`)
     over the default corpus first when needed."""
-    from cltrace.features import build_feature_store
-
     path = feature_db_path(transcoder)
     path.parent.mkdir(parents=True, exist_ok=True)
     return build_feature_store(loaded, transcoder, "default", n_tokens, path, resume=True, progress=progress,
@@ -84,8 +82,8 @@ def trace_prompt(
     *,
     feature_db: Any = None,
     transcoder_path: str | None = None,
-    max_feature_nodes: int = 7500,
-    batch_size: int = 32,
+    max_feature_nodes: int | None = None,
+    batch_size: int | None = None,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     n_paths: int = 5,
@@ -95,6 +93,7 @@ def trace_prompt(
 
     `feature_db`: an open `FeatureStore` for the transcoder (labels and where features fire), or None.
     `transcoder_path` is recorded in the graph so that `cltrace serve` can intervene on it.
+    `max_feature_nodes`, `batch_size`: None takes `AttributionConfig`'s.
     """
     folder = check_trace_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)

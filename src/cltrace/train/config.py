@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cltrace.data.harvest import FIRST_POSITION
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, is_int
+from cltrace.notation import NotationError, split_setting
 
 DECODES = ("sparse", "dense")
 TRAIN_DTYPES = ("float32", "bfloat16", "float64")
@@ -99,7 +100,7 @@ class TrainConfig:
     """Compute dtype of training: "float32", "bfloat16" (fp32 weights and Adam, bf16 matrix products under
     autocast; several times faster on CPUs with AVX512-BF16/AMX and on GPUs) or "float64" (exactness tests)."""
     harvest_dtype: str = "float32"
-    """Compute dtype of the model while harvesting: "float32" or "bfloat16" (autocast; faster, ~3% noise on activations)."""
+    """Compute dtype of the model while harvesting: "float32" or "bfloat16" (autocast; faster, with a few percent of noise on the activations)."""
     decode: str = "sparse"
     """"sparse" (decode only the active features; default) or "dense" (the naive full decoder product)."""
 
@@ -128,9 +129,6 @@ class TrainConfig:
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise CltraceError(f"train config: {message}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: Any) -> bool:
             return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
@@ -250,12 +248,11 @@ class TrainConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`"key=value"` → (key, value), the value read as JSON where it parses (numbers, true, null), else a string."""
-    if "=" not in text:
-        raise CltraceError(f"override {text!r} must look like key=value (for example lr=1e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    if not key:
-        raise CltraceError(f"override {text!r} has no key before '='; write key=value (for example lr=1e-4)")
+    try:
+        key, raw = split_setting(text)  # the one --set grammar, shared with `intervene --set`
+    except NotationError as exc:
+        raise CltraceError(f"override {text!r} {exc}; write key=value (for example lr=1e-4)") from None
+    key = key.replace("-", "_")
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):  # not JSON (or too deep / too long a number): the text itself
@@ -272,16 +269,12 @@ def _show_keys(keys: list[str]) -> str:
 
 # Presets -----------------------------------------------------------------------------------------
 
-#: The default CLT for the default model, sized to finish in under 30 minutes on this 2-core CPU when
-#: it is idle. bf16 products and the dense decode are the fastest path on such a CPU (AVX512-BF16 GEMMs
-#: run about 5x faster than fp32 ones; at this size and L0 the sparse decode is 2-4x slower than the
-#: dense one, see benchmarks/results/train_speed.json), so the preset uses them. Steps of 256 tokens
-#: rather than 1,024: on this budget the number of optimiser steps limits quality more than the
-#: gradient noise does (a 128-feature CLT with 256-token steps at lr 1e-3 reached NMSE 0.64 after 15k
-#: tokens; a 256-feature one with 1,024-token steps at lr 5e-4 needed 100k tokens for the same).
-#: Measured (benchmarks/results/train_default_preset.json): 26 minutes; on 33k held-out tokens drawn
-#: across the split NMSE 0.403, spliced top-1 28% at L0 34. Mixing its contexts 4,096 at a time
-#: (mix_contexts) lowered NMSE from 0.461 to 0.432 on the first 33k held-out tokens in order.
+#: The default CLT for the default model, sized to finish in well under an hour on a small CPU.
+#: bf16 products and the dense decode are the fastest path on such a CPU (bf16 GEMMs outrun fp32
+#: ones, and at this size and L0 the sparse decode is slower than the dense one; see
+#: benchmarks/results/train_speed.json), so the preset uses them. Steps of 256 tokens rather than
+#: 1,024: on this budget the number of optimiser steps limits quality more than the gradient noise
+#: does. Its measured quality is in benchmarks/results/train_default_preset.json and the README.
 DEFAULT_PRESET = TrainConfig(
     n_features=256, n_ctx=128, batch_tokens=256, total_tokens=500_000, shuffle_contexts=64, harvest_batch=16,
     lr=1e-3, sparsity_lambda=1.5e-3, sparsity_warmup_frac=0.5, dtype="bfloat16", harvest_dtype="bfloat16",
@@ -295,13 +288,11 @@ TINY_PRESET = TrainConfig(
 )
 
 #: For when the default's budget cannot reach the quality bar (mean NMSE <= 0.35 and spliced top-1 >= 30%
-#: at L0 <= 64): the default CLT with 5.4x the tokens (quality kept improving with tokens: NMSE 0.59 after
-#: 150k, 0.41 after 500k) and half the sparsity penalty, decaying the learning rate over the last 30%.
-#: A 3M-token run at λ 7e-4 (benchmarks/results/train_quality_preset.json, previous_run) reached NMSE
-#: 0.330 and top-1 40% but at L0 66, over the bar, on 33k held-out tokens drawn across the split: L0
-#: climbed from 56 to 65 while the rate decayed. Hence λ 7.5e-4, on 2.7M tokens so that the whole run
-#: fits in about 140 minutes on this 2-core CPU when idle. Measured (same file): NMSE 0.332, top-1 40%
-#: at L0 64.1 on 33k drawn tokens, in 2 h 10 min; L0 is 0.1 over the bar, so λ 8e-4 is the next step.
+#: at L0 <= 64): the default CLT with several times the tokens (quality keeps improving with tokens)
+#: and half the sparsity penalty, decaying the learning rate over the last 30%. λ is set so that L0
+#: stays near the bar while the rate decays (L0 climbs as it does); the token count keeps the whole
+#: run to a few hours on a small CPU. Its measured quality and time are in
+#: benchmarks/results/train_quality_preset.json and the README.
 QUALITY_PRESET = dataclasses.replace(DEFAULT_PRESET, total_tokens=2_700_000, sparsity_lambda=7.5e-4, lr_decay_frac=0.3)
 
 PRESETS: dict[str, TrainConfig] = {"default": DEFAULT_PRESET, "quality": QUALITY_PRESET, "tiny": TINY_PRESET}

@@ -15,7 +15,6 @@ long that will take first; a run stopped halfway resumes from its last checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,11 +26,12 @@ from typing import Any
 
 from cltrace.cache import cache_dir
 from cltrace.errors import CltraceError
+from cltrace.fingerprint import sha256_hex
 from cltrace.locks import locked
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import PRESETS, TrainConfig, preset
 from cltrace.train.run import train_transcoder
-from cltrace.train.trainer import CHECKPOINT_DIR, EVAL_FILE, TRANSCODER_DIR
+from cltrace.train.run_dir import CHECKPOINT_DIR, EVAL_FILE, TRANSCODER_DIR
 from cltrace.transcoder import Transcoder, load_transcoder
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def default_preset_name() -> str:
 
 def config_hash(config: TrainConfig) -> str:
     """A short hash of a config's every field (12 hex digits)."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return sha256_hex(json.dumps(config.to_dict(), sort_keys=True))[:12]
 
 
 def default_paths(config: TrainConfig | None = None) -> tuple[Path, Path]:

@@ -24,215 +24,44 @@ number of ranks (one process included), and one process's `state.pt` resumes on 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
-import shutil
-import signal
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cltrace.atomic import atomic_write, atomic_write_text
+from cltrace.distributed import (
+    Layout,
+    RankFailure,
+    current_layout,
+    failures_as_errors,
+    init_layout,
+    launched,
+    on_main,
+    shutdown,
+)
 from cltrace.errors import CltraceError
+from cltrace.train.checkpoint import (
+    COMMON_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    _narrow,
+    checkpoint_file,
+    describe_checkpoint,
+    feature_axis,
+    feature_slice,
+    has_checkpoint,
+    load_optimizer_by_name,
+    optimizer_by_name,
+    read_checkpoint,
+    remove_stale,
+)
 from cltrace.train.losses import dense_decode, loss_terms, sparse_decode
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, make_transcoder
-
-log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
-COMMON_FILE = "common.pt"
-SINGLE_STATE_FILE = "state.pt"  # the one-process checkpoint (see cltrace.train.trainer)
-MANIFEST_FORMAT = "cltrace-sharded-checkpoint"
-MANIFEST_VERSION = 1
-DEFAULT_TIMEOUT_S = 600.0
-
-T = TypeVar("T")
-
-
-class RankFailure(CltraceError):
-    """Another rank died or the launcher stopped this one: the run stops, and resumes from its checkpoint."""
-
-
-# -- the grid of ranks -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where this process sits in the data_parallel × feature_parallel grid of ranks."""
-
-    world: int
-    rank: int
-    feature_parallel: int
-    fp_group: Any  # ProcessGroup of this rank's feature group (None: the whole world)
-    dp_group: Any  # ProcessGroup of the ranks holding the same features (None: no data parallelism)
-    device: torch.device
-
-    @property
-    def data_parallel(self) -> int:
-        return self.world // self.feature_parallel
-
-    @property
-    def fp_rank(self) -> int:
-        return self.rank % self.feature_parallel
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.feature_parallel
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes the run's shared files (metrics, curves, manifest, final transcoder)."""
-        return self.rank == 0
-
-    def describe(self) -> str:
-        return (f"{self.world} ranks = {self.data_parallel} data-parallel x {self.feature_parallel} "
-                f"feature-parallel, backend {dist.get_backend()}, device {self.device}")
-
-
-_LAYOUT: Layout | None = None
-
-
-def launched() -> bool:
-    """Whether this process is one of several started by torchrun (or the same environment variables)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def current_layout() -> Layout | None:
-    """The layout set up by `init_layout`, or None in a one-process run."""
-    return _LAYOUT
-
-
-def init_layout(feature_parallel: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Layout | None:
-    """Join the process group torchrun describes and split it into feature and data groups.
-
-    `feature_parallel`: ranks per feature group (None or 0: all of them, no data parallelism); it
-    must divide the world size. `timeout_s` bounds how long a rank waits in a collective for a rank
-    that stopped answering. Returns None (and does nothing) when not launched with several ranks.
-    """
-    global _LAYOUT
-    if not launched():
-        return None
-    if _LAYOUT is not None:
-        return _LAYOUT
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        except (RuntimeError, ValueError) as exc:
-            raise CltraceError(f"cannot join the torch.distributed process group ({_first_line(exc)}); "
-                               "launch with torchrun and check MASTER_ADDR/MASTER_PORT (or --rdzv-endpoint)") from None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    fp = feature_parallel or world
-    if fp < 1 or world % fp:
-        raise CltraceError(f"--feature-parallel {fp} must divide the number of ranks ({world}); "
-                           f"choose one of {', '.join(str(k) for k in range(1, world + 1) if world % k == 0)}")
-    dp = world // fp
-    fp_group = dp_group = None
-    if dp > 1:  # every rank creates every group, in the same order (torch.distributed requires it)
-        for k in range(dp):
-            g = dist.new_group(list(range(k * fp, (k + 1) * fp)))
-            if rank // fp == k:
-                fp_group = g
-        for j in range(fp):
-            g = dist.new_group(list(range(j, world, fp)))
-            if rank % fp == j:
-                dp_group = g
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    _LAYOUT = Layout(world, rank, fp, fp_group, dp_group, device)
-    _install_sigterm(rank, world)
-    log.info("rank %d: %s", rank, _LAYOUT.describe())
-    return _LAYOUT
-
-
-def shutdown() -> None:
-    """Leave the process group (after a finished run)."""
-    global _LAYOUT
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _LAYOUT = None
-
-
-def _install_sigterm(rank: int, world: int) -> None:
-    """torchrun stops the surviving ranks with SIGTERM when one dies: say so in one line."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RankFailure(f"rank {rank}/{world} was stopped by the launcher (SIGTERM), most likely because another rank failed")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(exc).__name__  # gloo's source-file prefix
-    return line.split(". ")[0][:200]
-
-
-def is_collective_failure(exc: BaseException) -> bool:
-    """Whether `exc` says a collective failed (a peer died, a connection closed, a timeout)."""
-    if isinstance(exc, RankFailure) or isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    if not isinstance(exc, RuntimeError):
-        return False
-    text = str(exc).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
-
-
-def on_main(layout: Layout | None, fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only and hand its result to every rank; a CltraceError there is raised everywhere."""
-    if layout is None:
-        return fn()
-    box: list[Any] = [None]
-    if layout.is_main:
-        try:
-            box[0] = ("ok", fn())
-        except CltraceError as exc:
-            box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise CltraceError(value)
-    return value
-
-
-# -- slicing features --------------------------------------------------------------------------------
-
-
-def feature_slice(n_features: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, end) of part `index` of `parts` near-equal parts of n_features features (the first ones larger)."""
-    if n_features < parts:
-        raise CltraceError(f"n_features={n_features} is fewer than the {parts} feature-parallel ranks; "
-                           "lower --feature-parallel or raise n_features")
-    base, extra = divmod(n_features, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
-
-
-def feature_axis(name: str, kind: str) -> int | None:
-    """The feature axis of full-transcoder tensor `name` (a state_dict key), None if replicated."""
-    if name in ("W_enc", "b_enc", "activation.threshold"):
-        return 1  # [L, F, d], [L, F], [L, F]
-    if name == "W_dec":
-        return 1  # PLT [L, F, d]
-    if name.startswith("W_dec."):
-        return 0  # CLT layer l: [F, L - l, d]
-    if name in ("b_dec", "W_skip"):
-        return None
-    raise CltraceError(f"unknown transcoder tensor {name!r} in a checkpoint")
-
-
-def _narrow(t: torch.Tensor, axis: int | None, start: int, end: int) -> torch.Tensor:
-    return t if axis is None else t.narrow(axis, start, end - start)
 
 
 class ShardedTranscoder(nn.Module):
@@ -497,174 +326,6 @@ class FeatureShards:
             }
             atomic_write_text(ckpt_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n", what="checkpoint manifest")
             remove_stale(ckpt_dir, keep=folder.name)
-
-
-# -- reading and writing checkpoints of any layout ---------------------------------------------------
-
-
-def has_checkpoint(ckpt_dir: Path) -> bool:
-    """Whether `ckpt_dir` holds a checkpoint of either layout."""
-    return (ckpt_dir / MANIFEST_FILE).is_file() or (ckpt_dir / SINGLE_STATE_FILE).is_file()
-
-
-def checkpoint_file(ckpt_dir: Path) -> Path:
-    """The file a user would name for the checkpoint in `ckpt_dir` (manifest or state.pt)."""
-    return ckpt_dir / MANIFEST_FILE if (ckpt_dir / MANIFEST_FILE).is_file() else ckpt_dir / SINGLE_STATE_FILE
-
-
-def describe_checkpoint(ckpt_dir: Path) -> str:
-    """Where a stopped run stands and how to continue it, for error messages."""
-    manifest = ckpt_dir / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            step = json.loads(manifest.read_text(encoding="utf-8"))["step"]
-        except (OSError, ValueError, KeyError):
-            step = "?"
-        where = f"the last checkpoint (step {step}) is in {ckpt_dir}"
-    elif (ckpt_dir / SINGLE_STATE_FILE).is_file():
-        where = f"the last checkpoint is {ckpt_dir / SINGLE_STATE_FILE}"
-    else:
-        return "no checkpoint was written yet: start the run again"
-    return f"{where}; rerun the same command with --resume (on any number of ranks) to continue from it"
-
-
-def remove_stale(ckpt_dir: Path, keep: str | None) -> None:
-    """Delete step folders other than `keep` and, once a sharded checkpoint exists, the one-process state.pt."""
-    for old in ckpt_dir.glob("step-*"):
-        if old.is_dir() and old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    if keep is not None:
-        (ckpt_dir / SINGLE_STATE_FILE).unlink(missing_ok=True)
-    else:  # a one-process state.pt was just written: the sharded checkpoint is older
-        (ckpt_dir / MANIFEST_FILE).unlink(missing_ok=True)
-
-
-def _load(path: Path) -> Any:
-    # torch's file is a zip whose every record carries a CRC32, but torch.load checks none of them
-    # (a flipped byte in a tensor loads as a wrong weight): check them all first (a fast pass: 400 MB
-    # in 0.07 s here, from the page cache).
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    # missing, truncated, not a zip; a flipped flag byte reads as encryption or an unknown compression
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as exc:
-        raise CltraceError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete the folder to start afresh") from None
-    if damaged is not None:
-        raise CltraceError(f"checkpoint {path} is damaged (its record {damaged!r} fails its CRC32); delete the folder to start afresh")
-    try:
-        # weights_only: tensors and plain containers only; a checkpoint never holds code to run.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a damaged or missing file: say so, never start over silently
-        raise CltraceError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete the folder to start afresh") from None
-
-
-def optimizer_by_name(opt: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]]) -> dict[str, dict[str, Any]]:
-    """Adam's per-parameter state keyed by tensor name (not by position, which differs between layouts)."""
-    return {name: dict(opt.state[p]) for name, p in named if p in opt.state}
-
-
-def load_optimizer_by_name(opt: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]],
-                           state: dict[str, dict[str, Any]]) -> None:
-    """Restore per-parameter state saved by `optimizer_by_name` (moved to each parameter's device)."""
-    sd = opt.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    sd["state"] = {
-        index[id(p)]: {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state[name].items()}
-        for name, p in named if name in state
-    }
-    opt.load_state_dict(sd)
-
-
-def read_checkpoint(ckpt_dir: Path, start: int, end: int) -> dict[str, Any]:
-    """The checkpoint in `ckpt_dir`, either layout, with features [start, end) of every sharded tensor.
-
-    Returns the common fields of a one-process `state.pt` (version, config, fingerprint, step,
-    tokens, data, scale_x, scale_y, rng, elapsed) and `tensors` {name: tensor}, `adam` {name:
-    {step, exp_avg, exp_avg_sq}} and `last_fired` [L, end − start], cut to the slice.
-    """
-    try:
-        return _read_checkpoint(ckpt_dir, start, end)
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
-        # A file that loads (its CRCs hold) but lacks what a checkpoint holds: not one cltrace wrote.
-        raise CltraceError(f"the checkpoint in {ckpt_dir} does not have a checkpoint's structure ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else '?'}); delete the folder to start afresh") from None
-
-
-def _read_checkpoint(ckpt_dir: Path, start: int, end: int) -> dict[str, Any]:
-    manifest_path = ckpt_dir / MANIFEST_FILE
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            assert manifest["format"] == MANIFEST_FORMAT
-        except Exception:  # noqa: BLE001 - any damage reads the same to the user
-            raise CltraceError(f"checkpoint manifest {manifest_path} is damaged; delete the folder to start afresh") from None
-        if manifest.get("version") != MANIFEST_VERSION:
-            raise CltraceError(f"checkpoint {manifest_path} has version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
-        folder = ckpt_dir / manifest["folder"]
-        state = dict(_load(folder / COMMON_FILE))
-        if not 0 <= start < end <= manifest["n_features"]:
-            raise CltraceError(f"checkpoint {manifest_path} has {manifest['n_features']} features per layer; "
-                               f"features [{start}, {end}) were asked for")
-        parts = [(s["start"], s["end"], folder / s["file"]) for s in manifest["shards"]]
-        kind = state["config"]["kind"]
-        opened = [(s, e, _load(path)) for s, e, path in parts if s < end and e > start]
-    else:
-        path = ckpt_dir / SINGLE_STATE_FILE
-        whole = _load(path)
-        state = {k: v for k, v in whole.items() if k not in ("transcoder", "optimizer", "last_fired")}
-        kind = whole["config"]["kind"]
-        names = list(whole["transcoder"])  # a module's state_dict follows its parameters' order
-        adam = {names[i]: st for i, st in whole["optimizer"]["state"].items()}
-        n = whole["last_fired"].shape[1]
-        opened = [(0, n, {"tensors": whole["transcoder"], "adam": adam, "last_fired": whole["last_fired"]})]
-    tensors: dict[str, list[torch.Tensor]] = {}
-    adam_parts: dict[str, dict[str, list[Any]]] = {}
-    fired: list[torch.Tensor] = []
-    for s, e, shard in opened:  # each shard's overlap with [start, end), in feature order
-        lo, hi = max(s, start) - s, min(e, end) - s
-        for name, t in shard["tensors"].items():
-            axis = feature_axis(name, kind)
-            if axis is None:
-                tensors.setdefault(name, [t])
-                continue
-            tensors.setdefault(name, []).append(_narrow(t, axis, lo, hi))
-        for name, st in shard["adam"].items():
-            axis = feature_axis(name, kind)
-            slot = adam_parts.setdefault(name, {})
-            for k, v in st.items():
-                cut = torch.is_tensor(v) and v.dim() > 0 and axis is not None
-                if cut or k not in slot:
-                    slot.setdefault(k, []).append(_narrow(v, axis, lo, hi) if cut else v)
-        fired.append(shard["last_fired"][:, lo:hi])
-    state["tensors"] = {n: (torch.cat(ts, dim=feature_axis(n, kind)) if len(ts) > 1 else ts[0]).clone() for n, ts in tensors.items()}
-    state["adam"] = {
-        n: {k: (torch.cat(vs, dim=feature_axis(n, kind)).clone() if len(vs) > 1 else (vs[0].clone() if torch.is_tensor(vs[0]) else vs[0]))
-            for k, vs in st.items()}
-        for n, st in adam_parts.items()
-    }
-    state["last_fired"] = torch.cat(fired, dim=1).clone()
-    return state
-
-
-@contextmanager
-def failures_as_errors(layout: Layout | None, where: Callable[[], str]) -> Iterator[None]:
-    """Turn a failed collective (a rank died, a timeout, torchrun's SIGTERM) into one clear CltraceError.
-
-    `where()` says what to do next (the last checkpoint and how to resume).
-    """
-    if layout is None:
-        yield
-        return
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - filtered just below
-        if isinstance(exc, CltraceError) and not isinstance(exc, RankFailure):
-            raise
-        if not is_collective_failure(exc):
-            raise
-        what = str(exc) if isinstance(exc, RankFailure) else (
-            f"rank {layout.rank}/{layout.world} lost contact with another rank ({_first_line(exc)})")
-        raise RankFailure(f"{what}; {where()}") from None
 
 
 __all__ = [

@@ -13,13 +13,18 @@ import torch
 
 from cltrace.atomic import atomic_write_text
 from cltrace.data.harvest import Harvester
+from cltrace.data.packing import model_packing
+from cltrace.data.sources import open_text_source
 from cltrace.data.store import ActivationStore, model_fingerprint
 from cltrace.errors import CltraceError
+from cltrace.eval import evaluate
+from cltrace.model import load_model
 from cltrace.model.load import LoadedModel
 from cltrace.train.config import TrainConfig
 from cltrace.train.data import ActivationSource, HarvestSource, StoreSource
 from cltrace.train.losses import transcoder_loss
-from cltrace.train.trainer import EVAL_FILE, TRANSCODER_DIR, Trainer
+from cltrace.train.run_dir import EVAL_FILE, TRANSCODER_DIR
+from cltrace.train.trainer import Trainer
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,8 @@ def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harves
     n = min(config.batch_tokens, x.shape[0])
     xb = x[:n] / x[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
     yb = y[:n] / y[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
-    # The first steps of a process are slow while the kernels for each shape are picked (about 10
-    # steps on a CPU): time steps for a few seconds and keep the fastest of the last three.
+    # The first steps of a process are slow while the kernels for each shape are picked: time steps
+    # for a few seconds and keep the fastest of the last three.
     times: list[float] = []
     deadline = time.perf_counter() + 4.0
     while len(times) < 3 or (len(times) < 12 and time.perf_counter() < deadline):
@@ -107,10 +112,6 @@ def train_transcoder(
     `model` (default: load `config.model`), `source` (default: open `config.source`) and `tokenize`
     (default: the model's tokenizer) may be given directly, e.g. in tests.
     """
-    from cltrace.data.packing import model_packing
-    from cltrace.data.sources import open_text_source
-    from cltrace.model import load_model
-
     out = Path(out_dir)
     if source is None:
         source = open_text_source(config.source, text_column=config.text_column)
@@ -142,8 +143,6 @@ def train_transcoder(
         return {"stopped_at_step": trainer.step}
     result: dict[str, Any] = {}
     if config.eval_tokens > 0:
-        from cltrace.eval import evaluate
-
         result = evaluate(model, folded, source, config.eval_tokens, n_ctx=config.n_ctx,
                           batch_size=config.harvest_batch, tokenize=tokenize,
                           heldout_fraction=config.heldout_fraction, split_seed=config.split_seed, bos_id=bos_id)

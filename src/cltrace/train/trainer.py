@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,12 +35,10 @@ import torch
 from cltrace.atomic import atomic_write, atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.locks import acquire, release
-from cltrace.resources import available_memory_bytes
 from cltrace.train.config import TrainConfig
+from cltrace.train.curves import plot_curves, read_metrics
 from cltrace.train.data import ActivationSource
 from cltrace.train.distributed import (
-    COMMON_FILE,
-    MANIFEST_FILE,
     FeatureShards,
     checkpoint_file,
     describe_checkpoint,
@@ -55,17 +52,20 @@ from cltrace.train.distributed import (
     remove_stale,
 )
 from cltrace.train.losses import transcoder_loss
+from cltrace.train.run_dir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TRANSCODER_DIR,
+    prepare_run_dir,
+    refuse_if_too_big,
+)
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-TRANSCODER_DIR = "transcoder"
-EVAL_FILE = "eval.json"
 CHECKPOINT_VERSION = 1
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.float32, "float64": torch.float64}  # weights / data
@@ -135,117 +135,6 @@ def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Ten
     return folded
 
 
-# -- run folder --------------------------------------------------------------------------------------
-
-#: Files a run writes through `cltrace.atomic` (a kill mid-write leaves `.NAME.XXXX.tmp` beside them).
-_ATOMIC_FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, EVAL_FILE, STATE_FILE, MANIFEST_FILE, COMMON_FILE)
-
-
-def is_debris(path: Path) -> bool:
-    """Whether `path` in a run folder (or its checkpoint folder) is what a killed write left behind:
-    a temporary file of one of the run's own files, or a transcoder directory being swapped in."""
-    name = path.name
-    if name.startswith((f".{TRANSCODER_DIR}.tmp-", f".{TRANSCODER_DIR}.old-")):
-        return True
-    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in _ATOMIC_FILES)
-
-
-def remove_debris(out: Path) -> None:
-    """Delete what killed writes left in the run folder `out` and its checkpoint folder.
-
-    Called only once `out` is known to be this run's folder, when the run starts or resumes: the
-    files are never read, but each one can be as large as a checkpoint or a transcoder.
-    """
-    for folder in (out, out / CHECKPOINT_DIR):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if is_debris(path):
-                log.info("removing %s (left by an interrupted run)", path)
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-
-
-def prepare_run_dir(out: Path, config: TrainConfig, resume: bool) -> bool:
-    """Check `out` may hold this run; write config.json. Returns whether a checkpoint exists to resume.
-
-    Refused: a file; a non-empty folder that is not a run folder; a run folder of another config
-    (whatever `resume` says); this run's folder without `resume` (nothing is overwritten). A run
-    folder that never reached its first checkpoint is reused as if new. A folder accepted loses the
-    temporary files of writes a kill interrupted (`remove_debris`); one holding nothing else (a run
-    killed while writing its first config.json) counts as empty.
-    """
-    if out.exists() and not out.is_dir():
-        raise CltraceError(f"output '{out}' is a file; give a folder for the run")
-    cfg_file = out / CONFIG_FILE
-    if out.is_dir() and not cfg_file.exists() and all(is_debris(p) for p in out.iterdir()):
-        remove_debris(out)  # a run killed while writing its config.json left only a temporary file
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg_file.is_file():
-            raise CltraceError(
-                f"output folder '{out}' is not empty and holds no training run; choose a new or empty folder"
-            )
-        try:
-            existing = TrainConfig.load(cfg_file)
-        except CltraceError as exc:
-            raise CltraceError(f"output folder '{out}' holds a run whose config cannot be read ({exc}); choose another folder") from None
-        started = has_checkpoint(out / CHECKPOINT_DIR) or (out / TRANSCODER_DIR).exists()
-        if not started:
-            # A run that failed before its first checkpoint (e.g. an empty text source) holds nothing
-            # worth keeping: start it afresh with the new config.
-            remove_debris(out)
-            atomic_write_text(cfg_file, config.to_json())
-            metrics = out / METRICS_FILE
-            if metrics.is_file():
-                metrics.unlink()
-            return False
-        if existing != config:
-            diff = [
-                f"{k}={getattr(existing, k)!r}->{getattr(config, k)!r}"
-                for k in config.to_dict()
-                if getattr(existing, k) != getattr(config, k)
-            ]
-            raise CltraceError(
-                f"output folder '{out}' holds another run (different config: {', '.join(diff[:4])}); "
-                "choose a new folder, or resume that run with its own config"
-            )
-        if not resume:
-            raise CltraceError(
-                f"output folder '{out}' already holds this run; pass --resume to continue it, or choose a new folder"
-            )
-        remove_debris(out)
-        return has_checkpoint(out / CHECKPOINT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_file, config.to_json())
-    return False
-
-
-def training_memory_bytes(config: TrainConfig, n_layers: int, d_model: int) -> int:
-    """A lower bound on training's memory, the model aside: the transcoder's weights, gradients and
-    Adam's two moments (four fp32 copies), the shuffle buffer of inputs and targets, one step's
-    pre-activations, activations and reconstructions."""
-    L, F, d = n_layers, config.n_features, d_model
-    decoder = F * d * L * (L + 1) // 2 if config.kind == "clt" else F * d * L + (L * d * d if config.skip else 0)
-    params = L * F * d + decoder + 3 * L * F + L * d
-    harvest_bytes = 2 if config.harvest_dtype in ("bfloat16", "float16") else 4
-    buffer = config.shuffle_contexts * config.n_ctx * L * d * 2 * harvest_bytes  # [tokens, layer, d] x and y
-    step = config.batch_tokens * L * (3 * F + 4 * d) * 4
-    return 16 * params + buffer + step
-
-
-def refuse_if_too_big(config: TrainConfig, n_layers: int, d_model: int) -> None:
-    """Refuse, before anything is written, a config whose training would not fit in available memory."""
-    need, available = training_memory_bytes(config, n_layers, d_model), available_memory_bytes()
-    if available is not None and need > available:
-        raise CltraceError(
-            f"training {config.n_features} features per layer on {n_layers} layers of width {d_model} needs at least "
-            f"{need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB available: lower n_features "
-            "(or shuffle_contexts, batch_tokens)"
-        )
-
-
 # -- trainer -----------------------------------------------------------------------------------------
 
 
@@ -303,8 +192,8 @@ class Trainer:
                 self.tc_config = self.tc.config
                 self.tc = None
             params = self.shards.parameters() if self.shards is not None else self.tc.parameters()
-            # fused: one kernel for all parameters, 3x faster than the per-tensor loop on the 68M decoder
-            # parameters of the default preset (0.03 s against 0.09 s a step on the 2-core CPU).
+            # fused: one kernel for all parameters, much faster than the per-tensor loop on a large
+            # decoder.
             self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), fused=True)
             self.step = 0
             self.tokens = 0
@@ -591,50 +480,6 @@ class Trainer:
         return tc.to(torch.float32) if self.config.dtype != "float32" else tc
 
 
-# -- curves ------------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
-def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Draw loss terms, NMSE, L0 and dead fraction against training tokens into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    if not rows:
-        return
-    tokens = [r["tokens"] for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    ax = axes[0, 0]
-    for key in ("total", "mse", "sparsity", "preact"):
-        ax.plot(tokens, [max(r[key], 1e-12) for r in rows], label=key)
-    ax.set_yscale("log")
-    ax.set_title("loss terms")
-    ax.legend()
-    axes[0, 1].plot(tokens, [r["nmse"] for r in rows])
-    axes[0, 1].set_title("NMSE (mean over layers, training batches)")
-    axes[1, 0].plot(tokens, [r["l0"] for r in rows])
-    axes[1, 0].set_title("L0 (mean active features per layer and token)")
-    axes[1, 1].plot(tokens, [r["dead_fraction"] for r in rows])
-    axes[1, 1].set_title("dead fraction")
-    from matplotlib.ticker import EngFormatter
-
-    for a in axes.flat:
-        a.set_xlabel("training tokens")
-        a.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, not 400000 running into its neighbour
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), what="training curves")
-    plt.close(fig)
 
 
 __all__ = [

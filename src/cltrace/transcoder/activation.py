@@ -95,6 +95,18 @@ class Activation(nn.Module):
         """
         return self(pre) != 0
 
+    def at_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """Activations [..., F] of layer `layer`'s features from their pre-activations pre [..., F].
+
+        ReLU and TopK act on each row of features alone, so one layer's row needs nothing else.
+        """
+        return self(pre)
+
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """θ [L, F] (or a scalar) of the pre-activation loss ReLU(θ − pre): the level a feature's
+        pre-activation must pass to fire; None where the loss does not apply (TopK)."""
+        return None
+
 
 class JumpReLU(Activation):
     """JumpReLU with a learned per-feature threshold θ [n_layers, n_features], kept in fp32.
@@ -124,6 +136,10 @@ class JumpReLU(Activation):
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLUFunction.apply(pre, self.threshold, self.bandwidth)
 
+    def at_layer(self, pre: torch.Tensor, layer: int) -> torch.Tensor:
+        """pre [..., F] · 1[pre > θ_layer], compared in fp32 as `forward` does."""
+        return _JumpReLUFunction.apply(pre, self.threshold[layer], self.bandwidth)
+
     def step(self, pre: torch.Tensor) -> torch.Tensor:
         """1[pre > θ] in pre's dtype, with the rectangle-kernel estimator for θ (for L0 losses)."""
         return _StepFunction.apply(pre, self.threshold, self.bandwidth)
@@ -133,6 +149,9 @@ class JumpReLU(Activation):
             # The kernel is nonzero for |pre − θ| < ε/2, and entries above the window are active.
             return pre > self.threshold - self.bandwidth / 2
         return pre > self.threshold
+
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.threshold
 
     def extra_repr(self) -> str:
         return f"n_layers={self.threshold.shape[0]}, n_features={self.threshold.shape[1]}, bandwidth={self.bandwidth}"
@@ -148,6 +167,9 @@ class ReLU(Activation):
 
     def support(self, pre: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
         return pre > 0
+
+    def preact_threshold(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype)
 
 
 class TopK(Activation):

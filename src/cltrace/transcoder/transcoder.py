@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,127 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltrace.errors import CltraceError
-from cltrace.transcoder.activation import ACTIVATIONS, Activation, make_activation
+from cltrace.transcoder.activation import Activation, make_activation
+from cltrace.transcoder.config import DTYPES, TranscoderConfig
+from cltrace.transcoder.kernels import DenseCltDecode, SparseMatmul
 
-KINDS = ("clt", "plt")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-INPUT_HOOKS = ("resid_mid",)
-OUTPUT_HOOKS = ("mlp_out",)
 THRESHOLD_INIT = 0.03
-
-
-@dataclass
-class TranscoderConfig:
-    """What a transcoder is: its shape, nonlinearity and the model sites it reads and writes."""
-
-    kind: str
-    """"clt" (a feature of layer l writes to layers l..L-1) or "plt" (it writes to layer l only)."""
-
-    n_layers: int
-    """Number of model layers covered, L; the transcoder reads and writes every one of them."""
-
-    d_model: int
-    """Width of the model's residual stream, d."""
-
-    n_features: int
-    """Number of features per layer, F (the transcoder has L·F features in all)."""
-
-    activation: str = "jumprelu"
-    """Feature nonlinearity: "jumprelu" (learned per-feature threshold), "relu" or "topk"."""
-
-    topk_k: int | None = None
-    """Features kept per layer and token when activation is "topk"; None otherwise."""
-
-    skip: bool = False
-    """PLT only: add a learned linear skip path, recon_l += x_l @ W_skip_l."""
-
-    model_id: str | None = None
-    """Identifier of the model the transcoder was trained on (hub id or local path), if known."""
-
-    input_hook: str = "resid_mid"
-    """Site read: the residual stream before the MLP's pre-norm."""
-
-    output_hook: str = "mlp_out"
-    """Site reconstructed: what the MLP block adds to the residual stream (after any post-norm)."""
-
-    dtype: str = "float32"
-    """Storage dtype of the weights ("float32", "bfloat16", "float16", "float64"); thresholds stay fp32."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise CltraceError naming the first impossible value."""
-
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise CltraceError(f"transcoder config: {message}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        require(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("n_layers", "d_model", "n_features"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
-        require(
-            self.activation in ACTIVATIONS,
-            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
-        )
-        if self.activation == "topk":
-            require(
-                is_int(self.topk_k) and 1 <= self.topk_k <= self.n_features,
-                f"topk_k must be an integer in [1, n_features={self.n_features}] for activation 'topk', "
-                f"got {self.topk_k!r}",
-            )
-        else:
-            require(self.topk_k is None, f"topk_k is only for activation 'topk'; set it to null (got {self.topk_k!r})")
-        require(isinstance(self.skip, bool), f"skip must be true or false, got {self.skip!r}")
-        require(not (self.skip and self.kind != "plt"), "skip is only supported for kind 'plt'; set skip to false")
-        require(
-            self.model_id is None or isinstance(self.model_id, str),
-            f"model_id must be a string or null, got {self.model_id!r}",
-        )
-        require(
-            self.input_hook in INPUT_HOOKS,
-            f"input_hook must be one of {', '.join(INPUT_HOOKS)}, got {self.input_hook!r}",
-        )
-        require(
-            self.output_hook in OUTPUT_HOOKS,
-            f"output_hook must be one of {', '.join(OUTPUT_HOOKS)}, got {self.output_hook!r}",
-        )
-        require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The weights' torch dtype."""
-        return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
-        """Build a config from `to_dict`'s output, rejecting unknown keys and impossible values."""
-        if not isinstance(data, dict):
-            raise CltraceError(f"transcoder config must be a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise CltraceError(
-                f"transcoder config: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(names)}"
-            )
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise CltraceError(f"transcoder config: missing key(s) {', '.join(missing)}")
-        return cls(**data)
 
 
 class SparseActivations(NamedTuple):
@@ -175,6 +59,7 @@ class Transcoder(nn.Module):
         self.activation: Activation = make_activation(
             config.activation, L, Fn, topk_k=config.topk_k, threshold_init=THRESHOLD_INIT
         )
+        self.W_skip: nn.Parameter | None = None  # a PLT's linear skip path, [L, d_in, d_out]
 
     # -- shape helpers ---------------------------------------------------------------------------
 
@@ -231,7 +116,41 @@ class Transcoder(nn.Module):
         rows, layers, features = self.activation.support(pre, with_grad=with_grad).nonzero(as_tuple=True)
         return SparseActivations(rows, layers, features, acts[rows, layers, features], x.shape[0])
 
+    def encode_layer_pre(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations [..., F] of layer `layer`'s features on that layer's input x [..., d]."""
+        return x.to(self.W_enc.dtype) @ self.W_enc[layer].T + self.b_enc[layer]  # [..., F]
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Activations [..., F] of layer `layer`'s features on that layer's input x [..., d]."""
+        return self.activation.at_layer(self.encode_layer_pre(layer, x), layer)
+
     # -- decoder ---------------------------------------------------------------------------------
+
+    def decode_layer(self, layer: int, acts: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction [..., d] of layer `layer`'s MLP output.
+
+        `acts[k]` [..., F] are the activations of layer k's features, for every k <= layer; `x`
+        [..., d] (layer `layer`'s input) is needed only by a PLT with a skip path.
+        """
+        raise NotImplementedError
+
+    def skip_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The skip path's part [..., d] of layer `layer`'s reconstruction, x [..., d] @ W_skip[layer]."""
+        if self.W_skip is None:
+            raise CltraceError("this transcoder has no skip path (only a PLT trained with skip has one)")
+        return x.to(self.W_skip.dtype) @ self.W_skip[layer]
+
+    def _skip_all(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """x [..., L, d] through every layer's skip path, the product in `dtype`: [..., L, d]."""
+        if x is None:
+            raise CltraceError("this transcoder has a skip path: pass the input x to decode")
+        self._check_input(x)
+        return torch.einsum("...li,lio->...lo", x.to(dtype), self.W_skip.to(dtype))  # [..., L, d]
+
+    def _add_skip(self, recon: torch.Tensor, x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.W_skip is None:
+            return recon
+        return recon + self._skip_all(x, dtype or self.W_skip.dtype).to(recon.dtype)
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Dense reconstruction [..., L, d] of every layer's MLP output from acts [..., L, F].
@@ -257,6 +176,41 @@ class Transcoder(nn.Module):
         index_add, so the cost scales with n (not F) and gradients reach W_dec and `values`.
         `x` [n_rows, L, d] is needed only by a PLT with a skip path.
         """
+        raise NotImplementedError
+
+    def decode_dense(self, acts: torch.Tensor, x: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+        """`decode(acts, x)` for acts [N, L, F] with the products in `compute_dtype` and the sums in
+        the weights' dtype: the training loss's dense path."""
+        raise NotImplementedError
+
+    def decode_sparse_matmul(
+        self,
+        rows: torch.Tensor,
+        layers: torch.Tensor,
+        features: torch.Tensor,
+        values: torch.Tensor,
+        n_rows: int,
+        x: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`decode_sparse`'s reconstruction [n_rows, L, d] and gradients, for training.
+
+        Each source layer's decode is one sparse-dense product (see `SparseMatmul`) instead of a
+        gather of every active feature's decoder rows, which needs n_active x L x d memory. Entries
+        must be in row-major order (as `nonzero` gives them).
+        """
+        values = values.to(self.b_dec.dtype)
+        outs = []  # per source layer l: [n_rows, n_out(l)·d]
+        for l in range(self.n_layers):
+            at = (layers == l).nonzero().squeeze(1)
+            r, f, v = rows.index_select(0, at), features.index_select(0, at), values.index_select(0, at)
+            crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+            crow[1:] = torch.bincount(r, minlength=n_rows).cumsum(0)
+            weight = self.W_dec[l].reshape(self.n_features, -1)  # [F, n_out(l)·d]
+            outs.append(SparseMatmul.apply(v, weight, crow, f, r, n_rows))
+        return self._add_skip(self._place(outs, n_rows) + self.b_dec, x)
+
+    def _place(self, outs: list[torch.Tensor], n_rows: int) -> torch.Tensor:
+        """[n_rows, L, d] from each source layer's decoded output [n_rows, n_out(l)·d]."""
         raise NotImplementedError
 
     def _check_sparse(
@@ -372,6 +326,23 @@ class CrossLayerTranscoder(Transcoder):
             recon = recon + F.pad(out, (0, 0, l, 0))  # placed at target layers l..L-1
         return recon
 
+    def decode_layer(self, layer: int, acts: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.b_dec[layer].expand(*acts[layer].shape[:-1], self.d_model)  # [..., d]
+        for k in range(layer + 1):
+            out = out + acts[k] @ self.W_dec[k][:, layer - k, :]
+        return out
+
+    def decode_dense(self, acts: torch.Tensor, x: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+        flat = DenseCltDecode.apply(acts, compute_dtype, *self.W_dec)  # [N, L·d]
+        return flat.view(acts.shape[0], self.n_layers, self.d_model) + self.b_dec
+
+    def _place(self, outs: list[torch.Tensor], n_rows: int) -> torch.Tensor:
+        d = self.d_model
+        recon_flat = outs[0]  # [n_rows, L·d]: target layer j occupies columns j·d:(j+1)·d
+        for l, out in enumerate(outs[1:], start=1):
+            recon_flat = recon_flat + F.pad(out, (l * d, 0))  # layer l writes to layers l..L-1
+        return recon_flat.view(n_rows, self.n_layers, d)
+
     def decode_sparse(
         self,
         rows: torch.Tensor,
@@ -400,8 +371,7 @@ class CrossLayerTranscoder(Transcoder):
 
     def decoder_norms(self) -> torch.Tensor:
         # ‖W_dec,i‖ over all target layers: the norm runs over [L - l, d]. vector_norm rather than
-        # pow-sum-sqrt: its backward is one pass over the decoders instead of three (training spent
-        # 0.1 s of a 0.53 s step here at the default preset's size).
+        # pow-sum-sqrt: its backward is one pass over the decoders instead of three.
         return torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in self.W_dec])  # [L, F]
 
     def decoder_vectors(self, layer: int, features: torch.Tensor) -> torch.Tensor:
@@ -427,18 +397,26 @@ class PerLayerTranscoder(Transcoder):
         super().__init__(config)
         L, Fn, d, dtype = config.n_layers, config.n_features, config.d_model, config.torch_dtype
         self.W_dec = nn.Parameter(torch.zeros(L, Fn, d, dtype=dtype))
-        self.W_skip = nn.Parameter(torch.zeros(L, d, d, dtype=dtype)) if config.skip else None
+        if config.skip:
+            self.W_skip = nn.Parameter(torch.zeros(L, d, d, dtype=dtype))
 
     def _decoder_parameters(self) -> list[nn.Parameter]:
         return [self.W_dec]
 
-    def _add_skip(self, recon: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        if self.W_skip is None:
-            return recon
-        if x is None:
-            raise CltraceError("this transcoder has a skip path: pass the input x to decode")
-        self._check_input(x)
-        return recon + torch.einsum("...li,lio->...lo", x.to(self.W_skip.dtype), self.W_skip)  # [..., L, d]
+    def decode_layer(self, layer: int, acts: Sequence[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+        out = acts[layer] @ self.W_dec[layer] + self.b_dec[layer]  # [..., d]
+        if self.W_skip is not None:
+            if x is None:
+                raise CltraceError("this transcoder has a skip path: pass the layer's input x to decode_layer")
+            out = out + self.skip_layer(layer, x)
+        return out
+
+    def decode_dense(self, acts: torch.Tensor, x: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+        products = torch.einsum("nlf,lfd->nld", acts.to(compute_dtype), self.W_dec.to(compute_dtype))  # [N, L, d]
+        return self._add_skip(products.to(self.b_dec.dtype) + self.b_dec, x, compute_dtype)
+
+    def _place(self, outs: list[torch.Tensor], n_rows: int) -> torch.Tensor:
+        return torch.stack(outs, dim=1)  # [n_rows, L, d]
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         self._check_acts(acts)

@@ -1,0 +1,168 @@
+"""Commands that produce and score a transcoder: `train`, `harvest`, `eval`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cltrace.cli.common import (
+    SOURCE_HELP,
+    ModelOption,
+    NCtxOption,
+    OldTranscoderArgument,
+    SourceOption,
+    TranscoderOption,
+    app,
+    deprecated,
+    transcoder_given,
+)
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.3 h) or 'tiny'.")] = "default",
+    model: ModelOption = None,
+    source: Annotated[
+        Optional[str], typer.Option("--source", "-s", help=SOURCE_HELP)
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config, checkpoint, metrics, curves, transcoder, eval).")] = Path("cltrace-run"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A config.json to start from instead of a preset.")] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set n_features=256.")
+    ] = None,
+    store: Annotated[
+        Optional[Path], typer.Option("--store", help="Train from this activation store (`cltrace harvest`); its model, text and n_ctx are used.")
+    ] = None,
+    feature_parallel: Annotated[
+        int, typer.Option("--feature-parallel", min=0, help="Under torchrun: ranks sharing each layer's features (0: all; the rest split the data).")
+    ] = 0,
+    dist_timeout: Annotated[
+        float, typer.Option("--dist-timeout", min=1.0, help="Under torchrun: seconds a rank waits for a silent rank before stopping.")
+    ] = 600.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a cross-layer (or per-layer) transcoder and evaluate it on held-out text (`torchrun ... -m cltrace train`: sharded)."""
+    from cltrace.train import TrainConfig, parse_override, train_transcoder
+    from cltrace.train import preset as get_preset
+    from cltrace.train.distributed import init_layout
+
+    layout = init_layout(feature_parallel or None, dist_timeout)  # None unless started by torchrun
+    echo = typer.echo if layout is None or layout.is_main else (lambda text: None)  # rank 0 speaks for all
+
+    if resume and config is None and (out / "config.json").is_file():
+        cfg = TrainConfig.load(out / "config.json")
+    else:
+        cfg = TrainConfig.load(config) if config is not None else get_preset(preset)
+    changes = dict(parse_override(o) for o in overrides or [])
+    if model is not None:
+        changes["model"] = model
+    if source is not None:
+        changes["source"] = source
+    if store is not None:  # the store's model, text and packing, unless given explicitly (then checked)
+        from cltrace.train.run import store_defaults
+
+        changes = {**store_defaults(store), **changes}
+    cfg = cfg.with_overrides(changes)
+    echo(
+        f"training a {cfg.kind.upper()} of {cfg.n_features} features per layer on {cfg.model} with text {cfg.source}: "
+        f"{cfg.total_steps} steps of {cfg.batch_tokens} tokens -> {out}"
+    )
+    if layout is not None:
+        echo(f"sharded over {layout.describe()}")
+    # the estimate times one unsharded step: skipped on several ranks
+    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=layout is None, echo=echo)
+    if result:
+        from cltrace.eval import format_table
+
+        echo(format_table(result))
+    echo(f"transcoder: {out / 'transcoder'}")
+    if layout is not None:
+        from cltrace.train.distributed import shutdown
+
+        shutdown()
+
+
+class StoreDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ComputeDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@app.command()
+def harvest(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The activation store folder (new, or one to resume or extend).")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Training tokens to store in all (BOS positions not counted).")],
+    model: ModelOption = None,
+    source: SourceOption = "default",
+    text_column: Annotated[str, typer.Option("--text-column", help="Column/field holding the text (.jsonl, .parquet, hf:).")] = "text",
+    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Dtype of the stored activations.")] = StoreDtype.bfloat16,
+    compute_dtype: Annotated[
+        ComputeDtype, typer.Option("--compute-dtype", help="Dtype of the model's matrix products (bfloat16: faster, ~3% noise).")
+    ] = ComputeDtype.float32,
+    n_ctx: NCtxOption = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
+    shard_contexts: Annotated[Optional[int], typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
+    heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of documents held out (never stored).")] = 0.01,
+    mix_contexts: Annotated[int, typer.Option(
+        "--mix-contexts", min=1, help="Store the contexts in shuffled pools of this many (1: in text order), so that training "
+        "reads mixed text (as `cltrace train` does when it harvests on the fly).")] = 4096,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Harvest every layer's transcoder inputs and targets into a sharded activation store (resumes and extends OUT)."""
+    from cltrace.data.sources import open_text_source
+    from cltrace.data.store import harvest_to_store
+    from cltrace.model import load_model
+
+    text = open_text_source(source, text_column=text_column)
+    loaded = load_model(model)
+    st = harvest_to_store(
+        loaded, text, out, tokens, model_spec=model or "default", source_spec=source, text_column=text_column,
+        n_ctx=n_ctx, dtype=dtype.value, harvest_dtype=compute_dtype.value, shard_contexts=shard_contexts,
+        harvest_batch=batch_size, heldout_fraction=heldout_fraction, mix_contexts=mix_contexts, progress=not quiet,
+    )
+    note = " (the text ran out: that is all of it)" if st.manifest["source_exhausted"] else ""
+    typer.echo(
+        f"{out}: {st.tokens:,} tokens{note} of {st.n_layers} layers in {len(st.shards)} shards, "
+        f"{st.disk_bytes() / 2**30:.2f} GiB ({st.disk_bytes() / max(1, st.tokens) / 1024:.1f} KiB per token, {dtype.value})"
+    )
+
+
+@app.command(name="eval")
+def eval_command(
+    old_transcoder: OldTranscoderArgument = None,
+    transcoder: TranscoderOption = None,
+    model: ModelOption = None,
+    source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
+    n_ctx: NCtxOption = 128,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
+    old_json: Annotated[Optional[Path], typer.Option("--json", hidden=True)] = None,
+) -> None:
+    """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
+    import json
+
+    from cltrace.atomic import atomic_write_text, check_writable
+    from cltrace.eval import evaluate, format_table
+    from cltrace.model import load_model
+    from cltrace.train.default import resolve_transcoder
+    from cltrace.transcoder import load_transcoder
+
+    transcoder = transcoder_given(transcoder, old_transcoder)
+    json_out = deprecated(out, old_json, "--json", "-o/--out")
+    if json_out is not None:
+        check_writable(json_out, "evaluation JSON")  # a bad -o fails now, not after the evaluation
+    tc = load_transcoder(resolve_transcoder(transcoder, model))
+    loaded = load_model(model)
+    result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
+    typer.echo(format_table(result))
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n", "evaluation JSON")
+        typer.echo(f"wrote {json_out}")

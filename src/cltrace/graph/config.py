@@ -1,0 +1,90 @@
+"""How an attribution graph is computed: `AttributionConfig`, whose fields carry their own defaults,
+bounds and help text (the command line and the server read them from here). Light to import: no model
+stack (transformers), so that `cltrace --help` stays fast."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from cltrace.errors import CltraceError
+from cltrace.fields import check_bounds
+from cltrace.resources import available_memory_bytes
+
+
+@dataclass
+class AttributionConfig:
+    """How an attribution graph is computed."""
+
+    max_feature_nodes: int = dataclasses.field(default=7500, metadata={"min": 0})
+    """At most this many feature nodes (rows); active features beyond it are left out of the graph
+    and their effect goes into the targets' constant terms."""
+
+    batch_size: int = dataclasses.field(default=32, metadata={"min": 1})
+    """Target rows per backward pass (copies of the prompt in the one batched forward): memory
+    grows with it as batch × positions × layers × d_model."""
+
+    max_n_logits: int = 10
+    """With no targets given: at most this many logit targets."""
+
+    desired_logit_prob: float = 0.95
+    """With no targets given: the most probable tokens until their cumulative probability reaches this."""
+
+    update_interval: int = 4
+    """Feature rows are chosen in rounds of update_interval × batch_size, re-estimating every
+    feature's influence on the logits between rounds."""
+
+    progress: bool = True
+    """Show a progress bar (tqdm, on stderr)."""
+
+    decoder_cache_bytes: int = 256 << 20
+    """Keep the active features' decoders, padded per group of positions and slot, when they take at
+    most this many bytes; beyond it they are gathered from a table of the active ones on each pass
+    (100 tokens: 0.66 GB not held, for about a tenth more time)."""
+
+    pass_memory_bytes: int = 2 << 30
+    """The batched frozen forward and one backward pass are kept under about this many bytes: on long
+    prompts the batch shrinks below batch_size (memory per copy grows with positions × layers × d_model).
+    At 1,024 tokens on the default model that is 15 copies: 30 took 20% more time a row and all the
+    memory that 15 leave free."""
+
+    max_memory_bytes: int | None = None
+    """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: the
+    memory the kernel says is available when the graph starts)."""
+
+    recompute_rows: bool | None = None
+    """Keep the visited rows in bfloat16 for the influence ordering only and compute the graph's
+    edges again, exactly, in a second pass (about twice the backward work, a quarter of the row
+    memory with half the bytes per entry and only the graph's columns kept). None: only when fp32
+    rows would not fit in the memory limit (long prompts)."""
+
+    def validate(self) -> None:
+        """Raise CltraceError naming the first impossible value."""
+        out_of_bounds = check_bounds(self)  # the fields' own bounds, shared with the CLI and the server
+        checks = [
+            (out_of_bounds is None, out_of_bounds or ""),
+            (isinstance(self.max_n_logits, int) and self.max_n_logits >= 1, "max_n_logits must be an integer >= 1"),
+            (0 < self.desired_logit_prob <= 1, "desired_logit_prob must be in (0, 1]"),
+            (isinstance(self.update_interval, int) and self.update_interval >= 1, "update_interval must be an integer >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CltraceError(f"attribution config: {message}")
+
+    def memory_limit(self) -> int | None:
+        """The bytes a graph may take: max_memory_bytes, else what is available now (None: unknown)."""
+        return self.max_memory_bytes if self.max_memory_bytes is not None else available_memory_bytes()
+
+
+
+def resolve_config(config: AttributionConfig | None, **overrides: object) -> AttributionConfig:
+    """A validated copy of `config` (default: AttributionConfig()) with the overrides that are not None."""
+    cfg = dataclasses.replace(config) if config is not None else AttributionConfig()
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.validate()
+    return cfg
+
+
+__all__ = ["AttributionConfig", "resolve_config"]
