@@ -17,7 +17,7 @@ from cltrace.features.global_weights import (
     read_global_weights,
     write_global_weights,
 )
-from cltrace.features.store import SCHEMA, connect
+from cltrace.features.database import SCHEMA, connect
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 

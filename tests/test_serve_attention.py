@@ -20,7 +20,7 @@ from cltrace.serve import create_app  # noqa: E402
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, dict[str, Path]]:
     folder = build_folder(tmp_path_factory.mktemp("served_attention"))
     app = create_app(folder["root"], loader=lambda _metadata: replacement())
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
         yield client, folder
 
 

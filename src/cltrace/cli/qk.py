@@ -44,7 +44,7 @@ def qk(
     edge: Annotated[
         Optional[str], typer.Option("--edge", help="SOURCE,TARGET node ids of the graph: also show the edge's heads.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the JSON.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the JSON.")] = None,
 ) -> None:
     """Decompose a head's attention scores at a query position into (query node, key node) pairs."""
     from cltrace.atomic import atomic_write_text, check_writable

@@ -29,7 +29,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.fingerprint import transcoder_fingerprint
-from cltrace.features.store import connect, read_meta
+from cltrace.features.database import connect, read_meta
 from cltrace.transcoder import Transcoder
 
 KINDS = ("virtual", "target_weighted")
