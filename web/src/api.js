@@ -26,4 +26,6 @@ export const api = {
   intervene: (path, body) => call("POST", `/api/graph/intervene?${q({ path })}`, body),
   newGraph: (body) => call("POST", "/api/jobs", body),
   job: (id) => call("GET", `/api/jobs/${encodeURIComponent(id)}`),
+  heads: (path, source, target) => call("GET", `/api/graph/heads?${q({ path, source, target })}`),
+  qk: (path, layer, head, query, key) => call("GET", `/api/graph/qk?${q({ path, layer, head, query, key })}`),
 };

@@ -3,6 +3,7 @@
 import "./style.css";
 import { api } from "./api.js";
 import { GraphView } from "./graphview.js";
+import { headsBox } from "./heads.js";
 import {
   applyClick, describe as describeNode, describeIntervention, fmt, interventionSpecs, jobProgress, newIntervention,
   pageKey, percent, quotedTokens, relabel, searchMatches, selectedFeatures, shade, togglePinned, visibleText,
@@ -182,7 +183,8 @@ function renderNodePanel() {
   const parts = [el("h3", {}, describe(n)), el("div", { class: "muted" }, `${n.id} · activation ${fmt(n.activation)} · influence ${fmt(n.influence)}`), buttons];
   if (n.kind === "feature") parts.push(labelEditor(n));
   const { inputs, outputs } = view.neighbours(n.id);
-  parts.push(el("h3", {}, "Strongest inputs"), edgeTable(inputs), el("h3", {}, "Strongest outputs"), edgeTable(outputs));
+  parts.push(el("h3", {}, "Strongest inputs"), edgeTable(inputs, n, "in"), el("h3", {}, "Strongest outputs"), edgeTable(outputs, n, "out"));
+  parts.push(el("div", { id: "heads-panel" }));
   const pageBox = el("div", { id: "feature-page" });
   parts.push(pageBox);
   panel.replaceChildren(...parts);
@@ -212,8 +214,13 @@ function labelEditor(n) {
   return el("div", { class: "row" }, input, el("button", { id: "label-save", type: "button", onclick: save }, "Save label"));
 }
 
-function edgeTable(list) {
+function edgeTable(list, focus, direction) {
   if (!list.length) return el("p", { class: "muted" }, "none in the pruned graph");
+  // an edge across positions went through attention: its heads, and why they attend, on request
+  const showHeads = (node) => {
+    const [source, target] = direction === "in" ? [node, focus] : [focus, node];
+    $("heads-panel").replaceChildren(headsBox(el, state.path, source, target, target.kind === "logit" ? null : target.pos));
+  };
   return el(
     "table",
     {},
@@ -223,6 +230,9 @@ function edgeTable(list) {
         {},
         el("td", {}, el("button", { class: "link", type: "button", onclick: () => focusNode(node.id) }, describe(node).slice(0, 48))),
         el("td", { class: `num ${weight < 0 ? "neg" : "pos"}` }, fmt(weight)),
+        el("td", {}, node.pos !== focus.pos
+          ? el("button", { class: "link heads-link", type: "button", onclick: () => showHeads(node) }, "heads")
+          : null),
       ),
     ),
   );

@@ -13,8 +13,12 @@ import typer
 
 # each module registers its commands on `app` when imported, in the order `--help` lists them
 from cltrace.cli import features, graphs, interventions, pipeline, tools  # noqa: F401, I001
+from cltrace.cli import global_weights, qk
 from cltrace.cli.common import app
 from cltrace.errors import CltraceError
+
+app.command("qk")(qk.qk)
+features.features_app.command("global-weights")(global_weights.global_weights_command)
 
 __all__ = ["app", "main"]
 

@@ -94,11 +94,16 @@ def features_show(
 ) -> None:
     """Print a feature's page: label, density, what it promotes, and the contexts where it fires."""
     from cltrace.features import FeatureStore
+    from cltrace.features.global_weights import format_global_weights, read_global_weights
     from cltrace.features.show import format_page, parse_feature
 
     layer, index = parse_feature(feature)
-    with FeatureStore(store_path(db, transcoder)) as store:
+    path = store_path(db, transcoder)
+    with FeatureStore(path) as store:
         typer.echo(format_page(store.page(layer, index), n_top=top, n_samples=samples, activations=activations))
+    weights = read_global_weights(path, layer, index)
+    if weights:
+        typer.echo(format_global_weights(weights))
 
 
 @features_app.command("label")

@@ -35,6 +35,7 @@ from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve import security
+from cltrace.serve.attention import add_attention_routes
 from cltrace.serve.jobs import MAX_RUNNING, Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
@@ -264,7 +265,7 @@ def create_app(
         return _intervene(workspace, models, path, body)
 
     _add_job_routes(app, jobs)
-
+    add_attention_routes(app, workspace, models)
     _add_page(app)
     return app
 

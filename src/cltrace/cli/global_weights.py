@@ -1,0 +1,51 @@
+"""`cltrace features global-weights`: a transcoder's global weights, into its feature store.
+
+A plain function with typer annotations; the command line registers it under `features`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def global_weights_command(
+    transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default'.")],
+    db: Annotated[Path, typer.Option("--db", "-d", help="The transcoder's feature store (SQLite file).")] = Path("features.db"),
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local directory or .gguf file.")] = None,
+    source: Annotated[str, typer.Option("--source", "-s", help="Text for the co-activation statistics ('default', a file or folder, hf:NAME).")] = "default",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=0, help="Tokens of co-activation statistics; 0: virtual weights only.")] = 20_000,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per batch.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000, help="Partners kept per feature and direction.")] = 10,
+) -> None:
+    """Compute every feature's strongest upstream and downstream features by global weight and store them."""
+    from cltrace.data import open_text_source
+    from cltrace.data.harvest import Harvester
+    from cltrace.data.packing import model_packing, pack_batches
+    from cltrace.features.global_weights import (
+        check_store,
+        gather_coactivation,
+        global_weights,
+        write_global_weights,
+    )
+    from cltrace.model import load_model
+    from cltrace.train.default import resolve_transcoder
+    from cltrace.transcoder import load_transcoder
+
+    t0 = time.perf_counter()
+    tc = load_transcoder(resolve_transcoder(transcoder, model))
+    check_store(db, tc)  # before the long part
+    stats = None
+    if tokens:
+        loaded = load_model(model)
+        tokenize, pack = model_packing(loaded, n_ctx, batch_size, split="train", heldout_fraction=0.0)
+        batches = (batch.tokens for batch in pack_batches(open_text_source(source), tokenize, pack))
+        stats = gather_coactivation(tc, batches, Harvester(loaded, first_position=1), tokens)
+        typer.echo(f"co-activation statistics over {stats.n_tokens:,} tokens ({time.perf_counter() - t0:.1f} s)")
+    weights = global_weights(tc, top_k=top_k, coactivation=stats)
+    n = write_global_weights(db, tc, weights)
+    typer.echo(f"wrote {n:,} global weights to {db} ({time.perf_counter() - t0:.1f} s)")
