@@ -125,7 +125,7 @@ class _EdgeAssembly:
             frozen = self.rm.frozen(run, slots, zeros, live_skip=self.live_skip, logits_to_keep=1)
             sl, sp, sf = self.f_layer[selected], self.f_pos[selected], self.f_feat[selected]
             resid = frozen.resid_mid[:, sp, sl].float()  # [2, n_sel, d]
-            feat = (resid * self.W_enc[sl, sf].float()).sum(-1) + self.b_enc[sl, sf].float()  # [2, n_sel]
+            feat = tc.feature_pre_activations(resid, sl, sf)  # [2, n_sel]
             logits = frozen.logits[:, -1].float()
             logit = torch.stack([torch.stack([t.value(logits[k]) for t in self.targets]) for k in range(2)])
         return feat[0], feat[1], logit[0], logit[1]

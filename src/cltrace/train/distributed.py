@@ -60,8 +60,9 @@ from cltrace.train.checkpoint import (
     read_checkpoint,
     remove_stale,
 )
-from cltrace.train.losses import dense_decode, loss_terms, sparse_decode
+from cltrace.train.losses import loss_terms
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, make_transcoder
+from cltrace.transcoder.transcoder import skip_all
 
 
 class ShardedTranscoder(nn.Module):
@@ -148,20 +149,20 @@ def sharded_loss(
         rows, layers, features = tc.activation.support(pre, with_grad=True).nonzero(as_tuple=True)
         values = acts[rows, layers, features]  # [n]
         with torch.autocast(x.device.type, enabled=False):
-            partial = sparse_decode(tc, rows, layers, features, values, N)  # [N, L, d], local b_dec is zero
+            partial = tc.decode_sparse_matmul(rows, layers, features, values, N)  # [N, L, d], local b_dec is zero
         sparsity_sum = torch.tanh(sparsity_c * norms[layers, features] * values).sum()
         compute = shard.b_dec.dtype
     elif decode == "dense":
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else shard.b_dec.dtype
         with torch.autocast(x.device.type, enabled=False):
-            partial = dense_decode(tc, acts, None, compute)  # [N, L, d]
+            partial = tc.decode_dense(acts, None, compute)  # [N, L, d]
         sparsity_sum = torch.tanh(sparsity_c * norms * acts).sum()
     else:
         raise CltraceError(f"decode must be 'sparse' or 'dense', got {decode!r}")
     recon = (_SumOverRanks.apply(partial, group) if n_ranks > 1 else partial) + shard.b_dec  # [N, L, d]
     if shard.W_skip is not None:
         # the skip path is replicated: added once, after the sum, in the same dtype as one process does
-        recon = recon + torch.einsum("nli,lio->nlo", x.to(compute), shard.W_skip.to(compute)).to(shard.b_dec.dtype)
+        recon = recon + skip_all(x, shard.W_skip, compute).to(shard.b_dec.dtype)
 
     return loss_terms(tc, pre, acts, norms, recon, y, sparsity_sum, sparsity_lambda, preact_lambda)
 

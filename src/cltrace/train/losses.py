@@ -24,24 +24,6 @@ from cltrace.errors import CltraceError
 from cltrace.transcoder import Transcoder
 
 
-def dense_decode(tc: Transcoder, acts: torch.Tensor, x: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """`tc.decode_dense` as a function (the feature-sharded loss of `cltrace.train.distributed` calls it)."""
-    return tc.decode_dense(acts, x, compute_dtype)
-
-
-def sparse_decode(
-    tc: Transcoder,
-    rows: torch.Tensor,
-    layers: torch.Tensor,
-    features: torch.Tensor,
-    values: torch.Tensor,
-    n_rows: int,
-    x: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`tc.decode_sparse_matmul` as a function (the feature-sharded loss of `cltrace.train.distributed` calls it)."""
-    return tc.decode_sparse_matmul(rows, layers, features, values, n_rows, x)
-
-
 def transcoder_loss(
     tc: Transcoder,
     x: torch.Tensor,
@@ -129,4 +111,4 @@ def loss_terms(
     }
 
 
-__all__ = ["dense_decode", "loss_terms", "sparse_decode", "transcoder_loss"]
+__all__ = ["loss_terms", "transcoder_loss"]

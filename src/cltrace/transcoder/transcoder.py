@@ -30,6 +30,11 @@ from cltrace.transcoder.kernels import DenseCltDecode, SparseMatmul
 THRESHOLD_INIT = 0.03
 
 
+
+def skip_all(x: torch.Tensor, W_skip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., L, d] through every layer's linear skip path W_skip [L, d, d], the product in `dtype`: [..., L, d]."""
+    return torch.einsum("...li,lio->...lo", x.to(dtype), W_skip.to(dtype))
+
 class SparseActivations(NamedTuple):
     """Active features of a flattened batch as flat index tensors (all of length n_active)."""
 
@@ -145,7 +150,12 @@ class Transcoder(nn.Module):
         if x is None:
             raise CltraceError("this transcoder has a skip path: pass the input x to decode")
         self._check_input(x)
-        return torch.einsum("...li,lio->...lo", x.to(dtype), self.W_skip.to(dtype))  # [..., L, d]
+        return skip_all(x, self.W_skip, dtype)
+
+    def feature_pre_activations(self, x: torch.Tensor, layers: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Pre-activations [..., n] in fp32 of the n features (layers[i], features[i]) at inputs x [..., n, d]."""
+        w = self.W_enc[layers, features].float()  # [n, d]
+        return (x.float() * w).sum(-1) + self.b_enc[layers, features].float()
 
     def _add_skip(self, recon: torch.Tensor, x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.W_skip is None:
