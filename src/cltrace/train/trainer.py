@@ -63,6 +63,7 @@ from cltrace.train.run_dir import (
     refuse_if_too_big,
 )
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
+from cltrace.transcoder.fold import fold_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -105,34 +106,6 @@ def estimate_scales(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
     sx = math.sqrt(d) / x.double().norm(dim=-1).mean(0).clamp_min(1e-12)
     sy = math.sqrt(d) / y.double().norm(dim=-1).mean(0).clamp_min(1e-12)
     return sx.float(), sy.float()
-
-
-def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Tensor) -> Transcoder:
-    """A copy of `tc` (trained on x·scale_x → y·scale_y) that maps raw x to raw y.
-
-    Encoder columns of layer l are multiplied by scale_x[l] (the pre-activations, and so the
-    thresholds and activations, are unchanged); decoders towards layer j and b_dec[j] are divided
-    by scale_y[j]; a PLT skip matrix of layer l is multiplied by scale_x[l] / scale_y[l].
-    """
-    folded = Transcoder.random(tc.config)  # right class and shapes; every tensor is overwritten
-    folded.load_state_dict(tc.state_dict())
-    sx = scale_x.to(torch.float64)
-    sy = scale_y.to(torch.float64)
-    L = tc.n_layers
-    with torch.no_grad():
-        def scaled(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return (t.to(torch.float64) * s).to(t.dtype)
-
-        folded.W_enc.copy_(scaled(tc.W_enc, sx[:, None, None]))
-        folded.b_dec.copy_(scaled(tc.b_dec, 1 / sy[:, None]))
-        if tc.config.kind == "clt":
-            for l in range(L):
-                folded.W_dec[l].copy_(scaled(tc.W_dec[l], 1 / sy[l:][None, :, None]))
-        else:
-            folded.W_dec.copy_(scaled(tc.W_dec, 1 / sy[:, None, None]))
-            if folded.W_skip is not None:
-                folded.W_skip.copy_(scaled(tc.W_skip, (sx / sy)[:, None, None]))
-    return folded
 
 
 # -- trainer -----------------------------------------------------------------------------------------
