@@ -279,7 +279,7 @@ class FeatureStore:
             [t for w in windows for t in w[5]] + [t for t, _ in promoted_l] + [t for t, _ in suppressed_l] + [t for t, _ in inputs_l]
         )
         top, samples = [], []
-        for kind, rank, cid, pos, act, toks, acts, mark in windows:
+        for kind, _rank, cid, pos, act, toks, acts, mark in windows:
             ex = Example(cid, pos, act, toks, [vocab[t] for t in toks], acts, mark, None if kind == "top" else int(kind[1:]))
             (top if kind == "top" else samples).append(ex)
         samples.sort(key=lambda e: (e.band, e.act))
