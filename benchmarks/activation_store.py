@@ -97,12 +97,12 @@ def main() -> None:
         for compute in args.compute_dtypes.split(","):
             bf16 = compute == "bfloat16"
 
-            def forward() -> None:
+            def forward(bf16: bool = bf16) -> None:
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     for chunk in ids.split(cfg.harvest_batch):
                         loaded.model(input_ids=chunk, use_cache=False)
 
-            def to_store() -> None:
+            def to_store(compute: str = compute) -> None:
                 shutil.rmtree(store_dir, ignore_errors=True)
                 harvest_to_store(loaded, source, store_dir, args.contexts * positions, model_spec="default",
                                  source_spec="default", n_ctx=cfg.n_ctx, dtype=args.dtype, harvest_dtype=compute,

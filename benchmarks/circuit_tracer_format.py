@@ -34,6 +34,7 @@ from cltrace.transcoder import Transcoder, TranscoderConfig, load_transcoder, sa
 RESULTS = Path(__file__).resolve().parent / "results" / "circuit_tracer_format.json"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
+
 PIP_PACKAGES = [
     "torch==2.13.0",
     "circuit-tracer==0.5.0",

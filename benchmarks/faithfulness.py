@@ -166,8 +166,8 @@ def run_prompt(rm, prompt: str, args: argparse.Namespace, index: int) -> dict:
     """Everything measured on one prompt (see the module docstring)."""
     from cltrace.graph.attribution import attribute
     from cltrace.graph.graph import NodeKind
-    from cltrace.graph.prune import node_influence
     from cltrace.graph.predict import predict_effects
+    from cltrace.graph.prune import node_influence
     from cltrace.replacement.interventions import Intervention, intervene_batch
 
     model = rm.model
@@ -205,7 +205,7 @@ def run_prompt(rm, prompt: str, args: argparse.Namespace, index: int) -> dict:
         sets[f"random_graph{d}"] = ablation(in_graph, matched_random(top_acts, in_graph, top_keys, generator))
     for d in range(args.draws):
         sets[f"random_active{d}"] = ablation(active, matched_random(top_acts, active, top_keys, generator))
-    for i, n in enumerate(top_nodes):
+    for i, _node in enumerate(top_nodes):
         sets[f"single{i}"] = sets["top10"][i : i + 1]
 
     t1 = time.perf_counter()

@@ -108,11 +108,10 @@ def main() -> None:
     parser.add_argument("--max-feature-nodes", type=int, default=1000, help="feature nodes kept by attribution")
     parser.add_argument("--out", type=Path, default=None, help="folder for the run and the graph (default: a temp dir)")
     args = parser.parse_args()
-    from cltrace.model import load_model
-    from cltrace.replacement import ReplacementModel
-
     from cltrace.cache import cache_dir
+    from cltrace.model import load_model
     from cltrace.model.load import PACKAGED
+    from cltrace.replacement import ReplacementModel
 
     t0 = time.perf_counter()
     cached = (cache_dir() / "models" / PACKAGED[MODEL].name / "model.safetensors").is_file()

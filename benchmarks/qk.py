@@ -65,7 +65,7 @@ def main() -> int:
                 # from scratch: the capture and the layer's decoder sums, then the decomposition
                 "cold_s": _median_s(lambda layer=layer: qk_attribution(rm, run, layer, 0, q)),
                 # another head or query of a layer already asked about: the decomposition alone
-                "warm_s": _median_s(lambda layer=layer: qk_attribution(rm, run, layer, 1, q, sites=sites)),
+                "warm_s": _median_s(lambda layer=layer, sites=sites: qk_attribution(rm, run, layer, 1, q, sites=sites)),
                 "query_nodes": len(result.query_nodes),
                 "key_nodes": [len(key.key_nodes) for key in result.keys],
             }

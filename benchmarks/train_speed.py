@@ -73,7 +73,7 @@ def main() -> None:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loaded.model(input_ids=ids[:2], use_cache=False)  # warm-up
                 t_fwd = best_of(lambda: [loaded.model(input_ids=c, use_cache=False) for c in ids.split(cfg.harvest_batch)], args.repeats)
-            t_h = best_of(lambda: h.harvest(ids), args.repeats)
+            t_h = best_of(lambda h=h: h.harvest(ids), args.repeats)
             harvest[name] = {
                 "forward_tokens_per_s": round(n_tok / t_fwd, 1),
                 "harvest_tokens_per_s": round(n_tok / t_h, 1),
@@ -122,7 +122,7 @@ def main() -> None:
             tc.load_state_dict(saved)
             step(decode, bf16)  # warm-up
             tc.load_state_dict(saved)
-            t = best_of(lambda: step(decode, bf16), args.repeats)
+            t = best_of(lambda decode=decode, bf16=bf16: step(decode, bf16), args.repeats)
             n = x.shape[0] if decode == "dense" else sparse_tokens
             training[f"{decode}_{dtype}_tokens_per_s"] = round(n / t, 1)
             print(f"training {decode} {dtype}: {n / t:.0f} tokens/s ({t:.2f} s per {n}-token step)", flush=True)

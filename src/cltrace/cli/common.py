@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -39,7 +39,7 @@ def decoded_prompt(prompt: str) -> str:
 
 
 ModelOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--model", "-m", help="Hub id, local directory or .gguf file; default: SmolLM2-135M-Instruct."),
 ]
 
@@ -50,13 +50,13 @@ NCtxOption = Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per cont
 TRANSCODER_HELP = "A transcoder directory (native or circuit-tracer), or 'default' (the default CLT, trained on first use)."
 
 #: The transcoder where a command needs one given (`-t`); None until `transcoder_given` checks it.
-TranscoderOption = Annotated[Optional[Path], typer.Option("--transcoder", "-t", help=TRANSCODER_HELP)]
+TranscoderOption = Annotated[Path | None, typer.Option("--transcoder", "-t", help=TRANSCODER_HELP)]
 
 #: The positional spelling some commands took before `-t` (kept working for one release).
-OldTranscoderArgument = Annotated[Optional[Path], typer.Argument(hidden=True, show_default=False)]
+OldTranscoderArgument = Annotated[Path | None, typer.Argument(hidden=True, show_default=False)]
 
 #: The `--output` spelling of `-o/--out` (kept working for one release).
-OldOutputOption = Annotated[Optional[Path], typer.Option("--output", hidden=True)]
+OldOutputOption = Annotated[Path | None, typer.Option("--output", hidden=True)]
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,10 +25,10 @@ features_app = typer.Typer(
 )
 app.add_typer(features_app, name="features")
 
-FeatureDbOption = Annotated[Optional[Path], typer.Option(
+FeatureDbOption = Annotated[Path | None, typer.Option(
     "--db", "-d", help="The feature store (SQLite file); default: ./features.db where there is one, else the store "
     "`cltrace trace` built for -t.", show_default=False)]
-ReadTranscoderOption = Annotated[Optional[Path], typer.Option(
+ReadTranscoderOption = Annotated[Path | None, typer.Option(
     "--transcoder", "-t", help="Read the feature store `cltrace trace` built for this transcoder ('default': the "
     "default CLT's) when --db is not given.", show_default="default")]
 DEFAULT_DB = Path("features.db")
@@ -154,11 +154,11 @@ def features_stats(db: FeatureDbOption = None, transcoder: ReadTranscoderOption 
 
 @features_app.command("export")
 def features_export(
-    old_out: Annotated[Optional[Path], typer.Argument(hidden=True, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write features/{scan}/{feature}.json into.")] = None,
+    old_out: Annotated[Path | None, typer.Argument(hidden=True, show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to write features/{scan}/{feature}.json into.")] = None,
     db: FeatureDbOption = None,
     transcoder: ReadTranscoderOption = None,
-    scan: Annotated[Optional[str], typer.Option("--scan", help="The scan name graphs refer to (default: the model).")] = None,
+    scan: Annotated[str | None, typer.Option("--scan", help="The scan name graphs refer to (default: the model).")] = None,
 ) -> None:
     """Export every feature page as the JSON files circuit-tracer's front end reads."""
     from cltrace.features.export import export_feature_files

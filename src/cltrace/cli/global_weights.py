@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ import typer
 def global_weights_command(
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default'.")],
     db: Annotated[Path, typer.Option("--db", "-d", help="The transcoder's feature store (SQLite file).")] = Path("features.db"),
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local directory or .gguf file.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, local directory or .gguf file.")] = None,
     source: Annotated[str, typer.Option("--source", "-s", help="Text for the co-activation statistics ('default', a file or folder, hf:NAME).")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=0, help="Tokens of co-activation statistics; 0: virtual weights only.")] = 20_000,
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,

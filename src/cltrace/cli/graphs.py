@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -19,11 +19,11 @@ MaxFeatureNodesOption = Annotated[int, config_option(AttributionConfig, "max_fea
 def attribute(
     prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the graph file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the graph file.")] = None,
     old_output: OldOutputOption = None,
     model: ModelOption = None,
     target: Annotated[
-        Optional[list[str]], typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
+        list[str] | None, typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
     ] = None,
     max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
     batch_size: Annotated[int, config_option(AttributionConfig, "batch_size", "--batch-size")] = field_default(
@@ -38,7 +38,7 @@ def attribute(
         bool, typer.Option("--dry-run", help="Print the estimated time and peak memory, and stop before computing.")
     ] = False,
     max_memory: Annotated[
-        Optional[float],
+        float | None,
         typer.Option("--max-memory", min=0.1, max=1e9, help="Refuse up front a graph estimated to need more GB (default: available RAM)."),
     ] = None,
 ) -> None:
@@ -109,7 +109,9 @@ def _echo_scores(targets: list[dict[str, Any]], result: Any) -> None:
 @app.command()
 def trace(
     prompt: Annotated[str, typer.Argument(help="The text whose next token to explain.", callback=decoded_prompt)],
-    transcoder: Annotated[str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")] = "default",
+    transcoder: Annotated[
+        str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")
+    ] = "default",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.safetensors, graph.png and report.txt.")] = Path("cltrace-trace"),
     model: ModelOption = None,
     features: Annotated[
@@ -157,10 +159,10 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     graph: Annotated[Path, typer.Argument(help="A graph file written by `cltrace attribute`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the JSON file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the JSON file.")] = None,
     old_output: OldOutputOption = None,
     format: Annotated[ExportFormat, typer.Option("--format", help="The schema to write.")] = ExportFormat.neuronpedia,
-    slug: Annotated[Optional[str], typer.Option("--slug", help="The graph's name in the front end.")] = None,
+    slug: Annotated[str | None, typer.Option("--slug", help="The graph's name in the front end.")] = None,
     node_threshold: Annotated[float, typer.Option("--node-threshold", min=0.0, max=1.0)] = 0.8,
     edge_threshold: Annotated[float, typer.Option("--edge-threshold", min=0.0, max=1.0)] = 0.98,
 ) -> None:

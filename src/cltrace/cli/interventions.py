@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -19,7 +19,7 @@ def predict(
     model: ModelOption = None,
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 10,
     transcoder: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--transcoder", "-t", help="Also run the local replacement model with this transcoder ('default': the default CLT)."),
     ] = None,
 ) -> None:
@@ -65,7 +65,7 @@ def intervene(
     prompt: Annotated[str, typer.Argument(help="The text to run the model on.", callback=decoded_prompt)],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default' (the default CLT, trained on first use).")],
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--set",
             help="LAYER:FEATURE[@POS]=VALUE to set, or =xFACTOR to scale; POS: 4, 2-5 or 2- (open-ended: also "
@@ -77,7 +77,7 @@ def intervene(
         InterventionMode, typer.Option("--mode", help="iterative: downstream features recomputed; constrained: held.")
     ] = InterventionMode.iterative,
     layers: Annotated[
-        Optional[str], typer.Option("--layers", help="LO-HI: the layers whose features constrained mode holds (default all).")
+        str | None, typer.Option("--layers", help="LO-HI: the layers whose features constrained mode holds (default all).")
     ] = None,
     freeze_attention: Annotated[
         bool, typer.Option("--freeze-attention/--free-attention", help="Replay the prompt's attention patterns and norms.")
@@ -85,10 +85,10 @@ def intervene(
     generate: Annotated[int, typer.Option("--generate", "-g", min=0, max=512, help="Greedy tokens to generate.")] = 0,
     top: Annotated[int, typer.Option("--top", "-k", min=1, max=100, help="How many tokens to show.")] = 5,
     supernodes: Annotated[
-        Optional[Path], typer.Option("--supernodes", help="A supernodes JSON file whose names --set may use.")
+        Path | None, typer.Option("--supernodes", help="A supernodes JSON file whose names --set may use.")
     ] = None,
     graph: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--graph", help="A graph of this prompt: also show its predicted change beside the measured one."),
     ] = None,
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,19 +23,21 @@ from cltrace.cli.common import (
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.3 h) or 'tiny'.")] = "default",
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="Starting config: 'default' (about 30 min here), 'quality' (about 2.3 h) or 'tiny'.")
+    ] = "default",
     model: ModelOption = None,
     source: Annotated[
-        Optional[str], typer.Option("--source", "-s", help=SOURCE_HELP)
+        str | None, typer.Option("--source", "-s", help=SOURCE_HELP)
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config, checkpoint, metrics, curves, transcoder, eval).")] = Path("cltrace-run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A config.json to start from instead of a preset.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A config.json to start from instead of a preset.")] = None,
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set n_features=256.")
+        list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set n_features=256.")
     ] = None,
     store: Annotated[
-        Optional[Path], typer.Option("--store", help="Train from this activation store (`cltrace harvest`); its model, text and n_ctx are used.")
+        Path | None, typer.Option("--store", help="Train from this activation store (`cltrace harvest`); its model, text and n_ctx are used.")
     ] = None,
     feature_parallel: Annotated[
         int, typer.Option("--feature-parallel", min=0, help="Under torchrun: ranks sharing each layer's features (0: all; the rest split the data).")
@@ -109,7 +111,7 @@ def harvest(
     ] = ComputeDtype.float32,
     n_ctx: NCtxOption = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
-    shard_contexts: Annotated[Optional[int], typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
+    shard_contexts: Annotated[int | None, typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
     heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of documents held out (never stored).")] = 0.01,
     mix_contexts: Annotated[int, typer.Option(
         "--mix-contexts", min=1, help="Store the contexts in shuffled pools of this many (1: in text order), so that training "
@@ -143,8 +145,8 @@ def eval_command(
     source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
     n_ctx: NCtxOption = 128,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
-    old_json: Annotated[Optional[Path], typer.Option("--json", hidden=True)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
+    old_json: Annotated[Path | None, typer.Option("--json", hidden=True)] = None,
 ) -> None:
     """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
     import json

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -36,15 +36,15 @@ def qk(
     layer: Annotated[int, typer.Option("--layer", "-l", help="The attention layer.")],
     head: Annotated[int, typer.Option("--head", help="The (query) head.")],
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default'.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local directory or .gguf file.")] = None,
-    query: Annotated[Optional[int], typer.Option("--query", help="The query position (default: the last).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Hub id, local directory or .gguf file.")] = None,
+    query: Annotated[int | None, typer.Option("--query", help="The query position (default: the last).")] = None,
     keys: Annotated[int, typer.Option("--keys", min=1, help="Key positions to decompose, most attended first.")] = 3,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="Pairs shown per key position.")] = 10,
-    graph: Annotated[Optional[Path], typer.Option("--graph", help="The prompt's graph: the JSON goes beside it.")] = None,
+    graph: Annotated[Path | None, typer.Option("--graph", help="The prompt's graph: the JSON goes beside it.")] = None,
     edge: Annotated[
-        Optional[str], typer.Option("--edge", help="SOURCE,TARGET node ids of the graph: also show the edge's heads.")
+        str | None, typer.Option("--edge", help="SOURCE,TARGET node ids of the graph: also show the edge's heads.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the JSON.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the JSON.")] = None,
 ) -> None:
     """Decompose a head's attention scores at a query position into (query node, key node) pairs."""
     from cltrace.atomic import atomic_write_text, check_writable

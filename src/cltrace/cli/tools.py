@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,16 +29,24 @@ def serve(
         str, typer.Option("--host", help="The interface to bind; anything but 127.0.0.1 exposes the app to others.")
     ] = "127.0.0.1",
     features: Annotated[
-        Optional[Path], typer.Option("--features", help="Feature store for the graphs (default: a matching *.db in the folder; 'auto': the one `cltrace trace` built for --transcoder).")
+        Path | None,
+        typer.Option("--features", help="Feature store for the graphs (default: a matching *.db in the folder; "
+                     "'auto': the one `cltrace trace` built for --transcoder)."),
     ] = None,
     model: ModelOption = None,
     transcoder: Annotated[
-        Optional[Path], typer.Option("--transcoder", "-t", help="Transcoder for interventions and new graphs (default: the graph's; 'default': the default CLT).")
+        Path | None,
+        typer.Option("--transcoder", "-t", help="Transcoder for interventions and new graphs (default: the graph's; 'default': the default CLT)."),
     ] = None,
     token: Annotated[
-        Optional[str], typer.Option("--token", envvar="CLTRACE_TOKEN", help="Require this token on every request (default: none on loopback, a new one printed with the URL beyond it).")
+        str | None,
+        typer.Option("--token", envvar="CLTRACE_TOKEN",
+                     help="Require this token on every request (default: none on loopback, a new one printed with the URL beyond it)."),
     ] = None,
-    max_jobs: Annotated[Optional[int], typer.Option("--max-jobs", min=1, max=64, help="New graphs queued or running at once; more are refused until one ends (default: a few).")] = None,
+    max_jobs: Annotated[
+        int | None,
+        typer.Option("--max-jobs", min=1, max=64, help="New graphs queued or running at once; more are refused until one ends (default: a few)."),
+    ] = None,
 ) -> None:
     """Explore attribution graphs in the browser: a local web app (graph view, feature pages, interventions)."""
     from cltrace.serve import app as serve_app  # the web stack loads only for this command
@@ -74,9 +82,9 @@ class Format(str, Enum):
 @app.command()
 def convert(
     old_src: OldTranscoderArgument = None,
-    old_dst: Annotated[Optional[Path], typer.Argument(hidden=True, show_default=False)] = None,
+    old_dst: Annotated[Path | None, typer.Argument(hidden=True, show_default=False)] = None,
     transcoder: TranscoderOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the converted transcoder (a new directory).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the converted transcoder (a new directory).")] = None,
     to: Annotated[Format, typer.Option("--to", help="The format to write.")] = Format.native,
     force: Annotated[bool, typer.Option("--force", help="Replace the -o folder if it already holds files.")] = False,
 ) -> None:
@@ -100,7 +108,7 @@ def convert(
 
 
 @app.command()
-def info(model: Annotated[Optional[str], typer.Argument(help="Hub id, local directory or .gguf file.")] = None) -> None:
+def info(model: Annotated[str | None, typer.Argument(help="Hub id, local directory or .gguf file.")] = None) -> None:
     """Show a model's family and dimensions."""
     from cltrace.model import load_model
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from cltrace.errors import CltraceError
-from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.features.database import connect, read_meta
+from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.transcoder import Transcoder
 
 KINDS = ("virtual", "target_weighted")

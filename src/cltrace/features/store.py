@@ -113,11 +113,11 @@ class FeatureStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise CltraceError(f"feature store '{path}' does not exist: build it with `cltrace features build`")
-        self.conn = None
+        self._conn: sqlite3.Connection | None = None
         key = _identity(self.path)
         checked = not verify or _VERIFIED.get(key, False)
         try:
-            self.conn = connect(self.path, wal=False)
+            self._conn = connect(self.path, wal=False)
             bad = ["ok"] if checked else [str(r[0]) for r in self.conn.execute("PRAGMA quick_check(3)")]
             if bad != ["ok"]:
                 said = " ".join("; ".join(bad).split())[:200]  # its report spans lines
@@ -169,7 +169,7 @@ class FeatureStore:
             and isinstance(params.get("hist_edges"), list) and meta.get("status") in ("building", "complete")
             and is_int(meta.get("tokens", 0)) and is_int(meta.get("contexts", 0))
         )
-        if not ok:
+        if not ok or not isinstance(cfg, dict):
             raise self._damaged("its meta table holds malformed values")
         self.n_layers, self.n_features = int(cfg["n_layers"]), int(cfg["n_features"])
         # Pages are checked against the seal only when it is current: not while a build rewrites it.
@@ -189,10 +189,17 @@ class FeatureStore:
         except sqlite3.Error as exc:
             raise self._damaged(first_line(exc)) from None
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The open database connection."""
+        if self._conn is None:
+            raise CltraceError(f"feature store '{self.path}' could not be opened: open it again with FeatureStore(path)")
+        return self._conn
+
     def close(self) -> None:
         """Close the database connection."""
-        if self.conn is not None:
-            self.conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def __enter__(self) -> FeatureStore:  # noqa: PYI034 - Self needs Python 3.11
         return self
@@ -278,8 +285,9 @@ class FeatureStore:
         vocab = self.texts(
             [t for w in windows for t in w[5]] + [t for t, _ in promoted_l] + [t for t, _ in suppressed_l] + [t for t, _ in inputs_l]
         )
-        top, samples = [], []
-        for kind, rank, cid, pos, act, toks, acts, mark in windows:
+        top: list[Example] = []
+        samples: list[Example] = []
+        for kind, _rank, cid, pos, act, toks, acts, mark in windows:
             ex = Example(cid, pos, act, toks, [vocab[t] for t in toks], acts, mark, None if kind == "top" else int(kind[1:]))
             (top if kind == "top" else samples).append(ex)
         samples.sort(key=lambda e: (e.band, e.act))

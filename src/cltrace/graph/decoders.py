@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.transcoder.transcoder import Transcoder
 
 
 @dataclass
@@ -56,6 +57,14 @@ def _dot_per_position(grad: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor
 
 class _SlotDecoding:
     """Slot decoder tables of one graph's computation (mixed into `cltrace.graph.attribution._Attribution`)."""
+
+    # set by `_Attribution.__init__`
+    tc: Transcoder
+    device: torch.device
+    n_pos: int
+    n_layers: int
+    d: int
+    max_rank: int
 
     def _slot_decoders(
         self, t: int, layers: torch.Tensor, positions: torch.Tensor, features: torch.Tensor, rank: torch.Tensor

@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
+from cltrace.graph.state import _AttributionState
 
 
-class _EdgeAssembly:
+class _EdgeAssembly(_AttributionState):
     """The graph's edges, constants and metadata (mixed into `cltrace.graph.attribution._Attribution`)."""
 
     def _free_forward(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.graph.state import _AttributionState
 
 #: Memory of the batched forward and one backward pass, per row of the batch, in [pos, layer, d_model]
 #: fp32 tensors: the forward keeps neither its inputs nor its resid_mid outputs.
@@ -92,7 +93,7 @@ def _matmul_rate() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0)
 
 
-class _Estimating:
+class _Estimating(_AttributionState):
     """The estimate of one graph's computation (mixed into `cltrace.graph.attribution._Attribution`)."""
 
     @property

@@ -9,6 +9,7 @@ module tree, and says how each norm computes, so that `freeze` can hold its deno
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -29,7 +30,7 @@ class Adapter:
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         """The decoder layers, bottom to top."""
-        return list(model.get_submodule(self.layers))
+        return list(cast(nn.ModuleList, model.get_submodule(self.layers)))
 
     def mlp_input_module(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.mlp_in)

@@ -22,11 +22,11 @@ import contextvars
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from cltrace.errors import CltraceError
@@ -109,7 +109,7 @@ AttentionMaskInterface.register(FROZEN_ATTENTION, eager_mask)
 
 def norm_scale(kind: NormKind, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The norm's data-dependent denominator, 1/rms or 1/std, as [..., 1] in fp32."""
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    eps = cast(float, getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6))
     x = x.float()
     if kind == "layer":
         return torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
@@ -121,14 +121,15 @@ def frozen_norm(kind: NormKind, module: nn.Module, x: torch.Tensor, scale: torch
     xf = x.float()
     if kind == "layer":
         out = (xf - xf.mean(-1, keepdim=True)) * scale
-        if module.weight is not None:
-            out = out * module.weight.float()
-        if module.bias is not None:
-            out = out + module.bias.float()
+        weight, bias = cast(torch.Tensor | None, module.weight), cast(torch.Tensor | None, module.bias)  # a LayerNorm's
+        if weight is not None:
+            out = out * weight.float()
+        if bias is not None:
+            out = out + bias.float()
         return out.type_as(x)
     if kind == "rms_offset":  # Gemma: (1 + w), multiplied in fp32
-        return (xf * scale * (1.0 + module.weight.float())).type_as(x)
-    return module.weight * (xf * scale).type_as(x)  # Llama, Qwen: cast, then weight
+        return (xf * scale * (1.0 + cast(torch.Tensor, module.weight).float())).type_as(x)
+    return cast(torch.Tensor, module.weight) * (xf * scale).type_as(x)  # Llama, Qwen: cast, then weight
 
 
 def _frozen_norm_forward(kind: NormKind):
@@ -152,8 +153,8 @@ def freeze(model: nn.Module, norms: dict[nn.Module, NormKind], state: FreezeStat
     `norms` maps each norm module to its kind (the family adapter knows which). Everything is put
     back on exit, so the model is never left half-frozen.
     """
-    config = model.config
-    previous_impl = config._attn_implementation
+    config = cast(PretrainedConfig, model.config)  # a transformers model
+    previous_impl = cast(str, config._attn_implementation)
     token = _ACTIVE.set(state)
     swapped: list[nn.Module] = []
     try:

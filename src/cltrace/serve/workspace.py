@@ -208,7 +208,7 @@ class Workspace:
         nodes = []
         n = shown.nodes
         logit_rank = 0
-        for i, (nid, kind, layer, pos, feat, tok, act, prob, inf) in enumerate(zip(
+        for _i, (nid, kind, layer, pos, feat, tok, act, prob, inf) in enumerate(zip(
             shown.node_ids(), n.kind.tolist(), n.layer.tolist(), n.pos.tolist(), n.feature.tolist(), n.token.tolist(),
             _round_sig(n.activation), n.probability.tolist(), infl.tolist(),
         )):
