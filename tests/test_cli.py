@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from helpers.cli import assert_one_line_error, run_cli
 
 from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
 

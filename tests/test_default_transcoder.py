@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, tiny_model
-from test_train import write_text
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.models import tiny_model
+from helpers.train import write_text
 
 from cltrace.data.sources import FileSource
 from cltrace.errors import CltraceError

@@ -27,7 +27,7 @@ import torch
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
-from test_train import Planted  # noqa: E402
+from helpers.train import Planted  # noqa: E402
 
 from cltrace.train import TrainConfig, Trainer  # noqa: E402
 from cltrace.train.distributed import ShardedTranscoder, feature_slice, read_checkpoint, sharded_loss  # noqa: E402
@@ -342,9 +342,6 @@ def test_four_rank_checkpoint_resumes_on_two_and_one_and_a_killed_rank_stops_the
     assert_same_curve(got[6:], ref_metrics[6:], keys)
 
 
-
-
-
 # -- the command line: `-m cltrace train` on 2 ranks, `torchrun -m cltrace attribute` ---------------------
 
 
@@ -369,8 +366,7 @@ def run_main(*args: str) -> int:
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama with a word-level tokenizer saved as a model folder, a folder of text, and a
     one-process `cltrace train` of CLI_TRAIN on them (the ground truth)."""
-    from conftest import tiny_model
-    from test_attribution import tiny_tokenizer
+    from helpers.models import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"

@@ -37,8 +37,8 @@ from hypothesis.errors import Unsatisfiable
 
 fastapi = pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
+from helpers.serve import build_folder, replacement  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
-from test_serve import build_folder, replacement  # noqa: E402
 
 from cltrace.graph.graph import Graph, NodeKind  # noqa: E402
 from cltrace.serve import create_app  # noqa: E402

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, run_cli, tiny_model
+from helpers.cli import run_cli
+from helpers.models import char_tokenizer, tiny_model
 
 from cltrace.features.views import token_views
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
