@@ -572,6 +572,7 @@ def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(m
         attribute(rm, prompt_ids(), config=exact)
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
     from helpers.cli import assert_one_line_error, run_cli
     from helpers.graphs import rewrite_header

@@ -263,6 +263,7 @@ def check(command: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> 
     return "error", out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_any_arguments_end_in_a_clean_exit(command: str, sandbox: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,6 +30,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return crash_safety.run(list(crash_safety.OPS), POINTS, work, seed=0, log=lambda _: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", crash_safety.OPS)
 def test_killed_operation_reruns_to_the_uninterrupted_output(figures: dict[str, Any], op: str) -> None:
     r = figures["ops"][op]

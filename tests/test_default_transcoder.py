@@ -53,6 +53,7 @@ def count_steps(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> 
     return steps
 
 
+@pytest.mark.slow
 def test_first_use_trains_and_caches_then_loads(tiny_default: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     cfg = preset("tiny")
@@ -82,6 +83,7 @@ def test_first_use_trains_and_caches_then_loads(tiny_default: dict[str, Any], mo
     assert torch.equal(converted.W_enc, tc.W_enc)
 
 
+@pytest.mark.slow
 def test_interrupted_first_run_resumes(tiny_default: dict[str, Any], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = preset("tiny")

@@ -275,6 +275,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transcode
     return out, tc
 
 
+@pytest.mark.slow
 def test_four_rank_checkpoint_resumes_on_two_and_one_and_a_killed_rank_stops_the_rest(
     tmp_path: Path, reference: tuple[Path, Transcoder]
 ) -> None:
@@ -383,6 +384,7 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": model_dir, "text": text, "one": one, "root": root}
 
 
+@pytest.mark.slow
 def test_cli_train_on_two_ranks_matches_one_process(tmp_path: Path, tiny_setup: dict[str, Path]) -> None:
     out = tmp_path / "two"
     args = ("train", "--model", str(tiny_setup["model"]), "--source", str(tiny_setup["text"]), "--out", str(out), *CLI_TRAIN)
@@ -399,6 +401,7 @@ def test_cli_train_on_two_ranks_matches_one_process(tmp_path: Path, tiny_setup: 
     assert a["nmse_mean"] == pytest.approx(b["nmse_mean"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_attribute_on_two_ranks_gives_the_one_process_graph(tmp_path: Path, tiny_setup: dict[str, Path]) -> None:
     from cltrace.graph.graph import Graph
 

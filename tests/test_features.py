@@ -174,6 +174,7 @@ def _meta_tokens(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_and_is_never_corrupt(loaded, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the killed process, so that the two compute the same floats
@@ -340,6 +341,7 @@ def test_refuses_to_overwrite_other_files(loaded, tmp_path: Path) -> None:
         assert store.stats()["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_cli_build_and_show_on_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`cltrace features build` then `show`, on the default model with a tiny random CLT."""
     from cltrace.transcoder import save_transcoder

@@ -122,6 +122,7 @@ def test_store_round_trip(tmp_path: Path) -> None:
         write_global_weights(tmp_path / "missing.db", tc, global_weights(tc))
 
 
+@pytest.mark.slow
 def test_cli_global_weights_on_a_feature_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`cltrace features build`, then `features global-weights` (with co-activation statistics), then
     `features show`: the page lists the feature's inputs and outputs by both global weights."""

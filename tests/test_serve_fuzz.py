@@ -232,6 +232,7 @@ def assert_only_accepted_writes(app: Any, root: Path, before: dict[str, str]) ->
     assert not unexpected, unexpected
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_server_error(fuzz_root: Path, one_thread: None) -> None:
     app = create_app(fuzz_root, loader=lambda _metadata: replacement())
     server, url = start_in_thread(app)

@@ -162,6 +162,7 @@ HARVEST_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_harvest_resumes_to_the_same_store(tmp_path: Path) -> None:
     tokens = POS * 20  # 20 contexts: 7 shards
     write_text(tmp_path / "docs.txt")

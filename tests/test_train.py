@@ -195,6 +195,7 @@ def _run(script: Path, out: Path, cfg: TrainConfig, mode: str, resume: bool = Fa
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_weights(tmp_path: Path) -> None:
     text = write_text(tmp_path / "docs.txt")
     script = tmp_path / "train.py"
@@ -335,6 +336,7 @@ def test_bf16_dense_training_runs_and_learns(tmp_path: Path) -> None:
 # -- bad input on the command line: one line each, and an earlier run left as it was ---------------
 
 
+@pytest.mark.slow
 def test_cli_bad_training_input_is_one_line_and_keeps_the_earlier_run(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from helpers.cli import assert_one_line_error, run_cli
