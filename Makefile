@@ -12,7 +12,7 @@ DEMO_DIR ?= demo
 PORT ?= 8000
 SERVE ?= 1
 
-.PHONY: setup test demo gemma3 clean
+.PHONY: setup test test-fast demo gemma3 clean
 
 setup: $(STAMP) $(CORPUS_STAMP) $(WEB_APP) $(CHROMIUM_STAMP)
 
@@ -53,6 +53,10 @@ test: setup
 	cd web && npm run --silent lint && npm test
 	PYTHONPATH=src $(BIN)/lint-imports
 	$(BIN)/python -m pytest tests
+
+# The quick loop while developing: every test but those marked slow (`make test` still runs them all).
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
 
 # Trace the prompt with the default CLT (trained into the user cache on the first run, resuming if
 # stopped), print the report, draw the graph, then serve the interactive view (SERVE=0: don't).

@@ -68,13 +68,13 @@ from cltrace.errors import CltraceError  # noqa: E402
 OPS = ("train", "harvest", "features", "graph")
 #: Modules the fork server imports once, so that each child starts in a fraction of a second.
 PRELOAD = ["torch", "transformers", "safetensors.torch", "cltrace.train", "cltrace.data.store", "cltrace.features.build",
-           "cltrace.graph.graph", "cltrace.eval", "matplotlib.pyplot", "conftest", "test_train", "test_store",
-           "test_features"]
+           "cltrace.graph.graph", "cltrace.eval", "matplotlib.pyplot", "helpers.models", "helpers.train",
+           "helpers.store", "helpers.features"]
 GRAPH_FILE = "g.safetensors"
 FEATURES_FILE = "features.db"
 STORE_CONTEXTS = 90  # 30 shards of 3 contexts
 FEATURE_TOKENS = 12 * 4 * 15  # 12 batches of 4 contexts of 15 analysed positions
-FEATURE_TOKENS_EXTENDED = 16 * 4 * 15  # the whole corpus of test_features: the damage checks extend to it
+FEATURE_TOKENS_EXTENDED = 16 * 4 * 15  # the whole corpus of helpers.features: the damage checks extend to it
 WINDOW = 1.25  # kills are spread over this multiple of the reference run's duration (see run_op)
 GRAPH_EDGES = 1_500_000  # about 30 MB: a save long enough to be killed in every part of it
 
@@ -88,7 +88,7 @@ class Inconsistent(Exception):
 
 def train_config() -> Any:
     """The training run: the tiny llama, 150 steps, a checkpoint every 4, a final evaluation."""
-    from test_train import resume_config
+    from helpers.train import resume_config
 
     return resume_config().with_overrides({"total_tokens": 16 * 150, "checkpoint_every": 4})
 
@@ -118,8 +118,8 @@ def synthetic_graph(seed: int, n_edges: int = GRAPH_EDGES) -> Any:
 def _prepare(op: str, work: Path, out: Path, resume: bool) -> Callable[[], Any]:
     """Build what `op` needs (model, data) and return the call that performs it."""
     if op == "train":
-        from conftest import tiny_model
-        from test_store import tok
+        from helpers.models import tiny_model
+        from helpers.store import tok
 
         from cltrace.data.sources import FileSource
         from cltrace.train import train_transcoder
@@ -129,17 +129,17 @@ def _prepare(op: str, work: Path, out: Path, resume: bool) -> Callable[[], Any]:
         return lambda: train_transcoder(cfg, out, resume=resume, model=model, tokenize=tok, source=source,
                                         progress=False, bos_id=0)
     if op == "harvest":
-        import test_store
-        from conftest import tiny_model
+        from helpers import store as helper_store
+        from helpers.models import tiny_model
 
         model = tiny_model("llama")
-        return lambda: test_store.harvest(work, out, test_store.POS * STORE_CONTEXTS, model=model)
+        return lambda: helper_store.harvest(work, out, helper_store.POS * STORE_CONTEXTS, model=model)
     if op == "features":
-        import test_features
-        from conftest import tiny_model
+        from helpers import features as helper_features
+        from helpers.models import tiny_model
 
-        model, tc = tiny_model("llama"), test_features.transcoder(seed=3)
-        return lambda: test_features.build(model, tc, out / FEATURES_FILE, FEATURE_TOKENS, checkpoint_batches=1)
+        model, tc = tiny_model("llama"), helper_features.transcoder(seed=3)
+        return lambda: helper_features.build(model, tc, out / FEATURES_FILE, FEATURE_TOKENS, checkpoint_batches=1)
     if op == "graph":
         new = synthetic_graph(seed=2)
         return lambda: new.save(out / GRAPH_FILE)
@@ -399,7 +399,7 @@ def after_kill(op: str, out: Path, ref: dict[str, Any], old: dict[str, Any] | No
 
 def setup(work: Path) -> None:
     """The inputs every operation reads: the text, and the old graph that a save overwrites."""
-    from test_train import write_text
+    from helpers.train import write_text
 
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "docs.txt").exists():
@@ -558,15 +558,15 @@ _EXTENSION: dict[str, Any] = {}
 
 def _extend_features(out: Path) -> Any:
     """Extend a copy of the reference feature store to the whole corpus (it reads the build state)."""
-    import test_features
-    from conftest import tiny_model
+    from helpers import features as helper_features
+    from helpers.models import tiny_model
 
     if "model" not in _EXTENSION:
-        _EXTENSION["model"], _EXTENSION["tc"] = tiny_model("llama"), test_features.transcoder(seed=3)
+        _EXTENSION["model"], _EXTENSION["tc"] = tiny_model("llama"), helper_features.transcoder(seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the children's floats
     try:
-        test_features.build(_EXTENSION["model"], _EXTENSION["tc"], out / FEATURES_FILE, FEATURE_TOKENS_EXTENDED)
+        helper_features.build(_EXTENSION["model"], _EXTENSION["tc"], out / FEATURES_FILE, FEATURE_TOKENS_EXTENDED)
     finally:
         torch.set_num_threads(threads)
     return _db_dump(out / FEATURES_FILE)

@@ -1,23 +1,10 @@
-"""Tiny random models of every supported family, built from configs (no downloads)."""
+"""Fixtures and hypothesis profiles; the helpers that tests share live in tests/helpers/."""
 
 from __future__ import annotations
 
 import pytest
-import torch
+from helpers.models import FAMILIES
 from hypothesis import settings
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GPT2Config,
-    LlamaConfig,
-    Qwen2Config,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-)
-
-from cltrace.model import LoadedModel, wrap_model
 
 # Property tests draw the same examples on every run (CI stays reproducible); to explore new ones,
 # run with --hypothesis-profile=explore (e.g. after changing a loader).
@@ -25,86 +12,7 @@ settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile("ci")
 
-VOCAB = 96
-_COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=64,
-)
-
-FAMILY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "qwen2": lambda: Qwen2Config(**_COMMON),
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
-    # Sliding windows shorter than the test prompts, and both soft-cappings, so that every
-    # Gemma-specific path is exercised.
-    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
-    "gemma3": lambda: Gemma3TextConfig(
-        **_COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        final_logit_softcapping=20.0, attn_logit_softcapping=30.0,
-    ),
-    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=64, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0),
-}
-FAMILIES = list(FAMILY_CONFIGS)
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (ids 1..95) and "<bos>" (0): exactly the tiny
-    models' 96-token vocabulary, so that real text runs through them."""
-    vocab = {"<bos>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="?")
-
-
-def tiny_model(family: str, seed: int = 0) -> LoadedModel:
-    """A tiny randomly initialised model of `family`, with weights large enough to matter.
-
-    transformers' own init (std 0.02, unit norm weights) makes every layer nearly the identity;
-    random norm weights and O(1) activations make the tests able to tell right from wrong.
-    """
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                param.normal_(0.0 if family.startswith("gemma") and param.dim() == 1 else 1.0, 0.2)
-            elif param.dim() == 1:
-                param.normal_(0.0, 0.1)
-            else:
-                param.normal_(0.0, 1.5 / param.shape[-1] ** 0.5)
-    return wrap_model(model, name=f"tiny-{family}")
-
 
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def prompt_ids(n_pos: int = 9, seed: int = 1) -> torch.Tensor:
-    """A random prompt [pos], longer than the Gemma sliding windows."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n_pos,), generator=g)
-
-
-def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `cltrace ARGS` in-process; returns (exit code, stdout, stderr)."""
-    from cltrace.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    """The command failed with exit 2 and exactly one `error:` line holding every needle, no traceback."""
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]

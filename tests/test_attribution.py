@@ -13,9 +13,8 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, prompt_ids, tiny_model
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers.models import VOCAB, prompt_ids, tiny_model, tiny_tokenizer
+from helpers.transcoders import CASE_IDS, CASES, random_transcoder
 
 from cltrace.errors import CltraceError
 from cltrace.graph.attribution import AttributionConfig, attribute
@@ -24,38 +23,7 @@ from cltrace.graph.targets import LogitDifference, select_targets
 from cltrace.replacement import ReplacementModel
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
-CASES = [(family, "clt") for family in FAMILIES] + [("llama", "plt"), ("gemma2", "plt"), ("gpt2", "plt")]
-CASE_IDS = [f"{family}-{kind}" for family, kind in CASES]
 RTOL = 1e-4
-
-
-def random_transcoder(model, kind: str, seed: int = 0) -> Transcoder:
-    """A random transcoder with non-zero biases and thresholds; a PLT gets a skip path."""
-    cfg = TranscoderConfig(
-        kind=kind, n_layers=model.n_layers, d_model=model.d_model, n_features=16, activation="jumprelu",
-        skip=kind == "plt",
-    )
-    tc = Transcoder.random(cfg, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        tc.b_enc.copy_(0.1 * torch.randn(tc.b_enc.shape, generator=g))
-        tc.b_dec.copy_(0.1 * torch.randn(tc.b_dec.shape, generator=g))
-        tc.activation.threshold.copy_(0.05 * torch.rand(tc.activation.threshold.shape, generator=g))
-        if getattr(tc, "W_skip", None) is not None:
-            tc.W_skip.copy_(0.05 * torch.randn(tc.W_skip.shape, generator=g))
-    return tc
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny models' vocabulary: "<bos>", "<unk>", "t2" … "t95".
-
-    Its normaliser deletes "~", so a prompt of only "~" tokenizes to nothing.
-    """
-    vocab = {"<bos>": 0, "<unk>": 1, **{f"t{i}": i for i in range(2, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace("~", "")
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -604,9 +572,10 @@ def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(m
         attribute(rm, prompt_ids(), config=exact)
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
-    from conftest import assert_one_line_error, run_cli
-    from test_graph import _rewrite_header
+    from helpers.cli import assert_one_line_error, run_cli
+    from helpers.graphs import rewrite_header
 
     from cltrace.graph.graph import GRAPH_SCHEMA_VERSION
     from cltrace.model import load_model
@@ -650,7 +619,7 @@ def test_cli_dry_run_and_bad_input(tmp_path, capsys) -> None:
     # A graph file from a newer schema, and a truncated one, refused by export.
     _, graph = case("llama", "clt")
     graph.save(tmp_path / "new.cltg")
-    _rewrite_header(tmp_path / "new.cltg", schema_version=str(GRAPH_SCHEMA_VERSION + 1))
+    rewrite_header(tmp_path / "new.cltg", schema_version=str(GRAPH_SCHEMA_VERSION + 1))
     code, _, err = run_cli("export", str(tmp_path / "new.cltg"), "-o", str(tmp_path / "new.json"), capsys=capsys)
     assert_one_line_error(code, err, "newer")
     raw = (tmp_path / "new.cltg").read_bytes()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from helpers.cli import assert_one_line_error, run_cli
 
 from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
 
@@ -84,6 +84,7 @@ def test_convert_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixt
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_unknown_model_without_hub_fails_fast_in_a_real_process() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -94,6 +95,7 @@ def test_unknown_model_without_hub_fails_fast_in_a_real_process() -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_attribute_then_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 

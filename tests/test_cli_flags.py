@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import pytest
 import typer
-from conftest import VOCAB, assert_one_line_error, run_cli, tiny_model
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.models import VOCAB, tiny_model
 from typer import _click as click  # typer vendors its own click: its classes, not the click package's
 
 from cltrace.cli import app

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import torch
 import typer
-from conftest import run_cli
+from helpers.cli import run_cli
+from helpers.serve import build_folder, replacement
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serve import build_folder, replacement
 
 from cltrace.cli import app
 
@@ -183,9 +183,9 @@ def sandbox(base: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     import cltrace.features
     import cltrace.model
     import cltrace.serve.app
+    import cltrace.trace.run
     import cltrace.train
     import cltrace.train.default
-    import cltrace.trace.run
 
     pristine(base)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -228,7 +228,6 @@ def fresh_work_folder(base: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 OUTCOMES: collections.Counter[tuple[str, str]] = collections.Counter()
 
 
-
 def check(command: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
     """Run `cltrace ARGS` and check the property; tally how it ended. Returns (how, stdout): how is
     "ok", "error" (one `error:` line), "usage" (click's usage error) or "accepted" (a long step reached)."""
@@ -264,7 +263,7 @@ def check(command: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> 
     return "error", out
 
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_any_arguments_end_in_a_clean_exit(command: str, sandbox: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,7 +278,6 @@ def test_any_arguments_end_in_a_clean_exit(command: str, sandbox: Path, monkeypa
     ended = {kind for (cmd, kind) in OUTCOMES if cmd == command}
     # the examples reached past the parser: each command's own checks ran, not only click's
     assert "usage" in ended and ended & {"error", "ok", "accepted"}, OUTCOMES
-
 
 
 # What the property tests found, kept as fixed examples: each was a traceback (or, for x1e308, NaN

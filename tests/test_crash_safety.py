@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train import Planted, planted_config
+from helpers.train import Planted, planted_config
 
 from cltrace.errors import CltraceError
 from cltrace.train.run_dir import prepare_run_dir
@@ -30,6 +30,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return crash_safety.run(list(crash_safety.OPS), POINTS, work, seed=0, log=lambda _: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", crash_safety.OPS)
 def test_killed_operation_reruns_to_the_uninterrupted_output(figures: dict[str, Any], op: str) -> None:
     r = figures["ops"][op]
@@ -65,18 +66,18 @@ def test_damaged_outputs_are_refused_in_one_line(figures: dict[str, Any]) -> Non
 
 
 def test_a_harvest_killed_before_its_first_manifest_starts_afresh(tmp_path: Path) -> None:
-    import test_store
+    from helpers import store as helper_store
 
     out = tmp_path / "store"
     out.mkdir()
     (out / ".manifest.json.k1ll3d.tmp").write_text('{"format": "cltrace-activ')  # the temp file a kill left
-    store = test_store.harvest(tmp_path, out, test_store.POS * 3)
+    store = helper_store.harvest(tmp_path, out, helper_store.POS * 3)
     assert store.complete and store.contexts == 3
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
     # killed while writing a shard: cltrace's temp file, and the one safetensors writes through
     (out / ".shard-00001.safetensors.k1ll3d.tmp").write_bytes(b"half")
     (out / ".tmpAbC123").write_bytes(b"half")
-    store = test_store.harvest(tmp_path, out, test_store.POS * 6)
+    store = helper_store.harvest(tmp_path, out, helper_store.POS * 6)
     assert store.complete and store.contexts == 6
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
     mine = tmp_path / "mine"
@@ -84,7 +85,7 @@ def test_a_harvest_killed_before_its_first_manifest_starts_afresh(tmp_path: Path
     (mine / "notes.txt").write_text("keep")
     (mine / ".manifest.json.k1ll3d.tmp").write_text("{")
     with pytest.raises(CltraceError, match="holds no activation store"):
-        test_store.harvest(tmp_path, mine, test_store.POS * 3)
+        helper_store.harvest(tmp_path, mine, helper_store.POS * 3)
     assert sorted(p.name for p in mine.iterdir()) == [".manifest.json.k1ll3d.tmp", "notes.txt"]
 
 
@@ -119,7 +120,7 @@ def test_a_graph_save_removes_the_temp_files_of_killed_saves_of_that_graph(tmp_p
     import subprocess
     import time
 
-    from test_graph import small_graph
+    from helpers.graphs import small_graph
 
     from cltrace.atomic import STALE_TEMP_AGE
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, tiny_model
-from test_train import write_text
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.models import tiny_model
+from helpers.train import write_text
 
 from cltrace.data.sources import FileSource
 from cltrace.errors import CltraceError
@@ -52,6 +53,7 @@ def count_steps(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> 
     return steps
 
 
+@pytest.mark.slow
 def test_first_use_trains_and_caches_then_loads(tiny_default: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     cfg = preset("tiny")
@@ -81,6 +83,7 @@ def test_first_use_trains_and_caches_then_loads(tiny_default: dict[str, Any], mo
     assert torch.equal(converted.W_enc, tc.W_enc)
 
 
+@pytest.mark.slow
 def test_interrupted_first_run_resumes(tiny_default: dict[str, Any], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = preset("tiny")

@@ -27,7 +27,7 @@ import torch
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
-from test_train import Planted  # noqa: E402
+from helpers.train import Planted  # noqa: E402
 
 from cltrace.train import TrainConfig, Trainer  # noqa: E402
 from cltrace.train.distributed import ShardedTranscoder, feature_slice, read_checkpoint, sharded_loss  # noqa: E402
@@ -275,6 +275,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Transcode
     return out, tc
 
 
+@pytest.mark.slow
 def test_four_rank_checkpoint_resumes_on_two_and_one_and_a_killed_rank_stops_the_rest(
     tmp_path: Path, reference: tuple[Path, Transcoder]
 ) -> None:
@@ -342,9 +343,6 @@ def test_four_rank_checkpoint_resumes_on_two_and_one_and_a_killed_rank_stops_the
     assert_same_curve(got[6:], ref_metrics[6:], keys)
 
 
-
-
-
 # -- the command line: `-m cltrace train` on 2 ranks, `torchrun -m cltrace attribute` ---------------------
 
 
@@ -369,8 +367,7 @@ def run_main(*args: str) -> int:
 def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama with a word-level tokenizer saved as a model folder, a folder of text, and a
     one-process `cltrace train` of CLI_TRAIN on them (the ground truth)."""
-    from conftest import tiny_model
-    from test_attribution import tiny_tokenizer
+    from helpers.models import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"
@@ -387,6 +384,7 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": model_dir, "text": text, "one": one, "root": root}
 
 
+@pytest.mark.slow
 def test_cli_train_on_two_ranks_matches_one_process(tmp_path: Path, tiny_setup: dict[str, Path]) -> None:
     out = tmp_path / "two"
     args = ("train", "--model", str(tiny_setup["model"]), "--source", str(tiny_setup["text"]), "--out", str(out), *CLI_TRAIN)
@@ -403,6 +401,7 @@ def test_cli_train_on_two_ranks_matches_one_process(tmp_path: Path, tiny_setup: 
     assert a["nmse_mean"] == pytest.approx(b["nmse_mean"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_attribute_on_two_ranks_gives_the_one_process_graph(tmp_path: Path, tiny_setup: dict[str, Path]) -> None:
     from cltrace.graph.graph import Graph
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from helpers.models import VOCAB, tiny_model
 
 from cltrace.data.harvest import FIRST_POSITION as P0
 from cltrace.errors import CltraceError

@@ -12,44 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, assert_one_line_error, run_cli, tiny_model
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.features import BATCH, BOS, N_CTX, T1, K, build, corpus, tokenize, transcoder
+from helpers.models import tiny_model
 
 from cltrace.data.packing import PackConfig, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.features import FeatureStore, build_feature_store
-from cltrace.features.views import unembedding_directions
 from cltrace.features.show import format_page
+from cltrace.features.views import unembedding_directions
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
-N_CTX, BATCH, BOS = 16, 4, 1
-T1 = N_CTX - 1
-K = 5
 TESTS = Path(__file__).resolve().parent
-
-
-def corpus(n_docs: int = 40) -> list[str]:
-    """Documents of words w0..w89 with repeats, so that features see recurring contexts."""
-    g = np.random.default_rng(0)
-    return [" ".join(f"w{int(x)}" for x in g.integers(0, VOCAB - 6, int(g.integers(5, 40)))) for _ in range(n_docs)]
-
-
-def tokenize(text: str) -> list[int]:
-    return [int(w[1:]) + 2 for w in text.split()]
-
-
-def transcoder(kind: str = "clt", seed: int = 1, n_features: int = 16) -> Transcoder:
-    return Transcoder.random(TranscoderConfig(kind, 3, 32, n_features), seed=seed)
-
-
-def build(loaded, tc, out: Path, n_tokens: int, **kw):
-    kw = {
-        "resume": True, "top_k": K, "n_bands": 2, "per_band": 3, "window_before": 4, "window_after": 2,
-        "first_position": 1, **kw,
-    }
-    return build_feature_store(
-        loaded, tc, corpus(), n_tokens, out, n_ctx=N_CTX, batch_size=BATCH, tokenize=tokenize, bos_id=BOS,
-        progress=False, **kw,
-    )
 
 
 def dump(path: Path) -> tuple[list, list]:
@@ -172,8 +146,8 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-from conftest import tiny_model
-import test_features as t
+from helpers.models import tiny_model
+import helpers.features as t
 
 slow = t.tokenize
 def tokenize(text):
@@ -200,6 +174,7 @@ def _meta_tokens(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_and_is_never_corrupt(loaded, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the killed process, so that the two compute the same floats
@@ -366,6 +341,7 @@ def test_refuses_to_overwrite_other_files(loaded, tmp_path: Path) -> None:
         assert store.stats()["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_cli_build_and_show_on_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`cltrace features build` then `show`, on the default model with a tiny random CLT."""
     from cltrace.transcoder import save_transcoder

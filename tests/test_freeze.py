@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers.models import prompt_ids, tiny_model
 
 from cltrace.model import FreezeState, freeze
 

@@ -29,9 +29,10 @@ def _available() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(
-    _available() is not None, reason=f"Gemma 3 270M is not installed: {_available()}"
-)
+pytestmark = [
+    pytest.mark.skipif(_available() is not None, reason=f"Gemma 3 270M is not installed: {_available()}"),
+    pytest.mark.slow,  # a real 270M model
+]
 
 
 @pytest.fixture(scope="module")

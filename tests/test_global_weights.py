@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.features.database import SCHEMA, connect
 from cltrace.features.global_weights import (
     CoActivation,
     format_global_weights,
@@ -17,7 +18,6 @@ from cltrace.features.global_weights import (
     read_global_weights,
     write_global_weights,
 )
-from cltrace.features.database import SCHEMA, connect
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 
@@ -122,10 +122,11 @@ def test_store_round_trip(tmp_path: Path) -> None:
         write_global_weights(tmp_path / "missing.db", tc, global_weights(tc))
 
 
+@pytest.mark.slow
 def test_cli_global_weights_on_a_feature_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`cltrace features build`, then `features global-weights` (with co-activation statistics), then
     `features show`: the page lists the feature's inputs and outputs by both global weights."""
-    from conftest import assert_one_line_error, run_cli
+    from helpers.cli import assert_one_line_error, run_cli
 
     from cltrace.transcoder import save_transcoder
 

@@ -11,8 +11,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
-from test_attribution import CASE_IDS, CASES, random_transcoder
+from helpers.models import prompt_ids, tiny_model
+from helpers.transcoders import CASE_IDS, CASES, random_transcoder
 
 from cltrace.errors import CltraceError
 from cltrace.graph.attribution import attribute

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import prompt_ids, run_cli, tiny_model
+from helpers.cli import run_cli
+from helpers.models import prompt_ids, tiny_model
 
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
-from cltrace.replacement import ReplacementModel
 from cltrace.graph.predict import compare_with_graph, predict_effects
 from cltrace.graph.supernodes import merge_supernodes, supernodes_to_qparams
+from cltrace.replacement import ReplacementModel
 from cltrace.replacement.interventions import (
     Intervention,
     intervene,
@@ -533,7 +534,7 @@ def test_open_ended_range_starting_beyond_the_prompt_is_refused() -> None:
 @pytest.fixture(scope="module")
 def tiny_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A tiny Llama saved as a model folder (character tokenizer) and a random CLT for it."""
-    from conftest import char_tokenizer
+    from helpers.models import char_tokenizer
 
     from cltrace.transcoder import save_transcoder
 
@@ -546,7 +547,7 @@ def tiny_cli(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def test_cli_bad_input_on_a_tiny_model(tiny_cli: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import assert_one_line_error
+    from helpers.cli import assert_one_line_error
 
     model_dir, clt_dir = tiny_cli
     tc = random_transcoder(tiny_model("llama"), "clt")
@@ -577,7 +578,7 @@ def test_cli_bad_input_on_a_tiny_model(tiny_cli: tuple[str, str], capsys: pytest
 def test_cli_absurd_position_names_the_prompt_length(tiny_cli: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     """A position past any prompt is refused with the prompt's real length, not the placeholder the
     command used for "length not known yet" (sys.maxsize) before the model was loaded."""
-    from conftest import assert_one_line_error
+    from helpers.cli import assert_one_line_error
 
     model_dir, clt_dir = tiny_cli
     huge = "99999999999999999999"  # past sys.maxsize

@@ -12,6 +12,7 @@ from cltrace.model import load_model, wrap_model
 from cltrace.model.load import DEFAULT_GGUF, _default_model_source
 
 
+@pytest.mark.slow
 def test_default_model_is_cached_after_first_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path))
     source, gguf = _default_model_source()
@@ -29,6 +30,7 @@ def test_default_model_is_cached_after_first_load(tmp_path: Path, monkeypatch: p
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_gguf_file_and_local_directory_load_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source, gguf = _default_model_source()
     if gguf is None:  # the cache is warm; find the wheel's file directly

@@ -29,10 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.graphs import assert_graphs_equal, small_graph
+from helpers.transcoders import assert_identical
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from test_graph import assert_graphs_equal, small_graph
-from test_transcoder_formats import assert_identical
 
 from cltrace.data.sources import FileSource
 from cltrace.data.store import ActivationStore, read_manifest, write_manifest_file
@@ -430,7 +430,7 @@ def test_store_manifest_round_trip(scratch, manifest: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], torch.Tensor, torch.Tensor]:
     """A harvested store of 6 contexts in two shards, its manifest and all its (x, y)."""
-    from test_store import POS, harvest
+    from helpers.store import POS, harvest
 
     base = tmp_path_factory.mktemp("store")
     store = harvest(base, base / "store", tokens=POS * 6)
@@ -505,8 +505,8 @@ def feature_snapshot(path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def feature_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """A small sealed feature store (3 layers x 16 features, one label) and its snapshot."""
-    from conftest import tiny_model
-    from test_features import BATCH, T1, build, transcoder
+    from helpers.features import BATCH, T1, build, transcoder
+    from helpers.models import tiny_model
 
     path = tmp_path_factory.mktemp("features") / "f.db"
     build(tiny_model("llama"), transcoder(seed=4), path, 2 * BATCH * T1)

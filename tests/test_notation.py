@@ -4,7 +4,7 @@ the command line's `features show`, `intervene --set` and the server's sidecar l
 from __future__ import annotations
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from helpers.cli import assert_one_line_error, run_cli
 
 from cltrace.errors import CltraceError
 from cltrace.features.show import parse_feature as show_feature

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
-from test_attribution import CASE_IDS, CASES, random_transcoder
+from helpers.models import prompt_ids, tiny_model
+from helpers.transcoders import CASE_IDS, CASES, random_transcoder
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 

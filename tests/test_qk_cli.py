@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, char_tokenizer, run_cli, tiny_model
-from test_attribution import random_transcoder
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.models import char_tokenizer, tiny_model
+from helpers.transcoders import random_transcoder
 
 from cltrace.transcoder import save_transcoder
 

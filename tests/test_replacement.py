@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prompt_ids, tiny_model
+from helpers.models import prompt_ids, tiny_model
 
 from cltrace.errors import CltraceError
 from cltrace.replacement import ReplacementModel

@@ -38,6 +38,7 @@ def run_pattern(fix: bool) -> tuple[bool, int, int]:
     return bool(took), kept, growth
 
 
+@pytest.mark.slow
 @glibc_only
 def test_freed_memory_goes_back_so_resident_memory_follows_what_is_kept() -> None:
     took, kept, growth = run_pattern(fix=True)

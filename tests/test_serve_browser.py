@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from test_serve import ACRONYM, build_folder, replacement
+from helpers.cli import run_cli
+from helpers.serve import ACRONYM, build_folder, replacement
 
 from cltrace.features import FeatureStore
 from cltrace.graph.graph import Graph

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve import build_folder, replacement
+from helpers.serve import build_folder, replacement
 
 from cltrace.graph.graph import Graph
 from cltrace.graph.heads import graph_node, head_loadings

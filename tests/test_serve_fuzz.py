@@ -37,8 +37,8 @@ from hypothesis.errors import Unsatisfiable
 
 fastapi = pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
+from helpers.serve import build_folder, replacement  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
-from test_serve import build_folder, replacement  # noqa: E402
 
 from cltrace.graph.graph import Graph, NodeKind  # noqa: E402
 from cltrace.serve import create_app  # noqa: E402
@@ -232,6 +232,7 @@ def assert_only_accepted_writes(app: Any, root: Path, before: dict[str, str]) ->
     assert not unexpected, unexpected
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_server_error(fuzz_root: Path, one_thread: None) -> None:
     app = create_app(fuzz_root, loader=lambda _metadata: replacement())
     server, url = start_in_thread(app)

@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from helpers.cli import assert_one_line_error, run_cli
 
 fastapi = pytest.importorskip("fastapi")
-from test_serve import replacement  # noqa: E402
+from helpers.serve import replacement  # noqa: E402
 
 import cltrace  # noqa: E402
 from cltrace.errors import CltraceError  # noqa: E402

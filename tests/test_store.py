@@ -14,38 +14,22 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, tiny_model
+from helpers.cli import assert_one_line_error, run_cli
+from helpers.models import tiny_model
+from helpers.store import N_CTX, POS, harvest, tok
+from helpers.train import resume_config, tiny_model_dir, word_docs, write_text
 from safetensors.torch import load_file
-from test_train import resume_config, tiny_model_dir, word_docs, write_text
 
 from cltrace.data.harvest import FIRST_POSITION, Harvester
 from cltrace.data.packing import PackConfig, pack_batches
 from cltrace.data.sources import FileSource
-from cltrace.data.store import ActivationStore, file_sha256, harvest_to_store
+from cltrace.data.store import ActivationStore, file_sha256
 from cltrace.errors import CltraceError
 from cltrace.train import Trainer, train_transcoder
 from cltrace.train.data import HarvestSource, StoreSource
 from cltrace.transcoder import load_transcoder
 
 TESTS = Path(__file__).parent
-N_CTX = 17
-POS = N_CTX - FIRST_POSITION  # positions harvested per context
-
-
-def tok(text: str) -> list[int]:
-    return [1 + (ord(c) % 90) for c in text]
-
-
-def harvest(tmp_path: Path, out: Path, tokens: int, model: Any = None, **kw: Any) -> ActivationStore:
-    """A store of the test text through a tiny llama, one context per forward pass (so bitwise
-    comparable with any other harvest of the same contexts)."""
-    text = tmp_path / "docs.txt"
-    if not text.exists():
-        write_text(text)
-    options = dict(model_spec="tiny-llama", source_spec="text", tokenize=tok, n_ctx=N_CTX, bos_id=0,
-                   harvest_batch=1, shard_contexts=3, progress=False, heldout_fraction=0.1)
-    options.update(kw)
-    return harvest_to_store(model or tiny_model("llama"), FileSource(text, txt_split="paragraph"), out, tokens, **options)
 
 
 def stream_contexts(tmp_path: Path, n: int) -> torch.Tensor:
@@ -165,7 +149,7 @@ HARVEST_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from cltrace.data.harvest import Harvester
     import torch
-    import test_store
+    from helpers import store
 
     torch.set_num_threads(int(sys.argv[4]))  # the parent's: float results can depend on the thread count
     orig = Harvester.harvest
@@ -173,11 +157,12 @@ HARVEST_SCRIPT = textwrap.dedent(
         time.sleep(0.5)  # slow enough for the parent to kill us between shards, or while one is written
         return orig(self, tokens)
     Harvester.harvest = slow
-    test_store.harvest(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    store.harvest(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
     """
 )
 
 
+@pytest.mark.slow
 def test_killed_harvest_resumes_to_the_same_store(tmp_path: Path) -> None:
     tokens = POS * 20  # 20 contexts: 7 shards
     write_text(tmp_path / "docs.txt")

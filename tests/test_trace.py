@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, run_cli, tiny_model
+from helpers.cli import run_cli
+from helpers.models import char_tokenizer, tiny_model
 
 from cltrace.features.views import token_views
 from cltrace.graph.graph import Graph, NodeKind, NodeTable
@@ -132,6 +133,7 @@ def test_influential_paths_go_through_the_most_influential_features_first() -> N
     assert [p.nodes for p in influential_paths(g, logit, k=2)] == [p.nodes for p in strongest_paths(g, logit, k=2)]
 
 
+@pytest.mark.slow
 def test_graphs_of_the_default_transcoder_record_its_cached_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """`-t default` resolves to the cached folder, and the graph names that folder (not ./default), so

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.transcoders import assert_identical
 from safetensors.torch import load_file, save_file
 
 from cltrace.errors import CltraceError
@@ -46,16 +47,6 @@ def make(kind: str, activation: str = "jumprelu", skip: bool = False, dtype: str
             if name in ("b_enc", "b_dec", "activation.threshold", "W_skip"):
                 p.copy_(torch.randn(p.shape, generator=g))
     return tc
-
-
-def assert_identical(a: Transcoder, b: Transcoder) -> None:
-    assert type(a) is type(b)
-    assert a.config == b.config
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name in sa:
-        assert sa[name].dtype == sb[name].dtype, name
-        assert torch.equal(sa[name], sb[name]), name
 
 
 ROUND_TRIPS = [
