@@ -299,6 +299,11 @@ class BadInput:
         graph = Graph.load(root / "acronym.safetensors")
         kinds = graph.nodes.kind.tolist()
         self.features = [nid for nid, k in zip(graph.node_ids(), kinds) if k == int(NodeKind.FEATURE)]
+        pos, ids = graph.nodes.pos.tolist(), graph.node_ids()
+        # an edge across positions into a feature, for the head-loading route
+        self.cross_edge = next((ids[int(s)], ids[int(t)]) for s, t in zip(graph.edge_source.tolist(), graph.edge_target.tolist())
+                               if pos[int(s)] < pos[int(t)] and kinds[int(t)] == int(NodeKind.FEATURE)
+                               and kinds[int(s)] in (int(NodeKind.FEATURE), int(NodeKind.EMBEDDING)))
         self.conn = http.client.HTTPConnection(*address, timeout=60)
 
     def junk(self) -> Any:
@@ -388,6 +393,8 @@ def test_a_thousand_bad_requests_per_route(fuzz_root: Path, one_thread: None) ->
         ("GET", "/api/info", None, ""), ("GET", "/api/graphs", None, ""),
         ("GET", "/api/graph", None, "?path={path}&node_threshold=0.5"), ("GET", "/api/graph/state", None, "?path={path}"),
         ("GET", "/api/graph/feature", None, "?path={path}&layer=0&feature=1"),
+        ("GET", "/api/graph/heads", None, f"?path={{path}}&source={bad.cross_edge[0]}&target={bad.cross_edge[1]}"),
+        ("GET", "/api/graph/qk", None, "?path={path}&layer=0&head=0"),
         ("PUT", "/api/graph/state", {"pinned": [a], "supernodes": [{"name": "fz", "members": [a, b]}]}, "?path={path}"),
         ("PUT", "/api/graph/label", {"layer": 0, "feature": 1, "label": "fuzzed"}, "?path={path}"),
         ("POST", "/api/graph/intervene", {"interventions": [{"node": a, "value": 0}], "top": 3}, "?path={path}"),

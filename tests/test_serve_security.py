@@ -189,7 +189,9 @@ def every_route(job_id: str = "nojob") -> list[tuple[str, str, bytes | None]]:
     return [("GET", "/", None), ("GET", "/static/app.js", None), ("GET", "/openapi.json", None),
             ("GET", "/api/info", None), ("GET", "/api/graphs", None), ("GET", f"/api/jobs/{job_id}", None),
             ("POST", "/api/jobs", json.dumps({"prompt": "AB", "max_feature_nodes": 5}).encode()),
-            ("DELETE", f"/api/jobs/{job_id}", None), *endpoint_requests(GRAPH)]
+            ("DELETE", f"/api/jobs/{job_id}", None),
+            ("GET", f"/api/graph/heads?path={GRAPH}&source=E_0_0&target=E_0_1", None),
+            ("GET", f"/api/graph/qk?path={GRAPH}&layer=0&head=0", None), *endpoint_requests(GRAPH)]
 
 
 def test_the_routes_cover_the_app() -> None:
