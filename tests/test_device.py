@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -192,3 +194,17 @@ def test_torchrun_uses_nccl_on_gpus_and_gloo_on_the_cpu(monkeypatch: pytest.Monk
     with pytest.raises(CltraceError, match="cannot join the torch.distributed process group"):
         distributed.init_layout(device=device)
     assert chosen == ([gpu] if gpu is not None else []) + [backend]
+
+
+def test_the_python_api_refuses_a_missing_gpu_before_any_work(no_gpu: None, tmp_path: Path) -> None:
+    """load_model, load_transcoder and train_transcoder check the device first: one line, nothing read or written."""
+    from cltrace.model import load_model
+    from cltrace.train import preset, train_transcoder
+    from cltrace.transcoder import load_transcoder
+
+    for call in (lambda: load_model(str(tmp_path / "missing"), device="cuda"),
+                 lambda: load_transcoder(tmp_path / "missing", device="cuda:0"),
+                 lambda: train_transcoder(preset("tiny"), tmp_path / "run", device="cuda")):
+        with pytest.raises(CltraceError, match="not available: this torch sees no CUDA GPU"):
+            call()
+    assert not (tmp_path / "run").exists()
