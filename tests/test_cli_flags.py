@@ -93,6 +93,27 @@ def test_the_transcoder_is_always_t() -> None:
                 assert p.param_type_name == "option" and sorted(p.opts) == ["--transcoder", "-t"], path
 
 
+#: Words in a command's code that say it runs a model or a transcoder (loading one only to convert it does not count).
+RUNS_A_MODEL = ("load_model(", "ReplacementModel(", "build_feature_store(", "train_transcoder(", "serve_app.serve(")
+
+
+def test_every_command_that_runs_a_model_takes_device() -> None:
+    """`--device` (default auto) on every command whose code loads a model to run it, and on no other."""
+    import inspect
+
+    cmds = commands()
+    running = {path for path, cmd in cmds if any(w in inspect.getsource(cmd.callback) for w in RUNS_A_MODEL)}
+    assert {"train", "harvest", "eval", "attribute", "trace", "predict", "intervene", "features build",
+            "features global-weights", "qk", "serve", "info"} <= running
+    with_device = {path for path, cmd in cmds for p in cmd.params if "--device" in getattr(p, "opts", [])}
+    assert with_device == running
+    for path, cmd in cmds:
+        for p in cmd.params:
+            if "--device" in getattr(p, "opts", []):
+                assert p.default == "auto" and p.opts == ["--device"], path
+                assert "float32" in p.help and "cuda:N" in p.help, path
+
+
 def test_the_checks_catch_a_planted_clash_and_output() -> None:
     planted = typer.Typer()
 

@@ -28,7 +28,7 @@ from cltrace.train import (
     transcoder_loss,
 )
 from cltrace.train.config import parse_override
-from cltrace.train.trainer import lr_at, sparsity_lambda_at
+from cltrace.train.schedule import lr_at, sparsity_lambda_at
 from cltrace.transcoder import Transcoder, TranscoderConfig, load_transcoder
 
 TESTS = Path(__file__).parent

@@ -9,6 +9,9 @@ reproduces the model only to rounding, and bf16 rounding (about 3 significant di
 the error nodes it is checked against. bfloat16 is allowed for work that tolerates noise (training,
 harvesting): "auto" picks it on CUDA GPUs and float32 elsewhere; asked for by name it is used on any
 device (the CPU's bf16 matrix units make it worthwhile there too, as the default training preset does).
+
+Under torchrun each rank takes the GPU of its LOCAL_RANK (`rank_device`), and the process group uses
+NCCL when the device is a CUDA GPU and gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -47,15 +50,47 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if not index_text.isdigit():
             raise CltraceError(f"device {spec!r} is not valid: write cuda:N with N a GPU number, e.g. cuda:0")
         if not torch.cuda.is_available():
+            why = ("it is a CPU-only build: install a CUDA build of torch" if torch.version.cuda is None
+                   else f"built for CUDA {torch.version.cuda}: check the driver and CUDA_VISIBLE_DEVICES")
             raise CltraceError(
-                f"device {spec!r} is not available: this torch sees no CUDA GPU (torch {torch.__version__}); "
-                "use --device cpu or auto"
+                f"device {spec!r} is not available: this torch sees no CUDA GPU (torch {torch.__version__}, {why}); "
+                "or use --device cpu or auto"
             )
         index, count = int(index_text), torch.cuda.device_count()
         if index >= count:
             raise CltraceError(f"device {spec!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         return torch.device("cuda", index)
     raise CltraceError(f"unknown device {spec!r}: choose one of {', '.join(DEVICE_NAMES)}")
+
+
+def rank_device(spec: str | torch.device | None, local_rank: int) -> torch.device:
+    """The device of one torchrun rank: the CPU, or the GPU of its LOCAL_RANK where `spec` names CUDA (or is
+    "auto" with CUDA at hand). A GPU number written in `spec` is refused, since every rank would take the
+    same one; a torch.device is taken as it is (already chosen for this rank)."""
+    if isinstance(spec, torch.device):
+        return resolve_device(spec)
+    name = (spec or "auto").strip().lower()
+    if name.startswith("cuda:"):
+        raise CltraceError(f"--device {spec} under torchrun: each rank takes the GPU of its LOCAL_RANK; pass --device cuda")
+    device = resolve_device(spec)
+    if device.type != "cuda":
+        return device
+    return resolve_device(f"cuda:{local_rank}")
+
+
+def place(module: torch.nn.Module, spec: str | torch.device | None) -> torch.device:
+    """Move `module` (in place, as `nn.Module.to` does) to the device `spec` names, and return its device;
+    None leaves it where it is. A module without parameters is on the CPU."""
+    if spec is not None:
+        module.to(resolve_device(spec))
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a CUDA GPU runs asynchronously): for timings only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_dtype(spec: str | None, device: torch.device, purpose: Purpose = "exact") -> torch.dtype:
@@ -80,4 +115,4 @@ def resolve_dtype(spec: str | None, device: torch.device, purpose: Purpose = "ex
     return DTYPES[name]
 
 
-__all__ = ["DEVICE_NAMES", "DTYPES", "Purpose", "resolve_device", "resolve_dtype"]
+__all__ = ["DEVICE_NAMES", "DTYPES", "Purpose", "place", "rank_device", "resolve_device", "resolve_dtype", "synchronize"]

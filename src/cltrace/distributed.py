@@ -84,12 +84,15 @@ def current_layout() -> Layout | None:
     return _LAYOUT
 
 
-def init_layout(feature_parallel: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Layout | None:
+def init_layout(feature_parallel: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                device: torch.device | None = None) -> Layout | None:
     """Join the process group torchrun describes and split it into feature and data groups.
 
     `feature_parallel`: ranks per feature group (None or 0: all of them, no data parallelism); it
     must divide the world size. `timeout_s` bounds how long a rank waits in a collective for a rank
-    that stopped answering. Returns None (and does nothing) when not launched with several ranks.
+    that stopped answering. `device`: where this rank computes (`cltrace.device.rank_device`: the CPU,
+    or the GPU of its LOCAL_RANK; None: that GPU where torch sees CUDA, else the CPU); the group uses
+    NCCL on GPUs and gloo on the CPU. Returns None (and does nothing) when not launched with several ranks.
     """
     global _LAYOUT
     if not launched():
@@ -97,9 +100,10 @@ def init_layout(feature_parallel: int | None = None, timeout_s: float = DEFAULT_
     if _LAYOUT is not None:
         return _LAYOUT
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
+        use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device if device is not None and device.index is not None
+                                  else int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as exc:

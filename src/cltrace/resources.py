@@ -6,6 +6,8 @@ import ctypes
 import functools
 import platform
 
+import torch
+
 
 def available_memory_bytes() -> int | None:
     """The memory the kernel says is available now (MemAvailable), or None where it does not say."""
@@ -17,6 +19,16 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_device_memory_bytes(device: torch.device) -> int | None:
+    """The memory work on `device` may use: on a CUDA GPU, what the driver has free plus what this
+    process's allocator already holds (the estimates count the model and transcoder, which sit there);
+    elsewhere the host's available memory (`available_memory_bytes`)."""
+    if device.type != "cuda":
+        return available_memory_bytes()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device))
 
 
 #: Allocations of at least this many bytes get mappings of their own (see return_freed_memory).
@@ -43,4 +55,4 @@ def return_freed_memory() -> bool:
         return False
 
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "available_memory_bytes", "return_freed_memory"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "available_device_memory_bytes", "available_memory_bytes", "return_freed_memory"]

@@ -4,16 +4,23 @@ and the one way an old spelling of an option keeps working (with a deprecation m
 Short flags mean one thing across commands (tests/test_cli_flags.py checks it): -m model,
 -t transcoder, -o output, -s text source, -n tokens, -k how many to show, -b batch size, -q quiet,
 -d feature store, -g tokens to generate, -p preset.
+
+Every command that runs a model or a transcoder takes `--device` (`DeviceOption`, resolved by
+`device_given`); those where the precision is the user's choice take `--dtype` (`DtypeOption`).
 """
 
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import torch
 import typer
 
+from cltrace.device import rank_device, resolve_device, resolve_dtype
+from cltrace.distributed import launched
 from cltrace.errors import CltraceError
 from cltrace.fields import field_bounds, field_help
 
@@ -42,6 +49,43 @@ ModelOption = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Hub id, local directory or .gguf file; default: SmolLM2-135M-Instruct."),
 ]
+
+#: Where the model and the transcoder run; `device_given` turns it into a torch device.
+DeviceOption = Annotated[str, typer.Option(
+    "--device", metavar="DEVICE",
+    help="Where the model and transcoder run: auto (the first CUDA GPU torch sees, else the CPU), cpu, cuda, "
+    "cuda:N or mps. Under torchrun each rank takes the GPU of its LOCAL_RANK. Attribution, interventions "
+    "and evaluation compute in float32 on any device: the replacement model must be exact.")]
+
+
+class Dtype(str, Enum):
+    """The compute precision a user may choose where the method tolerates noise."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+DTYPE_HELP = ("Precision of the matrix products: auto (bfloat16 on a CUDA GPU, float32 elsewhere), float32, or "
+              "bfloat16 (faster on GPUs and on CPUs with bf16 units, a few percent of noise on the activations). "
+              "Graphs, interventions and evaluation are always float32: exactness needs it.")
+
+#: The compute precision of a command whose method tolerates bfloat16 (`resolve_dtype`, "approximate").
+DtypeOption = Annotated[Dtype, typer.Option("--dtype", help=DTYPE_HELP)]
+
+
+def device_given(spec: str) -> torch.device:
+    """The torch device `--device` names, checked to exist here (one line if not); under torchrun, this
+    rank's (the GPU of its LOCAL_RANK, or the CPU)."""
+    if launched():
+        return rank_device(spec, int(os.environ.get("LOCAL_RANK", "0")))
+    return resolve_device(spec)
+
+
+def dtype_given(spec: Dtype, device: torch.device) -> torch.dtype:
+    """The compute dtype `--dtype` names on `device` (auto: bfloat16 on CUDA, float32 elsewhere)."""
+    return resolve_dtype(spec.value, device, "approximate")
+
 
 SOURCE_HELP = "Text: 'default', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG][:SPLIT]."
 SourceOption = Annotated[str, typer.Option("--source", "-s", help=SOURCE_HELP)]

@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from cltrace.cli.common import (
+    DeviceOption,
+    Dtype,
+    DtypeOption,
     ModelOption,
     NCtxOption,
     OldTranscoderArgument,
@@ -15,6 +18,8 @@ from cltrace.cli.common import (
     TranscoderOption,
     app,
     deprecated,
+    device_given,
+    dtype_given,
     required,
     transcoder_feature_store,
     transcoder_given,
@@ -57,19 +62,28 @@ def features_build(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Top contexts kept per feature.")] = 20,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start afresh.")] = False,
     compact: Annotated[bool, typer.Option("--compact", help="Drop the build state at the end: smaller, but no longer extendable.")] = False,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Run the model's products in bfloat16 (about 3x faster on CPUs that have it).")] = False,
+    old_bf16: Annotated[bool, typer.Option("--bf16", hidden=True)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = Dtype.auto,
 ) -> None:
     """Run a transcoder over a corpus and store every feature's page (resumes and extends OUT)."""
     import time as _time
+
+    import torch
 
     from cltrace.features import FeatureStore, build_feature_store
     from cltrace.model import load_model
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
-    tc = load_transcoder(resolve_transcoder(transcoder_given(transcoder, old_transcoder), model))
-    loaded = load_model(model)
+    dev = device_given(device)
+    if old_bf16:  # the old spelling of --dtype bfloat16
+        dtype = deprecated(None if dtype is Dtype.auto else dtype, Dtype.bfloat16, "--bf16", "--dtype bfloat16") or dtype
+    bf16 = dtype_given(dtype, dev) == torch.bfloat16
+    tc_path = resolve_transcoder(transcoder_given(transcoder, old_transcoder), model, device=dev)
+    tc = load_transcoder(tc_path, device=dev)
+    loaded = load_model(model, device=dev)
     start = _time.monotonic()
     path = build_feature_store(
         loaded, tc, source, tokens, out, n_ctx=n_ctx, batch_size=batch_size, top_k=top_k,

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from cltrace.cli.common import DeviceOption, device_given
+
 
 def global_weights_command(
     transcoder: Annotated[Path, typer.Option("--transcoder", "-t", help="The transcoder directory, or 'default'.")],
@@ -21,6 +23,7 @@ def global_weights_command(
     n_ctx: Annotated[int, typer.Option("--n-ctx", min=2, help="Tokens per context, BOS included.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per batch.")] = 8,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000, help="Partners kept per feature and direction.")] = 10,
+    device: DeviceOption = "auto",
 ) -> None:
     """Compute every feature's strongest upstream and downstream features by global weight and store them."""
     from cltrace.data import open_text_source
@@ -37,14 +40,15 @@ def global_weights_command(
     from cltrace.transcoder import load_transcoder
 
     t0 = time.perf_counter()
-    tc = load_transcoder(resolve_transcoder(transcoder, model))
+    dev = device_given(device)
+    tc = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
     check_store(db, tc)  # before the long part
     stats = None
     if tokens:
-        loaded = load_model(model)
+        loaded = load_model(model, device=dev)
         tokenize, pack = model_packing(loaded, n_ctx, batch_size, split="train", heldout_fraction=0.0)
         batches = (batch.tokens for batch in pack_batches(open_text_source(source), tokenize, pack))
-        stats = gather_coactivation(tc, batches, Harvester(loaded, first_position=1), tokens)
+        stats = gather_coactivation(tc, batches, Harvester(loaded, first_position=1, out_device=dev), tokens)
         typer.echo(f"co-activation statistics over {stats.n_tokens:,} tokens ({time.perf_counter() - t0:.1f} s)")
     weights = global_weights(tc, top_k=top_k, coactivation=stats)
     n = write_global_weights(db, tc, weights)

@@ -8,7 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
-from cltrace.cli.common import ModelOption, OldOutputOption, app, config_option, decoded_prompt, deprecated, required
+from cltrace.cli.common import (
+    DeviceOption,
+    ModelOption,
+    OldOutputOption,
+    app,
+    config_option,
+    decoded_prompt,
+    deprecated,
+    device_given,
+    required,
+)
 from cltrace.fields import field_default
 from cltrace.graph.config import AttributionConfig
 
@@ -39,8 +49,10 @@ def attribute(
     ] = False,
     max_memory: Annotated[
         float | None,
-        typer.Option("--max-memory", min=0.1, max=1e9, help="Refuse up front a graph estimated to need more GB (default: available RAM)."),
+        typer.Option("--max-memory", min=0.1, max=1e9, help="Refuse up front a graph estimated to need more GB "
+                     "(default: the memory available on the device: the GPU's free memory, or the host's RAM)."),
     ] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Build, score and save the attribution graph of a prompt (the full graph; pruning is reported)."""
     from cltrace.atomic import check_writable
@@ -53,9 +65,10 @@ def attribute(
 
     output = required(deprecated(out, old_output, "--output", "-o/--out"), "-o/--out", "name the graph file to write")
     check_writable(output, "graph")  # a bad -o fails now, not after the whole graph is computed
-    loaded = load_model(model)
+    dev = device_given(device)
+    loaded = load_model(model, device=dev)
     transcoder = resolve_transcoder(transcoder, model, model=loaded)  # 'default' -> its folder in the cache
-    replacement = ReplacementModel(loaded, load_transcoder(transcoder))
+    replacement = ReplacementModel(loaded, load_transcoder(transcoder, device=dev))
     from cltrace.train.distributed import current_layout, launched
 
     if launched():  # under torchrun: the target rows are split across the ranks, and rank 0 writes the graph
@@ -65,7 +78,7 @@ def attribute(
     targets = list(target) if target else None
     config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size,
                                max_memory_bytes=int(max_memory * 2**30) if max_memory is not None else None)
-    limit = config.memory_limit()
+    limit = config.memory_limit(dev)
     if dry_run:
         estimate = estimate_attribution(replacement, prompt, targets, config)
         typer.echo(f"estimate: {estimate.summary()}")
@@ -121,6 +134,7 @@ def trace(
     feature_tokens: Annotated[int, typer.Option("--feature-tokens", min=1, help="Tokens the automatic feature database analyses.")] = 50_000,
     max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Trace a prompt: attribution graph, pruning, scores, the strongest paths with their features, and a picture."""
     from cltrace.features import FeatureStore
@@ -131,9 +145,10 @@ def trace(
     from cltrace.transcoder import load_transcoder
 
     check_trace_folder(out)  # a bad --out fails now, not after the model, feature pages and graph
-    loaded = load_model(model)
+    dev = device_given(device)
+    loaded = load_model(model, device=dev)
     tc_path = resolve_transcoder(Path(transcoder), model, model=loaded)
-    tc = load_transcoder(tc_path)
+    tc = load_transcoder(tc_path, device=dev)
     replacement = ReplacementModel(loaded, tc)
     db_path: Path | None = None
     if features == "auto":

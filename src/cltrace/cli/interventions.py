@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cltrace.cli.common import ModelOption, app, decoded_prompt
+from cltrace.cli.common import DeviceOption, ModelOption, app, decoded_prompt, device_given
 from cltrace.errors import CltraceError
 
 
@@ -22,20 +22,23 @@ def predict(
         Path | None,
         typer.Option("--transcoder", "-t", help="Also run the local replacement model with this transcoder ('default': the default CLT)."),
     ] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Show the model's most probable next tokens for a prompt."""
     import torch
 
     from cltrace.model import load_model
 
-    loaded = load_model(model)
+    dev = device_given(device)
+    loaded = load_model(model, device=dev)
     replacement = None
     if transcoder is not None:
         from cltrace.replacement import ReplacementModel
         from cltrace.train.default import resolve_transcoder
         from cltrace.transcoder import load_transcoder
 
-        replacement = ReplacementModel(loaded, load_transcoder(resolve_transcoder(transcoder, model, model=loaded)))
+        tc_path = resolve_transcoder(transcoder, model, model=loaded)
+        replacement = ReplacementModel(loaded, load_transcoder(tc_path, device=dev))
     ids = loaded.encode(prompt)
     with torch.no_grad():
         logits = loaded.model(input_ids=ids[None].to(loaded.device), use_cache=False).logits[0]  # [pos, vocab]
@@ -91,6 +94,7 @@ def intervene(
         Path | None,
         typer.Option("--graph", help="A graph of this prompt: also show its predicted change beside the measured one."),
     ] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Set or scale transcoder features and show how the output changes (and, with --graph, what the graph predicted)."""
     from cltrace.model import load_model
@@ -100,6 +104,7 @@ def intervene(
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    dev = device_given(device)
     named = None
     if supernodes is not None:
         from cltrace.replacement.supernodes import load_supernodes
@@ -114,10 +119,10 @@ def intervene(
         from cltrace.graph.graph import Graph
 
         loaded_graph = Graph.load(graph)
-    loaded_transcoder = load_transcoder(resolve_transcoder(transcoder, model))
+    loaded_transcoder = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
     # layers and features can be checked before the (slow) model load; positions need the prompt's length
     check_interventions(specs, loaded_transcoder.n_layers, loaded_transcoder.n_features, None)
-    loaded = load_model(model)
+    loaded = load_model(model, device=dev)
     replacement = ReplacementModel(loaded, loaded_transcoder)
     ids = loaded.encode(prompt)
     if loaded_graph is not None and loaded_graph.metadata.get("input_ids") not in (None, ids.tolist()):

@@ -10,7 +10,10 @@ from typing import Annotated
 import typer
 
 from cltrace.cli.common import (
+    DTYPE_HELP,
     SOURCE_HELP,
+    DeviceOption,
+    Dtype,
     ModelOption,
     NCtxOption,
     OldTranscoderArgument,
@@ -18,6 +21,8 @@ from cltrace.cli.common import (
     TranscoderOption,
     app,
     deprecated,
+    device_given,
+    dtype_given,
     transcoder_given,
 )
 
@@ -47,13 +52,19 @@ def train(
         float, typer.Option("--dist-timeout", min=1.0, help="Under torchrun: seconds a rank waits for a silent rank before stopping.")
     ] = 600.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOption = "auto",
+    dtype: Annotated[Dtype | None, typer.Option(
+        "--dtype", help="Precision of training and harvesting (the config's dtype and harvest_dtype; default: the "
+        "preset's, bfloat16 for 'default'): auto (bfloat16 on a CUDA GPU, float32 elsewhere), float32 or bfloat16.",
+        show_default=False)] = None,
 ) -> None:
     """Train a cross-layer (or per-layer) transcoder and evaluate it on held-out text (`torchrun ... -m cltrace train`: sharded)."""
     from cltrace.train import TrainConfig, parse_override, train_transcoder
     from cltrace.train import preset as get_preset
     from cltrace.train.distributed import init_layout
 
-    layout = init_layout(feature_parallel or None, dist_timeout)  # None unless started by torchrun
+    dev = device_given(device)  # a device this machine lacks is refused before anything starts
+    layout = init_layout(feature_parallel or None, dist_timeout, dev)  # None unless started by torchrun
 
     def silent(_text: str) -> None:
         """Rank 0 speaks for all."""
@@ -69,6 +80,8 @@ def train(
         changes["model"] = model
     if source is not None:
         changes["source"] = source
+    if dtype is not None:
+        changes["dtype"] = changes["harvest_dtype"] = str(dtype_given(dtype, dev)).removeprefix("torch.")
     if store is not None:  # the store's model, text and packing, unless given explicitly (then checked)
         from cltrace.train.run import store_defaults
 
@@ -76,12 +89,13 @@ def train(
     cfg = cfg.with_overrides(changes)
     echo(
         f"training a {cfg.kind.upper()} of {cfg.n_features} features per layer on {cfg.model} with text {cfg.source}: "
-        f"{cfg.total_steps} steps of {cfg.batch_tokens} tokens -> {out}"
+        f"{cfg.total_steps} steps of {cfg.batch_tokens} tokens in {cfg.dtype} on {dev} -> {out}"
     )
     if layout is not None:
         echo(f"sharded over {layout.describe()}")
     # the estimate times one unsharded step: skipped on several ranks
-    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=layout is None, echo=echo)
+    result = train_transcoder(cfg, out, resume=resume, progress=not quiet, estimate=layout is None, echo=echo,
+                              device=dev)
     if result:
         from cltrace.eval import format_table
 
@@ -98,11 +112,6 @@ class StoreDtype(str, Enum):
     float16 = "float16"
 
 
-class ComputeDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
 @app.command()
 def harvest(
     out: Annotated[Path, typer.Option("--out", "-o", help="The activation store folder (new, or one to resume or extend).")],
@@ -111,9 +120,7 @@ def harvest(
     source: SourceOption = "default",
     text_column: Annotated[str, typer.Option("--text-column", help="Column/field holding the text (.jsonl, .parquet, hf:).")] = "text",
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="Dtype of the stored activations.")] = StoreDtype.bfloat16,
-    compute_dtype: Annotated[
-        ComputeDtype, typer.Option("--compute-dtype", help="Dtype of the model's matrix products (bfloat16: faster, ~3% noise).")
-    ] = ComputeDtype.float32,
+    compute_dtype: Annotated[Dtype, typer.Option("--compute-dtype", help=DTYPE_HELP)] = Dtype.auto,
     n_ctx: NCtxOption = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Contexts per forward pass.")] = 16,
     shard_contexts: Annotated[int | None, typer.Option("--shard-contexts", min=1, help="Contexts per shard (default: about 256 MiB).")] = None,
@@ -122,17 +129,20 @@ def harvest(
         "--mix-contexts", min=1, help="Store the contexts in shuffled pools of this many (1: in text order), so that training "
         "reads mixed text (as `cltrace train` does when it harvests on the fly).")] = 4096,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Harvest every layer's transcoder inputs and targets into a sharded activation store (resumes and extends OUT)."""
     from cltrace.data.sources import open_text_source
     from cltrace.data.store import harvest_to_store
     from cltrace.model import load_model
 
+    dev = device_given(device)
+    compute = str(dtype_given(compute_dtype, dev)).removeprefix("torch.")
     text = open_text_source(source, text_column=text_column)
-    loaded = load_model(model)
+    loaded = load_model(model, device=dev)
     st = harvest_to_store(
         loaded, text, out, tokens, model_spec=model or "default", source_spec=source, text_column=text_column,
-        n_ctx=n_ctx, dtype=dtype.value, harvest_dtype=compute_dtype.value, shard_contexts=shard_contexts,
+        n_ctx=n_ctx, dtype=dtype.value, harvest_dtype=compute, shard_contexts=shard_contexts,
         harvest_batch=batch_size, heldout_fraction=heldout_fraction, mix_contexts=mix_contexts, progress=not quiet,
     )
     note = " (the text ran out: that is all of it)" if st.manifest["source_exhausted"] else ""
@@ -152,6 +162,7 @@ def eval_command(
     n_ctx: NCtxOption = 128,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
     old_json: Annotated[Path | None, typer.Option("--json", hidden=True)] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
     import json
@@ -162,12 +173,13 @@ def eval_command(
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    dev = device_given(device)
     transcoder = transcoder_given(transcoder, old_transcoder)
     json_out = deprecated(out, old_json, "--json", "-o/--out")
     if json_out is not None:
         check_writable(json_out, "evaluation JSON")  # a bad -o fails now, not after the evaluation
-    tc = load_transcoder(resolve_transcoder(transcoder, model))
-    loaded = load_model(model)
+    tc = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
+    loaded = load_model(model, device=dev)
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
     typer.echo(format_table(result))
     if json_out is not None:

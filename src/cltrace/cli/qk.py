@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cltrace.cli.common import DeviceOption, device_given
 from cltrace.errors import CltraceError
 
 
@@ -45,6 +46,7 @@ def qk(
         str | None, typer.Option("--edge", help="SOURCE,TARGET node ids of the graph: also show the edge's heads.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the JSON.")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Decompose a head's attention scores at a query position into (query node, key node) pairs."""
     from cltrace.atomic import atomic_write_text, check_writable
@@ -57,12 +59,14 @@ def qk(
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
+    dev = device_given(device)
     if edge is not None and graph is None:
         raise CltraceError("--edge names nodes of a graph: add --graph GRAPH")
     out = out or _default_out(graph, layer, head, query)
     check_writable(out, "QK attribution JSON")
     loaded_graph = Graph.load(graph) if graph is not None else None
-    replacement = ReplacementModel(load_model(model), load_transcoder(resolve_transcoder(transcoder, model)))
+    tc = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
+    replacement = ReplacementModel(load_model(model, device=dev), tc)
     ids = replacement.input_ids(prompt)
     if loaded_graph is not None and loaded_graph.metadata.get("input_ids") not in (None, ids.tolist()):
         raise CltraceError(f"the graph '{graph}' was built for another prompt: give this prompt's graph")

@@ -9,11 +9,13 @@ from typing import Annotated
 import typer
 
 from cltrace.cli.common import (
+    DeviceOption,
     ModelOption,
     OldTranscoderArgument,
     TranscoderOption,
     app,
     deprecated,
+    device_given,
     required,
     transcoder_feature_store,
     transcoder_given,
@@ -47,11 +49,13 @@ def serve(
         int | None,
         typer.Option("--max-jobs", min=1, max=64, help="New graphs queued or running at once; more are refused until one ends (default: a few)."),
     ] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Explore attribution graphs in the browser: a local web app (graph view, feature pages, interventions)."""
     from cltrace.serve import app as serve_app  # the web stack loads only for this command
     from cltrace.serve import security
 
+    dev = device_given(device)  # the model loads on first use: a missing device is refused now
     if not graph_dir.is_dir():
         raise CltraceError(f"'{graph_dir}' is not a folder: pass the folder holding your graph files")
     if not serve_app.assets_built():
@@ -64,14 +68,14 @@ def serve(
     if transcoder is not None:
         from cltrace.train.default import resolve_transcoder
 
-        transcoder = resolve_transcoder(transcoder, model)
+        transcoder = resolve_transcoder(transcoder, model, device=dev)
     if features is not None and str(features) == "auto":
         if transcoder is None:
             raise CltraceError("--features auto needs --transcoder: the automatic feature store belongs to a transcoder")
         features = transcoder_feature_store(transcoder, model)
     typer.echo(f"serving {graph_dir.resolve()} at {security.url(host, port, token)} (Ctrl-C stops)")
     serve_app.serve(graph_dir, host=host, port=port, features=features, model=model, transcoder=transcoder,
-                    token=token, max_running=max_jobs or serve_app.MAX_RUNNING)
+                    token=token, max_running=max_jobs or serve_app.MAX_RUNNING, device=dev)
 
 
 class Format(str, Enum):
@@ -108,11 +112,14 @@ def convert(
 
 
 @app.command()
-def info(model: Annotated[str | None, typer.Argument(help="Hub id, local directory or .gguf file.")] = None) -> None:
-    """Show a model's family and dimensions."""
+def info(
+    model: Annotated[str | None, typer.Argument(help="Hub id, local directory or .gguf file.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Show a model's family and dimensions, and where it runs."""
     from cltrace.model import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, device=device_given(device))
     cfg = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
     bos = loaded.bos_id()
@@ -127,6 +134,7 @@ def info(model: Annotated[str | None, typer.Argument(help="Hub id, local directo
         ("context", loaded.max_context),
         ("parameters", f"{n_params / 1e6:.1f}M"),
         ("dtype", str(next(loaded.model.parameters()).dtype).removeprefix("torch.")),
+        ("device", str(loaded.device)),
         ("BOS token", "none" if bos is None else f"{loaded.decode_token(bos)!r} ({bos})"),
     ]
     for key, value in rows:

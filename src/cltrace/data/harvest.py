@@ -54,8 +54,10 @@ class Harvester:
 
     `harvest(tokens)` takes [batch, n_ctx] token ids whose column 0 is BOS and returns
     :class:`Harvest` tensors of shape [batch * (n_ctx - first_position), n_layers, d_model] in `dtype`
-    (default: the model's). `max_batch` bounds how many contexts go through the model at once;
-    `autocast_bf16` runs the model's matrix products in bfloat16 (faster where the hardware has it).
+    (default: the model's), on `out_device` (default: the CPU; the model's device keeps a GPU's
+    activations on the GPU, with no copy through the host). `max_batch` bounds how many contexts go
+    through the model at once; `autocast_bf16` runs the model's matrix products in bfloat16 (faster
+    where the hardware has it).
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class Harvester:
         max_batch: int = 16,
         autocast_bf16: bool = False,
         first_position: int = FIRST_POSITION,
+        out_device: torch.device | str = "cpu",
     ) -> None:
         self.loaded = loaded
+        self.out_device = torch.device(out_device)
         self.base = base_transformer(loaded)
         adapter = loaded.adapter
         self.layers = adapter.decoder_layers(loaded.model)
@@ -103,12 +107,24 @@ class Harvester:
         B, T = tokens.shape
         L, d = self.n_layers, self.d_model
         P = T - self.first_position
-        x = torch.empty(B, P, L, d, dtype=self.dtype)
-        y = torch.empty(B, P, L, d, dtype=self.dtype)
         device = self.loaded.device
+        x = torch.empty(B, P, L, d, dtype=self.dtype, device=self.out_device)  # [batch, pos, layer, d_model]
+        y = torch.empty(B, P, L, d, dtype=self.dtype, device=self.out_device)
+        # The hooks write each layer into a chunk on the model's device; a chunk bound for another device
+        # crosses in one copy (per layer, the copies would each wait for the GPU).
+        staged = device != self.out_device
+        tokens = tokens.to(device)
         for start in range(0, B, self.max_batch):
-            chunk = tokens[start : start + self.max_batch].to(device)
-            self._run(chunk, x[start : start + chunk.shape[0]], y[start : start + chunk.shape[0]])
+            chunk = tokens[start : start + self.max_batch]
+            n = chunk.shape[0]
+            if not staged:
+                self._run(chunk, x[start : start + n], y[start : start + n])
+                continue
+            x_chunk = torch.empty(n, P, L, d, dtype=self.dtype, device=device)  # [chunk, pos, layer, d_model]
+            y_chunk = torch.empty(n, P, L, d, dtype=self.dtype, device=device)
+            self._run(chunk, x_chunk, y_chunk)
+            x[start : start + n].copy_(x_chunk)
+            y[start : start + n].copy_(y_chunk)
         return Harvest(x.view(B * P, L, d), y.view(B * P, L, d))
 
     def _run(self, ids: torch.Tensor, x_out: torch.Tensor, y_out: torch.Tensor) -> None:

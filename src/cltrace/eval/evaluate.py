@@ -20,6 +20,7 @@ contexts are a seeded random draw from across the held-out split, not its first 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from cltrace.data.harvest import FIRST_POSITION
 from cltrace.data.packing import model_packing, pack_batches
 from cltrace.data.sources import open_text_source
+from cltrace.device import place
 from cltrace.errors import CltraceError
 from cltrace.model.hooks import mlp_hooks
 from cltrace.model.load import LoadedModel
@@ -125,14 +127,14 @@ def _run_batch(model: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, 
     return logits, x, y
 
 
-def _spliced(model: LoadedModel, tc: Transcoder, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
-    """(summed KL(original ‖ spliced), tokens whose top-1 agrees) of the model with every MLP block
-    spliced out for the transcoder, on tokens [B, T] whose original logits are `logits`."""
+def _spliced(model: LoadedModel, tc: Transcoder, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed KL(original ‖ spliced), tokens whose top-1 agrees), as tensors on the model's device, of the
+    model with every MLP block spliced out for the transcoder, on tokens [B, T] whose original logits are `logits`."""
     with _Hooks(model, tc).open():
         sp = model.model(input_ids=tokens, use_cache=False).logits[:, FIRST_POSITION:]
     lp_o = F.log_softmax(logits.double(), dim=-1)
     lp_s = F.log_softmax(sp.double(), dim=-1)
-    return float((lp_o.exp() * (lp_o - lp_s)).sum()), int((logits.argmax(-1) == sp.argmax(-1)).sum())
+    return (lp_o.exp() * (lp_o - lp_s)).sum(), (logits.argmax(-1) == sp.argmax(-1)).sum()
 
 
 @torch.no_grad()
@@ -149,8 +151,12 @@ def evaluate(
     split_seed: int = 0,
     spliced: bool = True,
     bos_id: int | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Evaluate `transcoder` on `model` over about `n_tokens` held-out tokens of `source`.
+
+    Runs on `device` (None: where the model is; the model and the transcoder are moved there, in
+    place), in the model's and transcoder's own precision; the sums are float64 on that device.
 
     Returns a JSON-ready dict: `nmse_mean`, `nmse_per_layer`, `l0_mean`, `l0_total`,
     `l0_per_layer`, `dead_fraction`, `dead_fraction_per_layer`, `spliced_kl`, `spliced_top1`,
@@ -164,58 +170,65 @@ def evaluate(
         )
     if n_tokens < 1:
         raise CltraceError(f"n_tokens must be at least 1, got {n_tokens}")
-    tc = transcoder
-    L, Fn = cfg.n_layers, cfg.n_features
-    sq_err = torch.zeros(L, dtype=torch.float64)
-    sum_y = torch.zeros(L, cfg.d_model, dtype=torch.float64)
-    sum_y2 = torch.zeros(L, dtype=torch.float64)
-    active = torch.zeros(L, dtype=torch.float64)
-    fired = torch.zeros(L, Fn, dtype=torch.bool)
-    kl_sum, agree, n_scored = 0.0, 0, 0
-    device = model.device
+    device = place(model.model, device)
+    tc = transcoder.to(device)
+    sums = _Sums(cfg.n_layers, cfg.n_features, cfg.d_model, device)
     batches = token_batches(model, source, n_tokens, n_ctx=n_ctx, batch_size=batch_size, tokenize=tokenize,
                             heldout_fraction=heldout_fraction, split_seed=split_seed, bos_id=bos_id)
     for tokens in batches:
         tokens = tokens.to(device)
-        if n_scored >= n_tokens:
+        if sums.n >= n_tokens:
             break
         logits, x, y = _run_batch(model, tokens)
         acts = tc.encode(x)  # [N, L, F]
-        recon = tc.decode(acts, x).to(torch.float64)
-        sq_err += (recon - y).pow(2).sum(dim=(0, 2))
-        sum_y += y.sum(0)
-        sum_y2 += y.pow(2).sum(dim=(0, 2))
-        nz = acts != 0
-        active += nz.sum(dim=(0, 2)).double()
-        fired |= nz.any(0)
-        n = x.shape[0]
+        sums.add(y, tc.decode(acts, x).to(torch.float64), acts)
         if spliced:
             kl, same = _spliced(model, tc, tokens, logits)
-            kl_sum += kl
-            agree += same
-        n_scored += n
-    if n_scored == 0:
+            sums.kl += kl
+            sums.agree += same
+    if sums.n == 0:
         raise CltraceError("no held-out tokens to evaluate on: give a source with more text")
-    var = sum_y2 - sum_y.pow(2).sum(-1) / n_scored
-    nmse = (sq_err / var.clamp_min(1e-30)).tolist()
-    l0 = (active / n_scored).tolist()
-    dead = (~fired).double().mean(-1).tolist()
-    return {
-        "model": model.name,
-        "kind": cfg.kind,
-        "n_layers": L,
-        "n_features": Fn,
-        "n_tokens": n_scored,
-        "nmse_mean": sum(nmse) / L,
-        "l0_mean": sum(l0) / L,
-        "l0_total": sum(l0),
-        "dead_fraction": float((~fired).double().mean()),
-        "spliced_kl": kl_sum / n_scored if spliced else None,
-        "spliced_top1": agree / n_scored if spliced else None,
-        "nmse_per_layer": nmse,
-        "l0_per_layer": l0,
-        "dead_fraction_per_layer": dead,
-    }
+    return {"model": model.name, "kind": cfg.kind, "n_layers": cfg.n_layers, "n_features": cfg.n_features,
+            **sums.result(spliced)}
+
+
+class _Sums:
+    """What `evaluate` sums over its batches, on the model's device (nothing crosses to the host until `result`)."""
+
+    def __init__(self, L: int, Fn: int, d: int, device: torch.device) -> None:
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=device)
+        self.sq_err, self.sum_y, self.sum_y2, self.active = zeros(L), zeros(L, d), zeros(L), zeros(L)  # per layer
+        self.fired = torch.zeros(L, Fn, dtype=torch.bool, device=device)
+        self.kl, self.agree = zeros(()), torch.zeros((), dtype=torch.int64, device=device)
+        self.n = 0  # tokens scored
+
+    def add(self, y: torch.Tensor, recon: torch.Tensor, acts: torch.Tensor) -> None:
+        """A batch's targets y and reconstructions [N, L, d] (float64) and activations [N, L, F]."""
+        self.sq_err += (recon - y).pow(2).sum(dim=(0, 2))
+        self.sum_y += y.sum(0)
+        self.sum_y2 += y.pow(2).sum(dim=(0, 2))
+        nz = acts != 0
+        self.active += nz.sum(dim=(0, 2)).double()
+        self.fired |= nz.any(0)
+        self.n += y.shape[0]
+
+    def result(self, spliced: bool) -> dict[str, Any]:
+        L, n = self.sq_err.shape[0], self.n
+        var = self.sum_y2 - self.sum_y.pow(2).sum(-1) / n
+        nmse = (self.sq_err / var.clamp_min(1e-30)).tolist()
+        l0 = (self.active / n).tolist()
+        return {
+            "n_tokens": n,
+            "nmse_mean": sum(nmse) / L,
+            "l0_mean": sum(l0) / L,
+            "l0_total": sum(l0),
+            "dead_fraction": float((~self.fired).double().mean()),
+            "spliced_kl": float(self.kl) / n if spliced else None,
+            "spliced_top1": int(self.agree) / n if spliced else None,
+            "nmse_per_layer": nmse,
+            "l0_per_layer": l0,
+            "dead_fraction_per_layer": (~self.fired).double().mean(-1).tolist(),
+        }
 
 
 def format_table(result: dict[str, Any]) -> str:

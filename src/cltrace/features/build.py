@@ -32,6 +32,7 @@ import torch
 from cltrace.data.harvest import FIRST_POSITION, Harvester
 from cltrace.data.packing import PackPosition, model_packing, pack_batches
 from cltrace.data.sources import open_text_source
+from cltrace.device import place
 from cltrace.errors import CltraceError
 from cltrace.features.database import SCHEMA, SCHEMA_VERSION, connect, read_meta, transaction, write_meta
 from cltrace.features.page import Labeller, TokenLabeller
@@ -97,6 +98,7 @@ def build_feature_store(
     first_position: int = FIRST_POSITION, exclude_tokens: Sequence[int] | None = None,
     checkpoint_seconds: float = 60.0, checkpoint_batches: int | None = None, progress: bool = True,
     max_batches: int | None = None, keep_state: bool = True, autocast_bf16: bool = False,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Build (or resume, or extend) the feature store `out` for `transcoder` over `n_tokens` tokens.
 
@@ -118,15 +120,21 @@ def build_feature_store(
         max_batches: stop after this many batches in this call (for tests), leaving the store resumable.
         keep_state: keep the running tensors, so that the store can be extended later; False drops
             them once the pages are written (a smaller file that can no longer be extended).
-        autocast_bf16: run the model's matrix products in bfloat16 (faster on CPUs with bf16
-            units; activations differ a little from float32 ones, which moves no page much).
+        autocast_bf16: run the model's matrix products in bfloat16 (faster on GPUs and on CPUs with
+            bf16 units; activations differ a little from float32 ones, which moves no page much).
+        device: where the model, the transcoder and the running state are ("auto", "cpu", "cuda", ...;
+            None: where a given model is, else "auto"); a given model and transcoder are moved there.
 
     Returns the path of the database. Raises CltraceError for a database built for another
     transcoder, model or settings, or for a model the transcoder does not fit.
     """
     out = Path(out)
-    loaded = model if not isinstance(model, (str, type(None))) else load_model(model)
-    tc = transcoder if isinstance(transcoder, Transcoder) else load_transcoder(transcoder)
+    if isinstance(model, (str, type(None))):
+        loaded = load_model(model, device=device or "auto")
+    else:
+        loaded = model
+        place(loaded.model, device)
+    tc = (transcoder if isinstance(transcoder, Transcoder) else load_transcoder(transcoder)).to(loaded.device)
     _check_sizes(loaded, tc, n_tokens, n_ctx, top_k, n_bands, per_band, window_before, window_after)
     tokenize, pack = model_packing(
         loaded, n_ctx, batch_size, tokenize=tokenize, bos_id=bos_id, split="train", heldout_fraction=0.0
@@ -279,7 +287,8 @@ class _Stream:
         """Stream until n_tokens are analysed, the source runs out or max_batches are done: (tokens, timings)."""
         params, n_tokens, max_batches = self.params, self.n_tokens, self.max_batches
         first_position, T1 = params.first_position, params.n_ctx - 1
-        harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)  # every non-BOS position; masked below
+        # every non-BOS position (masked below), kept on the model's device
+        harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16, out_device=loaded.device)
         offsets = _feature_offsets(tc.n_layers, tc.n_features, loaded.device)
         device = loaded.device
         done = 0
@@ -298,7 +307,7 @@ class _Stream:
                     keep &= ~torch.isin(ids[:, 1:], torch.tensor(params.exclude_tokens))
                 with torch.no_grad():
                     x = harvester.harvest(ids).x  # [B * T1, L, d], BOS left out
-                    acts = tc.encode(x.to(device))  # [B * T1, L, F]
+                    acts = tc.encode(x)  # [B * T1, L, F]
                     acts[~keep.view(-1).to(device)] = 0.0
                 update_state(self.state, acts, self.contexts * T1, T1, params, offsets)
                 del x, acts

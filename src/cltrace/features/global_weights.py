@@ -79,9 +79,9 @@ class CoActivation:
     n_tokens: int = 0
 
     @classmethod
-    def zeros(cls, n_layers: int, n_features: int) -> CoActivation:
+    def zeros(cls, n_layers: int, n_features: int, device: torch.device | str = "cpu") -> CoActivation:
         n = n_layers * n_features
-        return cls(torch.zeros(n, dtype=torch.float64), torch.zeros(n, n), 0)
+        return cls(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, n, device=device), 0)
 
     def add(self, acts: torch.Tensor) -> None:
         """Count a batch of tokens' activations [tokens, L, F]."""
@@ -155,12 +155,13 @@ def global_weights(tc: Transcoder, top_k: int = 10, coactivation: CoActivation |
 def gather_coactivation(tc: Transcoder, batches: Iterable[torch.Tensor], harvester: Any, n_tokens: int) -> CoActivation:
     """Co-activation statistics over token batches [batch, n_ctx] (BOS first), run through `harvester`
     (a `cltrace.data.harvest.Harvester`: resid_mid of every non-BOS position) and the transcoder's
-    encoder, until `n_tokens` tokens are counted."""
-    stats = CoActivation.zeros(tc.n_layers, tc.n_features)
+    encoder, until `n_tokens` tokens are counted. The counts live on the transcoder's device."""
+    device = tc.W_enc.device
+    stats = CoActivation.zeros(tc.n_layers, tc.n_features, device)
     for tokens in batches:
         x = harvester.harvest(tokens).x  # [tokens, L, d]
         with torch.no_grad():
-            stats.add(tc.encode(x.to(tc.W_enc.device))[: n_tokens - stats.n_tokens].cpu())
+            stats.add(tc.encode(x.to(device))[: n_tokens - stats.n_tokens])
         if stats.n_tokens >= n_tokens:
             break
     if stats.n_tokens == 0:

@@ -91,7 +91,7 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
         self.rm, self.cfg, self.prompt = replacement, cfg, prompt
         self.model, self.tc = replacement.model, replacement.transcoder
         self.ids = replacement.input_ids(prompt)
-        self.limit = cfg.memory_limit()
+        self.limit = cfg.memory_limit(self.model.device)  # the GPU's memory where the model runs on one
         self._refuse_long_prompt()
         self.run: ReplacementRun = replacement.run(self.ids)
         run = self.run

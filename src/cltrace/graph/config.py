@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from cltrace.errors import CltraceError
 from cltrace.fields import check_bounds
-from cltrace.resources import available_memory_bytes
+from cltrace.resources import available_device_memory_bytes, available_memory_bytes
 
 
 @dataclass
@@ -50,7 +52,7 @@ class AttributionConfig:
 
     max_memory_bytes: int | None = None
     """Refuse, before computing anything, a graph whose estimated peak memory is above this (None: the
-    memory the kernel says is available when the graph starts)."""
+    memory available when the graph starts: the GPU's when it runs on one, else what the kernel says)."""
 
     recompute_rows: bool | None = None
     """Keep the visited rows in bfloat16 for the influence ordering only and compute the graph's
@@ -71,9 +73,14 @@ class AttributionConfig:
             if not ok:
                 raise CltraceError(f"attribution config: {message}")
 
-    def memory_limit(self) -> int | None:
-        """The bytes a graph may take: max_memory_bytes, else what is available now (None: unknown)."""
-        return self.max_memory_bytes if self.max_memory_bytes is not None else available_memory_bytes()
+    def memory_limit(self, device: torch.device | None = None) -> int | None:
+        """The bytes a graph may take: max_memory_bytes, else what is available now on `device` (a CUDA
+        GPU's memory; the host's for the CPU or None), None where unknown."""
+        if self.max_memory_bytes is not None:
+            return self.max_memory_bytes
+        if device is not None and device.type == "cuda":
+            return available_device_memory_bytes(device)
+        return available_memory_bytes()
 
 
 

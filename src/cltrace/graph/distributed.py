@@ -64,7 +64,7 @@ def attribute_sharded(
     Every rank returns the same graph; it equals the one-process graph. Joins the process group
     (gloo on CPUs, NCCL on GPUs) if it is not joined yet; with one rank it is plain `attribute`.
     """
-    layout = init_layout()
+    layout = init_layout(device=replacement.model.device)  # NCCL where the model is on a GPU, else gloo
     if layout is not None and not layout.is_main:
         progress = False  # one progress bar (rank 0's, which counts every rank's rows)
     cfg = resolve_config(config, max_feature_nodes=max_feature_nodes, batch_size=batch_size, progress=progress)

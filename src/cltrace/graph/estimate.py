@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cltrace.device import synchronize
 from cltrace.errors import CltraceError
 from cltrace.graph.state import _AttributionState
 
@@ -45,7 +46,7 @@ class AttributionEstimate:
     n_batches: int
     batch_size: int
     peak_bytes: int
-    """Estimated peak resident memory of the whole process, model included."""
+    """Estimated peak memory of the whole process, model included, on its device (see `device`)."""
     flops: float
     """Floating-point work of the passes and products (see `seconds`)."""
     overhead_s: float
@@ -55,19 +56,23 @@ class AttributionEstimate:
     """Whether the rows are kept in bfloat16 and the graph's edges computed again (long prompts)."""
     row_bytes: int = 0
     """Of peak_bytes, the rows kept between passes."""
+    device: str = "cpu"
+    """Where the graph is computed: peak_bytes is that device's memory (a GPU's, or the host's), and
+    seconds come from its measured matrix-product rate."""
 
     @property
     def seconds(self) -> float:
         """Estimated time of the attribution itself (model loading not included), at this machine's
         matrix-product rate (measured on first use: building a graph needs only the memory figures)."""
-        return self.flops / (_ACHIEVED_RATE * _matmul_rate()) + self.overhead_s
+        return self.flops / (_ACHIEVED_RATE * _matmul_rate(self.device)) + self.overhead_s
 
     def summary(self) -> str:
         """One line: tokens, active features, rows, time and memory."""
+        where = "GPU memory" if self.device.startswith("cuda") else "memory"
         return (
             f"{self.n_tokens} tokens, {self.n_active_features} active features, {self.n_feature_rows} feature rows + "
             f"{self.n_logit_rows} logit rows in {self.n_batches} passes of {self.batch_size}: about "
-            f"{_duration(self.seconds)} and {self.peak_bytes / 2**30:.2f} GB peak memory"
+            f"{_duration(self.seconds)} and {self.peak_bytes / 2**30:.2f} GB peak {where}"
             + (" (rows kept in bf16, edges computed in a second pass)" if self.recompute_rows else "")
         )
 
@@ -82,15 +87,19 @@ _ACHIEVED_RATE = 0.4
 
 
 @functools.cache
-def _matmul_rate() -> float:
-    """This machine's fp32 matrix-product rate in FLOP/s, measured once (about 0.1 s)."""
-    a = torch.randn(512, 512)
+def _matmul_rate(device: str = "cpu") -> float:
+    """The fp32 matrix-product rate of `device` in FLOP/s, measured once per device (about 0.1 s)."""
+    dev = torch.device(device)
+    size = 512 if dev.type == "cpu" else 4096  # a GPU needs large products to be measured at its pace
+    a = torch.randn(size, size, device=dev)
     torch.mm(a, a)
+    synchronize(dev)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.1:
         torch.mm(a, a)
         n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - t0)
+        synchronize(dev)
+    return 2 * size**3 * n / (time.perf_counter() - t0)
 
 
 class _Estimating(_AttributionState):
@@ -194,5 +203,5 @@ class _Estimating(_AttributionState):
         return AttributionEstimate(
             n_tokens=P, n_active_features=self.n_act, n_feature_rows=n_feature_rows, n_logit_rows=len(self.targets),
             n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), flops=float(flops), overhead_s=0.02 * all_batches,
-            decoders_cached=self.cache_decoders, recompute_rows=bool(recompute), row_bytes=rows,
+            decoders_cached=self.cache_decoders, recompute_rows=bool(recompute), row_bytes=rows, device=str(self.device),
         )

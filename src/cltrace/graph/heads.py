@@ -160,7 +160,7 @@ def _output_gradients(
             handle.remove()
     n_pos = run.n_pos
     return [
-        torch.zeros(n_pos, sites.n_heads, sites.head_dim) if g is None
+        torch.zeros(n_pos, sites.n_heads, sites.head_dim, device=sites.resid_pre.device) if g is None
         else g[0].float().unflatten(-1, (sites.n_heads, sites.head_dim))
         for g in grads
     ]
@@ -186,14 +186,14 @@ def head_loadings(
     values = _staying_values(replacement, run, sites, source, live_skip)
     grads = _output_gradients(replacement, run, sites, target, live_skip)
     p, group = source.pos, sites.n_heads // sites.n_kv_heads
-    loadings = torch.zeros(len(sites.layers), sites.n_heads)
+    loadings = torch.zeros(len(sites.layers), sites.n_heads, device=sites.resid_pre.device)
     for layer in range(len(sites.layers)):
         moved = run.freeze_state.patterns[sites.attention(layer)][0, :, :, p].float().clone()  # [head, r]
         moved[:, p] = 0.0  # staying at p is not a move
         weighted = torch.einsum("hr,rhd->hd", moved, grads[layer])  # [head, d_head]
         value = values[layer].repeat_interleave(group, dim=0)  # [head, d_head]
         loadings[layer] = (weighted * value).sum(-1)
-    return HeadLoadings(source, target, loadings)
+    return HeadLoadings(source, target, loadings.cpu())
 
 
 def graph_node(graph: Graph, index: int) -> NodeRef:

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cltrace.cache import cache_dir
+from cltrace.device import resolve_device
 from cltrace.errors import CltraceError
 from cltrace.model.adapters import Adapter, adapter_for
 
@@ -161,11 +162,15 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     return LoadedModel(model, tokenizer, adapter_for(model.config.model_type), name or model.config.model_type)
 
 
-def load_model(name: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name: str | None = None, device: str | torch.device | None = "auto",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a model by hub id, local directory, GGUF file, or name of a packaged model (None: "default").
 
     The packaged models (`PACKAGED`): "default" (SmolLM2-135M-Instruct) and "gemma3-270m".
+    `device`: "auto" (the first CUDA GPU where torch sees one, else the CPU), "cpu", "cuda", "cuda:N",
+    "mps" or a torch.device (see `cltrace.device.resolve_device`); checked before anything is read.
     """
+    target = resolve_device(device)
     if name is None:
         name = "default"
     packaged = PACKAGED.get(name)
@@ -193,9 +198,11 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu", dtyp
             f"cannot find model '{shown}': it is not a local directory or GGUF file, and the Hugging Face hub "
             "did not provide it (no network, or no such id); give a local path or check the id"
         ) from None
-    loaded = wrap_model(model.to(device), tokenizer, shown)  # type: ignore[arg-type]  # transformers types .to() as its decorator's
+    loaded = wrap_model(model, tokenizer, shown)
     if packaged is not None and gguf is not None:
         _cache_dequantised(loaded, packaged.name)
+    # in place; after the cache copy, which is written from the host (transformers types .to() as its decorator's)
+    loaded.model.to(target)  # type: ignore[arg-type]
     return loaded
 
 

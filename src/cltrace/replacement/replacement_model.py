@@ -61,7 +61,8 @@ class FrozenOutput:
 
 
 class ReplacementModel:
-    """A model and a transcoder over it, checked to fit each other."""
+    """A model and a transcoder over it, checked to fit each other; the transcoder is moved (in place,
+    once) to the model's device, where every computation on the pair runs."""
 
     def __init__(self, model: LoadedModel, transcoder: Transcoder) -> None:
         cfg = transcoder.config
@@ -72,7 +73,7 @@ class ReplacementModel:
                 "trained for this model"
             )
         self.model = model
-        self.transcoder = transcoder
+        self.transcoder = transcoder.to(model.device)
         self._layers = model.adapter.decoder_layers(model.model)
         self._norms = model.adapter.norms(model.model)
 

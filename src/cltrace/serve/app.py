@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -198,6 +199,7 @@ def create_app(
     root: str | Path, features: str | Path | None = None, model: str | None = None,
     transcoder: str | Path | None = None, loader: Loader | None = None, host: str = "127.0.0.1",
     port: int | None = None, token: str | None = None, max_running: int = MAX_RUNNING,
+    device: str | torch.device | None = "auto",
 ) -> FastAPI:
     """The explorer app serving the graphs under `root`.
 
@@ -206,9 +208,10 @@ def create_app(
     metadata names). `loader`: builds the replacement model from a graph's metadata instead (tests).
     `host`, `port`: where it listens (a Host naming them is allowed beside loopback names);
     `token`: required on every request when given. `max_running`: new graphs queued or running at once.
+    `device`: where the model and transcoder are loaded, so where interventions and new graphs run.
     """
     workspace = Workspace(root, features)
-    models = Models(model, transcoder, loader)
+    models = Models(model, transcoder, loader, device)
     jobs = Jobs(workspace, models, max_running=max_running)
     app = FastAPI(
         title="cltrace graph explorer",

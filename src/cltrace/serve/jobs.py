@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from cltrace.device import resolve_device
 from cltrace.errors import CltraceError
 from cltrace.graph.attribution import AttributionConfig, attribute, resolve_config
 from cltrace.graph.prune import prune
@@ -47,12 +50,15 @@ class Models:
 
     The model comes from ``--model`` or else the graph's ``model`` metadata; the transcoder from
     ``--transcoder`` or else the graph's ``transcoder_path`` metadata (written by `cltrace
-    attribute` and by the explorer's "new graph"). One computation runs at a time (`lock`): two
-    would only slow each other down on a small machine, and they share the model's hooks.
+    attribute` and by the explorer's "new graph"). Both go to `device` ("auto", "cpu", "cuda", ...),
+    where interventions and new graphs run. One computation runs at a time (`lock`): two would only
+    slow each other down on a small machine, and they share the model's hooks.
     """
 
-    def __init__(self, model: str | None = None, transcoder: str | Path | None = None, loader: Loader | None = None) -> None:
+    def __init__(self, model: str | None = None, transcoder: str | Path | None = None, loader: Loader | None = None,
+                 device: str | torch.device | None = "auto") -> None:
         self.model = model
+        self.device = resolve_device(device)  # a device this machine lacks is refused when the server starts
         self.transcoder = None if transcoder is None else Path(transcoder)
         self.loader = loader
         self.lock = threading.Lock()
@@ -84,8 +90,8 @@ class Models:
             from cltrace.transcoder import load_transcoder
 
             log.info("loading model %s and transcoder %s", name or DEFAULT_MODEL, tc_path)
-            tc = load_transcoder(tc_path)
-            self._cache[key] = ReplacementModel(load_model(name), tc)
+            tc = load_transcoder(tc_path, device=self.device)
+            self._cache[key] = ReplacementModel(load_model(name, device=self.device), tc)
         return self._cache[key]
 
 

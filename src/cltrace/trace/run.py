@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.cache import cache_dir
+from cltrace.device import place
 from cltrace.features import build_feature_store
 from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.attribution import attribute
@@ -88,14 +91,17 @@ def trace_prompt(
     edge_threshold: float = 0.98,
     n_paths: int = 5,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TraceResult:
     """Attribute `prompt`, prune the graph, and write the graph, its picture and the report to `folder`.
 
     `feature_db`: an open `FeatureStore` for the transcoder (labels and where features fire), or None.
     `transcoder_path` is recorded in the graph so that `cltrace serve` can intervene on it.
-    `max_feature_nodes`, `batch_size`: None takes `AttributionConfig`'s.
+    `max_feature_nodes`, `batch_size`: None takes `AttributionConfig`'s. `device`: where the graph is
+    computed (None: where the replacement model is; else its model and transcoder are moved there).
     """
     folder = check_trace_folder(folder)
+    replacement.transcoder.to(place(replacement.model.model, device))
     folder.mkdir(parents=True, exist_ok=True)
     graph = attribute(replacement, prompt, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
                       progress=progress)

@@ -48,7 +48,8 @@ class HarvestSource(ActivationSource):
     shuffled before harvest (see `PackConfig.mix_contexts`).
 
     The text source is re-read from the start when it runs out (an epoch); the position records
-    the epoch and the packing position.
+    the epoch and the packing position. The buffers are on `out_device` (the trainer's, so that a GPU
+    trains on activations that never leave it).
     """
 
     def __init__(
@@ -67,11 +68,13 @@ class HarvestSource(ActivationSource):
         dtype: torch.dtype = torch.float32,
         autocast_bf16: bool = False,
         mix_contexts: int = 1,
+        out_device: torch.device | str = "cpu",
     ) -> None:
         self.loaded = loaded
         self.source = source
         self.tokenize = tokenize
-        self.harvester = Harvester(loaded, dtype=dtype, max_batch=harvest_batch, autocast_bf16=autocast_bf16)
+        self.harvester = Harvester(loaded, dtype=dtype, max_batch=harvest_batch, autocast_bf16=autocast_bf16,
+                                   out_device=out_device)
         self.n_layers = loaded.n_layers
         self.d_model = loaded.d_model
         _, self.pack = model_packing(

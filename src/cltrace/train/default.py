@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cltrace.cache import cache_dir
 from cltrace.errors import CltraceError
 from cltrace.fingerprint import sha256_hex
@@ -72,10 +74,12 @@ def default_transcoder_path(
     source: Any = None,
     tokenize: Callable[[str], Sequence[int]] | None = None,
     bos_id: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """The folder of the default transcoder, trained into the cache first if it is not there yet.
 
-    `model`, `source`, `tokenize` and `bos_id` stand in for the preset's model and text (tests).
+    `model`, `source`, `tokenize` and `bos_id` stand in for the preset's model and text (tests);
+    `device`: where it trains (None: where `model` is, else "auto").
     """
     name = default_preset_name()
     config = preset(name)
@@ -89,12 +93,13 @@ def default_transcoder_path(
                 on_wait=lambda: echo(f"another process is training the default transcoder in {run}: waiting for it")):
         if target.is_dir():
             return target
-        return _train_default(name, config, target, run, echo, progress, model, source, tokenize, bos_id)
+        return _train_default(name, config, target, run, echo, progress, model, source, tokenize, bos_id, device)
 
 
 def _train_default(
     name: str, config: TrainConfig, target: Path, run: Path, echo: Callable[[str], None], progress: bool,
     model: LoadedModel | None, source: Any, tokenize: Callable[[str], Sequence[int]] | None, bos_id: int | None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Train the default transcoder into `run` (resuming it) and move it to `target`."""
     started = (run / CHECKPOINT_DIR).is_dir()
@@ -104,7 +109,7 @@ def _train_default(
         f"in {run}; once done it is kept in {target} and this is not repeated (a stopped run resumes)"
     )
     train_transcoder(config, run, resume=True, model=model, source=source, tokenize=tokenize, progress=progress,
-                     estimate=True, echo=echo, bos_id=bos_id)
+                     estimate=True, echo=echo, bos_id=bos_id, device=device)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_dir():  # another process may have finished the same run first: keep theirs
         os.replace(run / TRANSCODER_DIR, target)  # a directory rename: atomic on one filesystem

@@ -231,7 +231,7 @@ class FeatureShards:
             "loss": terms["total"], "nonfinite": nonfinite,
             "mse": mse, "sparsity": sparsity, "preact": preact, "total": mse + sparsity + preact,
             "mse_per_layer": packed[4 : 4 + L], "nmse_per_layer": packed[4 + L : 4 + 2 * L],
-            "l0_per_layer": packed[4 + 2 * L :], "fired": fired.cpu(),
+            "l0_per_layer": packed[4 + 2 * L :], "fired": fired,  # on the device, as the trainer's counters
         }
 
     def sync_and_clip(self, grad_clip: float) -> torch.Tensor:
@@ -259,7 +259,7 @@ class FeatureShards:
             coef = torch.clamp(grad_clip / (gnorm + 1e-6), max=1.0)
             for _, g in grads:
                 g.mul_(coef.to(g.dtype))
-        return gnorm.cpu()
+        return gnorm
 
     def dead_count(self, dead: torch.Tensor) -> float:
         """Share of all features dead, from this rank's dead mask [L, F_local]."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from cltrace.data.harvest import Harvester
 from cltrace.data.packing import model_packing
 from cltrace.data.sources import open_text_source
 from cltrace.data.store import ActivationStore, model_fingerprint
+from cltrace.device import place, rank_device, resolve_device, synchronize
+from cltrace.distributed import launched
 from cltrace.errors import CltraceError
 from cltrace.eval import evaluate
 from cltrace.model import load_model
@@ -30,37 +33,44 @@ from cltrace.transcoder import Transcoder, TranscoderConfig
 log = logging.getLogger(__name__)
 
 
-def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harvester) -> dict[str, float]:
+def estimate_seconds(loaded: LoadedModel, config: TrainConfig, harvester: Harvester,
+                     device: torch.device | None = None) -> dict[str, float]:
     """Measure harvest and training speed for a few seconds and extrapolate the run's wall time.
 
     Training steps are timed at the initial transcoder, whose features are far denser than after
-    warm-up, so the estimate is an upper bound for the sparse decode. A run from an activation store
-    (`config.store`) harvests only its evaluation tokens.
+    warm-up, so the estimate is an upper bound for the sparse decode; on `device` (default: the
+    model's), where the run trains. A run from an activation store (`config.store`) harvests only its
+    evaluation tokens.
     """
+    device = device or loaded.device
     harvest_batch = min(config.harvest_batch, 4)
     tokens = torch.randint(0, loaded.vocab_size, (harvest_batch, config.n_ctx))
     harvester.harvest(tokens[:, : min(16, config.n_ctx)])  # warm up (first calls pick kernels)
+    synchronize(loaded.device)
     t = time.perf_counter()
     x, y = harvester.harvest(tokens)
+    synchronize(loaded.device)
     harvest_tps = x.shape[0] / (time.perf_counter() - t)
     tc = Transcoder.random(TranscoderConfig(config.kind, loaded.n_layers, loaded.d_model, config.n_features,
-                                            config.activation, config.topk_k, config.skip))
+                                            config.activation, config.topk_k, config.skip), device=device)
     opt = torch.optim.Adam(tc.parameters(), lr=config.lr)
     n = min(config.batch_tokens, x.shape[0])
-    xb = x[:n] / x[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
-    yb = y[:n] / y[:n].norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
+    x, y = x[:n].to(device), y[:n].to(device)  # [n, layer, d_model]
+    xb = x / x.norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
+    yb = y / y.norm(dim=-1, keepdim=True).mean(0) * loaded.d_model**0.5
     # The first steps of a process are slow while the kernels for each shape are picked: time steps
     # for a few seconds and keep the fastest of the last three.
     times: list[float] = []
     deadline = time.perf_counter() + 4.0
     while len(times) < 3 or (len(times) < 12 and time.perf_counter() < deadline):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
             loss = transcoder_loss(tc, xb, yb, config.sparsity_lambda, config.sparsity_c, config.preact_lambda,
                                    config.decode)
         opt.zero_grad()
         loss["total"].backward()
         opt.step()
+        synchronize(device)
         times.append(time.perf_counter() - t)
     train_tps = n / min(times[-3:])
     total = config.total_steps * config.batch_tokens
@@ -108,17 +118,24 @@ def train_transcoder(
     echo: Callable[[str], None] = print,
     stop_after: int | None = None,
     bos_id: int | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train per `config` into `out_dir`, save the folded transcoder, evaluate it; returns eval results.
 
     `model` (default: load `config.model`), `source` (default: open `config.source`) and `tokenize`
-    (default: the model's tokenizer) may be given directly, e.g. in tests.
+    (default: the model's tokenizer) may be given directly, e.g. in tests. `device` ("auto", "cpu",
+    "cuda", "cuda:N", ...): where the model harvests and the transcoder trains and is evaluated
+    (None: where `model` is, else "auto"); a given model is moved there.
     """
     out = Path(out_dir)
+    if launched():  # under torchrun each rank on its own GPU (or all on the CPU)
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    target = resolve_device(device) if device is not None or model is None else None  # refused before any work
     if source is None:
         source = open_text_source(config.source, text_column=config.text_column)
     if model is None:
-        model = load_model(config.model)
+        model = load_model(config.model, device=target)
+    dev = place(model.model, target)
     if tokenize is None:
         tokenize, _ = model_packing(model, config.n_ctx, 1, bos_id=bos_id)  # its tokenizer, or a clear error
     data: ActivationSource
@@ -127,12 +144,14 @@ def train_transcoder(
     else:
         data = HarvestSource(model, source, tokenize, config.n_ctx, config.shuffle_contexts, config.harvest_batch,
                              config.heldout_fraction, config.split_seed, bos_id=bos_id,
-                             autocast_bf16=config.harvest_dtype == "bfloat16", mix_contexts=config.mix_contexts)
-    trainer = Trainer(config, data, out, resume=resume, progress=progress, model_id=config.model, stop_after=stop_after)
+                             autocast_bf16=config.harvest_dtype == "bfloat16", mix_contexts=config.mix_contexts,
+                             out_device=dev)
+    trainer = Trainer(config, data, out, resume=resume, progress=progress, model_id=config.model, stop_after=stop_after,
+                      device=dev)
     if estimate:
         harvester = data.harvester if isinstance(data, HarvestSource) else Harvester(
             model, max_batch=config.harvest_batch, autocast_bf16=config.harvest_dtype == "bfloat16")
-        est = estimate_seconds(model, config, harvester)
+        est = estimate_seconds(model, config, harvester, dev)
         left = est["seconds"] * (1 - trainer.step / max(1, config.total_steps))
         where = "activations from the store" if config.store else f"harvest {est['harvest_tokens_per_s']:.0f} tokens/s"
         echo(

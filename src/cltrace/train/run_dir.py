@@ -16,9 +16,11 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+
 from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
-from cltrace.resources import available_memory_bytes
+from cltrace.resources import available_device_memory_bytes, available_memory_bytes
 from cltrace.train.checkpoint import COMMON_FILE, MANIFEST_FILE, has_checkpoint
 from cltrace.train.config import TrainConfig
 
@@ -130,14 +132,19 @@ def training_memory_bytes(config: TrainConfig, n_layers: int, d_model: int) -> i
     return 16 * params + buffer + step
 
 
-def refuse_if_too_big(config: TrainConfig, n_layers: int, d_model: int) -> None:
-    """Refuse, before anything is written, a config whose training would not fit in available memory."""
-    need, available = training_memory_bytes(config, n_layers, d_model), available_memory_bytes()
+def refuse_if_too_big(config: TrainConfig, n_layers: int, d_model: int, device: torch.device | None = None) -> None:
+    """Refuse, before anything is written, a config whose training would not fit in the memory available
+    where it trains: a CUDA GPU's (free, plus what this process already holds there), else the host's."""
+    need = training_memory_bytes(config, n_layers, d_model)
+    if device is not None and device.type == "cuda":
+        available, where = available_device_memory_bytes(device), f" on {device}"
+    else:
+        available, where = available_memory_bytes(), ""
     if available is not None and need > available:
         raise CltraceError(
             f"training {config.n_features} features per layer on {n_layers} layers of width {d_model} needs at least "
-            f"{need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB available: lower n_features "
-            "(or shuffle_contexts, batch_tokens)"
+            f"{need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB available{where}: "
+            "lower n_features (or shuffle_contexts, batch_tokens)"
         )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from cltrace.atomic import atomic_write, atomic_write_text
+from cltrace.device import rank_device, resolve_device
 from cltrace.errors import CltraceError
 from cltrace.locks import acquire, release
 from cltrace.train.config import TrainConfig
@@ -45,6 +46,7 @@ from cltrace.train.distributed import (
     failures_as_errors,
     has_checkpoint,
     init_layout,
+    launched,
     load_optimizer_by_name,
     on_main,
     optimizer_by_name,
@@ -62,6 +64,7 @@ from cltrace.train.run_dir import (
     prepare_run_dir,
     refuse_if_too_big,
 )
+from cltrace.train.schedule import lr_at, sparsity_lambda_at
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
 from cltrace.transcoder.fold import fold_normalisation
 
@@ -77,24 +80,6 @@ class TrainingDiverged(CltraceError):
 
 
 # -- schedules ---------------------------------------------------------------------------------------
-
-
-def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate of step `step` (0-based): constant, then linear decay to 0 over the last lr_decay_frac."""
-    total = config.total_steps
-    decay_steps = int(round(config.lr_decay_frac * total))
-    start = total - decay_steps
-    if decay_steps == 0 or step < start:
-        return config.lr
-    return config.lr * max(0.0, (total - step) / decay_steps)
-
-
-def sparsity_lambda_at(config: TrainConfig, step: int) -> float:
-    """λ of step `step`: ramps linearly from 0 to sparsity_lambda over the first sparsity_warmup_frac."""
-    warm = config.sparsity_warmup_frac * config.total_steps
-    if warm <= 0:
-        return config.sparsity_lambda
-    return config.sparsity_lambda * min(1.0, (step + 1) / warm)
 
 
 # -- normalisation -----------------------------------------------------------------------------------
@@ -120,6 +105,11 @@ class Trainer:
     Under torchrun (several ranks, see `cltrace.train.distributed`), each rank trains its slice of
     the features and writes its shard of the checkpoint; rank 0 writes the shared files, and every
     rank returns the whole (gathered) transcoder.
+
+    `device` (default: the CPU; under torchrun, each rank's) holds the transcoder, Adam's state and
+    the step's tensors. Buffers already there (harvested on that GPU) are indexed in place; buffers
+    on the host (an activation store) are gathered per step into pinned memory and copied
+    asynchronously when the device is a CUDA GPU.
     """
 
     def __init__(
@@ -132,16 +122,22 @@ class Trainer:
         progress: bool = True,
         model_id: str | None = None,
         stop_after: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.config = config
         self.data = data
         self.out = Path(out_dir)
         self.progress = progress
         self.stop_after = stop_after  # for tests: stop (without finishing) after this many steps
-        self.layout = init_layout()  # None in one process; under torchrun, the layout the CLI set (or all-features)
+        if launched():  # each rank on its LOCAL_RANK's GPU, or all on the CPU
+            wanted = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            wanted = resolve_device(device or "cpu")
+        # None in one process; under torchrun, the layout the CLI set (or all-features)
+        self.layout = init_layout(device=wanted if device is not None else None)
         self.is_main = self.layout is None or self.layout.is_main
-        self.device = self.layout.device if self.layout is not None else torch.device("cpu")
-        refuse_if_too_big(config, data.n_layers, data.d_model)
+        self.device = self.layout.device if self.layout is not None else wanted
+        refuse_if_too_big(config, data.n_layers, data.d_model, self.device)
         self._lock: int | None = None  # the run folder's lock, held by the main process until run() ends
         self.has_checkpoint = on_main(self.layout, lambda: self._claim_run_dir(resume))
         try:
@@ -153,7 +149,7 @@ class Trainer:
                 activation=config.activation, topk_k=config.topk_k, skip=config.skip,
                 model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
             )
-            self.tc: Transcoder | None = Transcoder.random(tc_config, seed=config.seed).to(dtype)
+            self.tc: Transcoder | None = Transcoder.random(tc_config, seed=config.seed).to(dtype).to(self.device)
             if isinstance(self.tc.activation, JumpReLU):
                 with torch.no_grad():
                     self.tc.activation.threshold.fill_(config.threshold_init)
@@ -178,7 +174,7 @@ class Trainer:
             self.scale_x: torch.Tensor | None = None
             self.scale_y: torch.Tensor | None = None
             n_local = self.shards.end - self.shards.start if self.shards is not None else config.n_features
-            self.last_fired = torch.zeros(data.n_layers, n_local, dtype=torch.int64)
+            self.last_fired = torch.zeros(data.n_layers, n_local, dtype=torch.int64, device=self.device)
             self.elapsed = 0.0
             if self.has_checkpoint:
                 self._load_checkpoint()
@@ -198,13 +194,13 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "data": {"buffer_start": self.buffer_start, "buffer_index": self.buffer_index, "step_in_buffer": self.step_in_buffer},
-            "scale_x": self.scale_x,
-            "scale_y": self.scale_y,
+            "scale_x": None if self.scale_x is None else self.scale_x.cpu(),
+            "scale_y": None if self.scale_y is None else self.scale_y.cpu(),
             "rng": {"torch": torch.get_rng_state()},
             "elapsed": self.elapsed,
         }
         if self.shards is None:
-            state.update(transcoder=self._whole().state_dict(), optimizer=self.opt.state_dict(), last_fired=self.last_fired)
+            state.update(transcoder=self._whole().state_dict(), optimizer=self.opt.state_dict(), last_fired=self.last_fired.cpu())
         return state
 
     def _whole(self) -> Transcoder:
@@ -251,8 +247,8 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         data = state["data"]
         self.buffer_start, self.buffer_index, self.step_in_buffer = data["buffer_start"], data["buffer_index"], data["step_in_buffer"]
-        self.scale_x, self.scale_y = state["scale_x"], state["scale_y"]
-        self.last_fired = state["last_fired"]
+        self.scale_x, self.scale_y = (None if s is None else s.to(self.device) for s in (state["scale_x"], state["scale_y"]))
+        self.last_fired = state["last_fired"].to(self.device)
         torch.set_rng_state(state["rng"]["torch"])
         self.elapsed = state.get("elapsed", 0.0)
         self._truncate_metrics()
@@ -323,15 +319,15 @@ class Trainer:
                 for x, y, after in stream:
                     if self.scale_x is None or self.scale_y is None:  # set together
                         n = min(cfg.norm_tokens, x.shape[0])
-                        self.scale_x, self.scale_y = estimate_scales(x[:n], y[:n])
-                    perm = self._perm(x.shape[0])
+                        self.scale_x, self.scale_y = (s.to(self.device) for s in estimate_scales(x[:n], y[:n]))
+                    scale_x, scale_y = self.scale_x, self.scale_y
+                    perm = self._perm(x.shape[0]).to(x.device)  # where the buffer is: one copy per buffer
                     steps_here = x.shape[0] // cfg.batch_tokens
                     for k in range(skip, steps_here):
                         if self.step >= total or (self.stop_after is not None and self.step >= self.stop_after):
                             break
                         idx = perm[k * cfg.batch_tokens : (k + 1) * cfg.batch_tokens]
-                        xb = (x[idx].to(dtype) * self.scale_x.to(dtype)[:, None])
-                        yb = (y[idx].to(dtype) * self.scale_y.to(dtype)[:, None])
+                        xb, yb = self._batch(x, idx, scale_x, dtype), self._batch(y, idx, scale_y, dtype)
                         terms = self._train_step(xb, yb)
                         self.step_in_buffer = k + 1
                         window.append(terms)
@@ -373,6 +369,17 @@ class Trainer:
             self.shards.barrier()  # no rank returns before the transcoder is on disk
         return folded
 
+    def _batch(self, t: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `idx` of the buffer `t` [tokens, layer, d] on the trainer's device, in `dtype`, scaled per layer."""
+        if t.device == self.device:
+            rows = t[idx]  # [batch, layer, d]
+        elif self.device.type == "cuda":  # from the host: staged in pinned memory, copied beside the GPU's work
+            staged = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+            rows = torch.index_select(t, 0, idx, out=staged).to(self.device, non_blocking=True)
+        else:
+            rows = t[idx].to(self.device)
+        return rows.to(dtype) * scale.to(dtype)[:, None]
+
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
         lr = lr_at(cfg, self.step)
@@ -386,9 +393,8 @@ class Trainer:
                 terms = self.shards.loss(self.shards.batch_part(xb), self.shards.batch_part(yb), lam, cfg.sparsity_c,
                                          cfg.preact_lambda, cfg.decode)
         loss = terms.pop("loss", terms["total"])
-        finite = bool(torch.isfinite(loss)) if self.shards is None else not bool(terms.pop("nonfinite"))  # global verdict
-        if not finite:
-            self._diverged(f"the loss is {float(terms['total'].detach())}")
+        # several ranks: the global verdict, the same on every rank (so all of them stop together)
+        loss_bad = terms.pop("nonfinite") if self.shards is not None else ~torch.isfinite(loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.shards is not None:
@@ -399,7 +405,12 @@ class Trainer:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        if not torch.isfinite(gnorm):
+        # The loss and the gradient norm are checked together, before Adam moves a weight: one wait for
+        # the device per step instead of two.
+        bad_loss, bad_grad = torch.stack([loss_bad.to(gnorm.device), ~torch.isfinite(gnorm)]).tolist()
+        if bad_loss:
+            self._diverged(f"the loss is {float(terms['total'].detach())}")
+        if bad_grad:
             self._diverged(f"the gradient norm is {float(gnorm)}")
         self.opt.step()
         self.step += 1
@@ -468,9 +479,7 @@ __all__ = [
     "TrainingDiverged",
     "estimate_scales",
     "fold_normalisation",
-    "lr_at",
     "plot_curves",
     "prepare_run_dir",
     "read_metrics",
-    "sparsity_lambda_at",
 ]

@@ -14,10 +14,11 @@ def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Ten
     thresholds and activations, are unchanged); decoders towards layer j and b_dec[j] are divided
     by scale_y[j]; a PLT skip matrix of layer l is multiplied by scale_x[l] / scale_y[l].
     """
-    folded = Transcoder.random(tc.config)  # right class and shapes; every tensor is overwritten
+    device = tc.W_enc.device  # folded where it was trained: no copy of the weights through the host
+    folded = Transcoder.random(tc.config).to(device)  # right class and shapes; every tensor is overwritten
     folded.load_state_dict(tc.state_dict())
-    sx = scale_x.to(torch.float64)
-    sy = scale_y.to(torch.float64)
+    sx = scale_x.to(device=device, dtype=torch.float64)
+    sy = scale_y.to(device=device, dtype=torch.float64)
     L = tc.n_layers
     with torch.no_grad():
         def scaled(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

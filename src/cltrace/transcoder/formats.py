@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from cltrace.atomic import fsync_directory
+from cltrace.device import resolve_device
 from cltrace.errors import CltraceError, is_int
 from cltrace.fingerprint import file_sha256, json_digest
 from cltrace.transcoder.circuit_tracer import (
@@ -120,9 +121,12 @@ def load_transcoder(
 ) -> Transcoder:
     """Load a transcoder from a native or circuit-tracer directory (the layout is detected).
 
-    `dtype` (default: as stored) sets the weights' dtype; JumpReLU thresholds stay fp32.
+    `device`: where the weights go ("cpu", "auto", "cuda", "cuda:N", "mps"; the functions that run a
+    transcoder with a model move it to the model's device). `dtype` (default: as stored) sets the
+    weights' dtype; JumpReLU thresholds stay fp32.
     `verify` checks a native file against its recorded sha256 before reading it.
     """
+    target = resolve_device(device)  # a device this machine lacks is refused before anything is read
     path = Path(path)
     fmt = detect_format(path)
     dtype_name = _dtype_name(dtype) if dtype is not None else None
@@ -134,7 +138,7 @@ def load_transcoder(
         config, state = read_plt(path)
     if dtype_name is not None:
         config = dataclasses.replace(config, dtype=dtype_name)
-    return _build(config, state, path).to(device)
+    return _build(config, state, path).to(target)
 
 
 # -- atomic directory writes ---------------------------------------------------------------------
