@@ -282,7 +282,7 @@ def test_a_job_over_the_limit_gets_429(client: TestClient) -> None:
         for job_id in busy:
             jobs._jobs.pop(job_id, None)
     assert r.status_code == 429, r.text
-    assert r.json() == {"detail": f"{MAX_RUNNING} graphs are already being computed: wait for one to finish, then try again"}
+    assert r.json() == {"detail": f"{MAX_RUNNING} graphs or circuits are already being computed: wait for one to finish, then try again"}
     assert "429" in client.get("/openapi.json").json()["paths"]["/api/jobs"]["post"]["responses"]
 
 

@@ -36,6 +36,7 @@ from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve import security
 from cltrace.serve.attention import add_attention_routes
+from cltrace.serve.circuit import add_circuit_routes
 from cltrace.serve.jobs import MAX_RUNNING, Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
@@ -211,7 +212,7 @@ def create_app(
     jobs = Jobs(workspace, models, max_running=max_running)
     app = FastAPI(
         title="cltrace graph explorer",
-        summary="Attribution graphs, feature pages, saved work, interventions and new graphs.",
+        summary="Attribution graphs, circuits, feature pages, saved work, interventions and new graphs.",
         version="1",
         # FastAPI's /docs and /redoc pages load their scripts from a CDN: the app loads nothing from
         # the internet, so only the schema itself is served (/openapi.json).
@@ -266,6 +267,7 @@ def create_app(
 
     _add_job_routes(app, jobs)
     add_attention_routes(app, workspace, models)
+    add_circuit_routes(app, workspace, models, jobs)
     _add_page(app)
     return app
 
