@@ -19,7 +19,7 @@ const state = {
   supernodes: [],
   interventions: [], // {node} or {supernode}, with mode and value
   pages: new Map(), // "layer:feature" -> feature page (or an Error)
-  edgeLimit: null, // how many of the strongest edges the full graph draws (null: the default)
+  edgeLimit: null, // how many of the strongest edges the full graph draws (null: the default, Infinity: all)
   tab: "graph", // "circuit" or "graph"
 };
 
@@ -67,7 +67,7 @@ async function openGraph(path, keepView = false) {
   $("prompt-line").textContent = data.metadata.prompt ?? "";
   setupEdgeSlider(data.edges.weight.length);
   syncHighlights();
-  view.setGraph(data, keepView && !changed, state.edgeLimit);
+  view.setGraph(data, keepView && !changed, edgeLimit());
   showCounts();
   renderWork();
   interventions.render();
@@ -215,23 +215,35 @@ function applySearch() {
   return matches;
 }
 
-/** The edge slider's steps for a graph of `total` edges, at the limit chosen before (or the default). */
+/** The edge slider's steps for a graph of `total` edges, at the limit the person chose (kept across
+ * graphs and thresholds: null is the default, Infinity all). */
 function setupEdgeSlider(total) {
   const steps = edgeSteps(total);
   const slider = $("edges");
   slider.max = String(steps.length - 1);
-  const at = state.edgeLimit === null ? defaultEdgeStep(steps) : steps.findIndex((s) => s >= Math.min(state.edgeLimit, total));
-  slider.value = String(at);
-  state.edgeLimit = steps[at];
   slider.steps = steps;
-  $("edges-value").textContent = steps[at] >= total ? "all" : steps[at].toLocaleString();
+  const limit = state.edgeLimit ?? steps[defaultEdgeStep(steps)];
+  let at = 0;
+  while (at < steps.length - 1 && steps[at + 1] <= limit) at++;
+  slider.value = String(at);
+  showEdgeLimit();
+}
+
+/** The edges drawn: the chosen limit, at most all of them. */
+function edgeLimit() {
+  return state.edgeLimit ?? Number($("edges").steps[defaultEdgeStep($("edges").steps)]);
+}
+
+function showEdgeLimit() {
+  const total = state.view.edges.weight.length;
+  $("edges-value").textContent = edgeLimit() >= total ? "all" : edgeLimit().toLocaleString();
 }
 
 $("edges").addEventListener("input", (e) => {
   const steps = e.target.steps;
-  const total = state.view.edges.weight.length;
-  state.edgeLimit = steps[Number(e.target.value)];
-  $("edges-value").textContent = state.edgeLimit >= total ? "all" : state.edgeLimit.toLocaleString();
+  const at = Number(e.target.value);
+  state.edgeLimit = at === steps.length - 1 ? Infinity : steps[at];
+  showEdgeLimit();
   view.setEdgeLimit(state.edgeLimit);
   showCounts();
 });
@@ -263,6 +275,8 @@ if (startThreshold !== null) {
   $("threshold").value = startThreshold;
   $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
 }
+const startEdges = new URLSearchParams(location.search).get("edges"); // a count, or "all"
+if (startEdges !== null) state.edgeLimit = startEdges === "all" ? Infinity : Math.max(0, Number(startEdges) || 0);
 
 window.explorer = {
   view,
