@@ -25,6 +25,8 @@ export function newGraphDialog(like, opened) {
         name: $("new-name").value.trim() || null,
         like: like(),
         max_feature_nodes: Number($("new-max").value),
+        target: $("new-target").value || null, // exact text: a leading space is part of a token
+        versus: $("new-versus").value || null,
       });
     } catch (err) {
       status.textContent = err.message;

@@ -33,6 +33,7 @@ from cltrace.errors import CltraceError
 from cltrace.fields import field_bounds, field_default, field_help
 from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
+from cltrace.graph.targets import LogitDifference
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve import security
 from cltrace.serve.attention import add_attention_routes
@@ -115,6 +116,10 @@ class NewGraphBody(BaseModel):
     max_feature_nodes: int = Field(
         default=field_default(AttributionConfig, "max_feature_nodes"), ge=field_bounds(AttributionConfig, "max_feature_nodes")[0],
         le=MAX_FEATURE_NODES_SERVED, description=field_help(AttributionConfig, "max_feature_nodes"))
+    target: str | None = Field(default=None, min_length=1, max_length=100,
+                               description="A one-token target to explain (default: the most probable next tokens).")
+    versus: str | None = Field(default=None, min_length=1, max_length=100,
+                               description="With target: explain logit(target) − logit(versus), a logit difference.")
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -316,7 +321,10 @@ def _add_job_routes(app: FastAPI, jobs: Jobs) -> None:
     @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
               responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
     def post_job(body: NewGraphBody) -> dict[str, Any]:
-        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
+        if body.versus is not None and body.target is None:
+            raise CltraceError("versus compares the target with another token: give the target too, e.g. DA versus DC")
+        targets = None if body.target is None else [body.target if body.versus is None else LogitDifference(body.target, body.versus)]
+        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes, targets).to_dict()
 
     @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
     def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:

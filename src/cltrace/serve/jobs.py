@@ -22,6 +22,7 @@ from typing import Any
 from cltrace.errors import CltraceError
 from cltrace.graph.attribution import AttributionConfig, attribute, resolve_config
 from cltrace.graph.prune import prune
+from cltrace.graph.targets import TargetSpec
 from cltrace.serve.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,10 @@ class Jobs:
         self._lock = threading.Lock()
 
     def submit(self, prompt: str, name: str | None = None, like: str | None = None,
-               max_feature_nodes: int | None = None) -> Job:
+               max_feature_nodes: int | None = None, targets: list[TargetSpec] | None = None) -> Job:
         """Start computing the graph of `prompt` with the model and transcoder of graph `like` (a
-        path in the served folder; default: the server's --model/--transcoder)."""
+        path in the served folder; default: the server's --model/--transcoder); `targets` as
+        `attribute` takes them (default: the most probable next tokens)."""
         if not prompt.strip():
             raise CltraceError("the prompt is empty: type the text whose next token to explain")
         config = resolve_config(None, max_feature_nodes=max_feature_nodes, progress=True)  # the CLI's checks
@@ -171,7 +173,7 @@ class Jobs:
             out = self.workspace.new_graph_path(name or prompt, taken=set(self._outputs.values()))
             self._outputs[job.id] = out
         threading.Thread(
-            target=self._guarded, args=(job, lambda: self._attribute(job, metadata, out, config)), name=f"graph-{job.id}",
+            target=self._guarded, args=(job, lambda: self._attribute(job, metadata, out, config, targets)), name=f"graph-{job.id}",
             daemon=True,
         ).start()
         return job
@@ -246,7 +248,8 @@ class Jobs:
             raise Cancelled("cancelled")
         job.stage = stage
 
-    def _attribute(self, job: Job, metadata: dict[str, Any], out: Path, config: AttributionConfig) -> None:
+    def _attribute(self, job: Job, metadata: dict[str, Any], out: Path, config: AttributionConfig,
+                   targets: list[TargetSpec] | None) -> None:
         """A new graph: attribution, scores, saved to `out`."""
         with self.models.lock:
             with self._lock:  # not between a cancel's look at the status and its change
@@ -254,7 +257,7 @@ class Jobs:
                 job.status = "running"
             rm = self.models.replacement(metadata)
             self._step(job, "attributing")
-            graph = attribute(rm, job.prompt, config=config)
+            graph = attribute(rm, job.prompt, targets, config=config)
             self._step(job, "scoring")
             _, result = prune(graph)
         graph.metadata["scores"] = result.as_dict()  # as `cltrace attribute` writes it
