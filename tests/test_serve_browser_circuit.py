@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     paths = build_trace_folder(tmp_path_factory.mktemp("browser-circuit") / "traces")
-    server, url = start_in_thread(create_app(paths["root"], loader=lambda _metadata: replacement()))
+
+    def slow_loader(_metadata: dict):  # the tiny model loads in no time: slowed, so that progress shows
+        time.sleep(1.0)
+        return replacement()
+
+    server, url = start_in_thread(create_app(paths["root"], loader=slow_loader))
     yield {**paths, "url": url}
     server.should_exit = True
 
@@ -127,7 +133,7 @@ def test_circuit_view_rename_merge_split(browser, served: dict) -> None:
         pg.locator(".cnode[data-id='s0']").click()
         labels = pg.locator("#cv-labels").inner_text()
         assert s0["input_label"] in labels and "0.90" in labels and "not scored" in labels
-        assert "Δp predicted -0.10, actual -0.12" in pg.locator("#cv-validation").inner_text()
+        assert "Δp predicted −10.0%, actual −12.0%" in pg.locator("#cv-validation").inner_text()
         pg.screenshot(path=str(ARTIFACTS / "c03-circuit.png"))
 
         # rename: the box and the file
@@ -179,6 +185,45 @@ def test_circuit_view_rename_merge_split(browser, served: dict) -> None:
         assert pg.evaluate("window.explorer.state.selected.size") > 0
         pg.locator("#tab-circuit").click()
         assert pg.locator("#circuit-wrap").is_visible()
+        assert pg.errors == []
+    finally:
+        pg.close()
+        served["circuit"].write_text(json.dumps(before, indent=1))
+
+
+def test_revalidate_shows_progress_then_the_new_numbers(browser, served: dict) -> None:
+    """Merge two supernodes, then Re-validate: the job's stages show while it runs, then the numbers
+    the server saved (each supernode's ablation, the circuit's against random features)."""
+    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
+    before = on_disk(served)
+    pg = open_page(browser, served["url"])
+    try:
+        pg.locator(".cnode").first.wait_for()
+        pg.locator(".cnode[data-id='s2']").click()
+        pg.locator(".cnode[data-id='s3']").click(modifiers=["Control"])
+        pg.locator("#cv-merge").click()
+        pg.wait_for_function("document.querySelectorAll('.cnode.edited').length === 1")
+        pg.evaluate(
+            "window.seen = []; new MutationObserver(() => window.seen.push(document.querySelector('#circuit-panel').textContent))"
+            ".observe(document.querySelector('#circuit-panel'), {childList: true, characterData: true, subtree: true})"
+        )
+        pg.locator("#cv-validate").click()
+        pg.wait_for_function("document.querySelector('#cv-status').textContent.startsWith('validated')", timeout=120_000)
+        seen = pg.evaluate("window.seen")
+        assert any("loading model" in s for s in seen), seen[:3]
+        after = on_disk(served)
+        assert not after.get("edited") and after["validation"]["pearson_r"] != before["validation"]["pearson_r"]
+        numbers = pg.locator("#circuit-numbers").inner_text()
+        c = after["validation"]["circuit_ablation"]
+        assert f"p {100 * c['p_before']:.1f}% → {100 * c['p_after']:.1f}%" in numbers
+        assert "supernodes changed" not in numbers
+        assert pg.locator(".cnode.edited").count() == 0
+        assert pg.locator(".cnode").count() == len(after["supernodes"])
+        sid = after["supernodes"][0]["id"]
+        pg.locator(f".cnode[data-id='{sid}']").click()
+        a = after["supernodes"][0]["validation"]["ablate"]
+        assert f"ablated: p {100 * a['p_before']:.1f}% → {100 * a['p_after']:.1f}%" in pg.locator("#cv-validation").inner_text()
+        pg.screenshot(path=str(ARTIFACTS / "c05-revalidated.png"))
         assert pg.errors == []
     finally:
         pg.close()

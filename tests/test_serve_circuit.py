@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
-from helpers.serve import build_trace_folder, hand_circuit
+from helpers.serve import build_trace_folder, hand_circuit, replacement
 
 from cltrace.graph.graph import Graph, NodeKind
 
@@ -162,3 +163,74 @@ def test_apply_edit_on_a_circuit_dict(folder: dict) -> None:
     assert apply_edit(circuit, edit_of(circuit), graph) == {**circuit, "edited": False}
     dropped = apply_edit(circuit, edit_of(circuit)[:3], graph)  # a supernode taken out of the circuit
     assert dropped["edited"] is True and all("s3" not in (e["source"], e["target"]) for e in dropped["edges"])
+
+
+def wait_for(client: TestClient, job: dict, seconds: float = 120) -> dict:
+    deadline = time.monotonic() + seconds
+    while job["status"] in ("queued", "running", "cancelling") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+@pytest.fixture
+def model_client(folder: dict) -> TestClient:
+    app = create_app(folder["root"], loader=lambda _metadata: replacement())
+    with TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def test_revalidation_rebuilds_the_edited_circuit_as_build_and_validate_do(model_client: TestClient, folder: dict) -> None:
+    """Merge two supernodes, re-validate: the saved circuit is what `build_circuit` and
+    `validate_circuit` make of the edited supernodes, with the names and labels a person left."""
+    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
+    from cltrace.graph.circuit import Circuit, build_circuit
+    from cltrace.graph.validate import validate_circuit
+
+    before = on_disk(folder)
+    edit = [{"id": "s0", "name": "merged by hand", "members": before["supernodes"][0]["members"] + before["supernodes"][1]["members"]},
+            *edit_of(before)[2:]]
+    assert put(model_client, folder, edit).status_code == 200
+    edited = Circuit.from_dict(on_disk(folder))
+    r = model_client.post("/api/circuit/validate", params={"path": folder["rel"]})
+    assert r.status_code == 202, r.text
+    job = wait_for(model_client, r.json())
+    assert job["status"] == "done" and job["kind"] == "circuit" and job["done"] == job["total"] == 4, job
+    after = on_disk(folder)
+    graph = Graph.load(folder["graph"])
+    truth = build_circuit(graph, edited.as_supernodes(), max_supernodes=3, min_coverage=1.0, names=edited.names(),
+                          graph_file="graph.safetensors")
+    validate_circuit(replacement(), graph, truth)
+    truth_dict = truth.to_dict()
+    assert [s["id"] for s in after["supernodes"]] == [s["id"] for s in truth_dict["supernodes"]]
+    assert {s["id"]: s["name"] for s in after["supernodes"]}["s0"] == "merged by hand"
+    for got, want in zip(after["supernodes"], truth_dict["supernodes"]):
+        assert got["effect"] == pytest.approx(want["effect"])
+        assert got["validation"]["ablate"] == pytest.approx(want["validation"]["ablate"])
+        assert got["input_label"] == {s.id: s for s in edited.supernodes}[got["id"]].input_label  # kept, not rebuilt
+    assert [(e["source"], e["target"]) for e in after["edges"]] == [(e["source"], e["target"]) for e in truth_dict["edges"]]
+    assert [e["weight"] for e in after["edges"]] == pytest.approx([e["weight"] for e in truth_dict["edges"]])
+    assert after["validation"]["pearson_r"] == pytest.approx(truth_dict["validation"]["pearson_r"])
+    assert not after.get("edited")
+    assert after["coverage"] == before["coverage"]  # how the circuit was first chosen: kept
+
+
+def test_an_edit_during_revalidation_is_not_overwritten(folder: dict) -> None:
+    """The job saves only if circuit.json is as it read it: an edit made meanwhile wins, and the job says so."""
+    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
+    from cltrace.errors import CltraceError
+    from cltrace.serve.circuit import revalidate
+    from cltrace.serve.jobs import Job, Models
+    from cltrace.serve.workspace import Workspace
+
+    workspace = Workspace(folder["root"])
+    work = revalidate(workspace, Models(loader=lambda _m: replacement()), folder["graph"], folder["circuit"])
+    edited_meanwhile = json.dumps({**on_disk(folder), "prompt": "changed meanwhile"})
+
+    def step(stage: str) -> None:
+        if stage == "validating":
+            folder["circuit"].write_text(edited_meanwhile)
+
+    with pytest.raises(CltraceError, match="edited while it was being validated"):
+        work(Job(id="x", prompt="p", kind="circuit"), step)
+    assert folder["circuit"].read_text() == edited_meanwhile

@@ -127,7 +127,11 @@ export function labelLines(sn) {
   return lines;
 }
 
-const signed = (x) => (x === null || x === undefined ? "–" : `${x >= 0 ? "+" : ""}${fmt(x, 2)}`);
+/** A probability change in percentage points, signed: "+1.2%", "−0.9%". */
+export const deltaP = (x) => (x === null || x === undefined ? "–" : `${x < 0 ? "−" : "+"}${Math.abs(100 * x).toFixed(1)}%`);
+
+/** A relative drop as a signed change: 0.263 is "−26.3%", −0.013 (a rise) "+1.3%". */
+const relativeChange = (drop) => deltaP(-drop);
 
 /** The validation of one supernode in words: the target's probability change when it is ablated,
  * predicted by the replacement model and measured on the model, and the steering test. */
@@ -135,7 +139,7 @@ export function validationLines(sn) {
   const v = sn.validation;
   if (!v || !v.ablate) return [sn.edited ? "changed since the last validation: Re-validate" : "not validated yet"];
   const a = v.ablate;
-  const lines = [`ablated: p ${percent(a.p_before)} → ${percent(a.p_after)}`, `Δp predicted ${signed(a.predicted)}, actual ${signed(a.actual)}`];
+  const lines = [`ablated: p ${percent(a.p_before)} → ${percent(a.p_after)}`, `Δp predicted ${deltaP(a.predicted)}, actual ${deltaP(a.actual)}`];
   if (v.steer) lines.push(`steered ×${fmt(v.steer.factor ?? 0, 2)}: ${v.steer.tokens.map((t) => `“${visibleText(t)}”`).join(" ")} ${v.steer.passed ? "up (pass)" : "not up (fail)"}`);
   return lines;
 }
@@ -152,9 +156,9 @@ export function circuitNumbers(circuit) {
   }
   const c = v.circuit_ablation || {};
   const r = v.random_ablation || {};
-  rows.push(["circuit ablated", `p ${percent(c.p_before)} → ${percent(c.p_after)} (−${percent(c.relative_drop)})`]);
-  rows.push(["random ablated", `${r.n_features} features × ${r.draws} draws: −${percent(r.relative_drop_mean)}`]);
-  rows.push(["ratio", v.ratio === null || v.ratio === undefined ? "–" : `${fmt(v.ratio, 3)}×`]);
+  rows.push(["circuit ablated", `p ${percent(c.p_before)} → ${percent(c.p_after)} (${relativeChange(c.relative_drop)})`]);
+  rows.push(["random ablated", `${r.n_features} features × ${r.draws} draws: p ${relativeChange(r.relative_drop_mean)} on average`]);
+  rows.push(["ratio", v.ratio === null || v.ratio === undefined ? "– (random features did not lower p)" : `${fmt(v.ratio, 3)}×`]);
   rows.push(["Pearson r", v.pearson_r === null || v.pearson_r === undefined ? "– (needs 3 supernodes)" : fmt(v.pearson_r, 3)]);
   if (circuit.edited) rows.push(["note", "supernodes changed since: Re-validate"]);
   return rows;

@@ -6,7 +6,7 @@
 import { api } from "./api.js";
 import { el, followJob } from "./dom.js";
 import {
-  circuitLayout, circuitNumbers, edgeShapes, editOf, labelLines, layerText, merged, renamed, splitOff, validationLines
+  circuitLayout, circuitNumbers, deltaP, edgeShapes, editOf, labelLines, layerText, merged, renamed, splitOff, validationLines
 } from "./circuit.js";
 import { fmt, visibleText } from "./model.js";
 
@@ -109,7 +109,7 @@ export class CircuitView {
     const says = sn.output_label || sn.input_label || "";
     const effect = sn.effect === null || sn.effect === undefined ? "effect –" : `effect ${sn.effect >= 0 ? "+" : ""}${fmt(sn.effect, 2)}`;
     const abl = sn.validation?.ablate;
-    const check = abl ? ` · Δp ${fmt(abl.predicted, 2)} / ${fmt(abl.actual, 2)}` : "";
+    const check = abl ? ` · Δp ${deltaP(abl.predicted)} / ${deltaP(abl.actual)}` : "";
     return svg(
       "g",
       { class: classes, "data-id": sn.id, transform: `translate(${b.x},${b.y})`, onclick: (e) => this._click(sn.id, e) },

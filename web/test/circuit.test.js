@@ -3,8 +3,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  BOX, circuitLayout, circuitNumbers, edgeShapes, editOf, freshId, labelLines, layerText, merged, renamed, splitOff, TOKEN,
-  validationLines,
+  BOX, circuitLayout, circuitNumbers, deltaP, edgeShapes, editOf, freshId, labelLines, layerText, merged, renamed, splitOff,
+  TOKEN, validationLines,
 } from "../src/circuit.js";
 
 const sn = (id, layers, pos, extra = {}) => ({
@@ -109,6 +109,9 @@ test("a circuit without supernodes or tokens still lays out", () => {
 });
 
 test("texts: layers, labels with scores or unclear, validation or why there is none", () => {
+  assert.equal(deltaP(-0.0091), "−0.9%");
+  assert.equal(deltaP(0.2), "+20.0%");
+  assert.equal(deltaP(null), "–");
   assert.equal(layerText([17]), "L17");
   assert.equal(layerText([3, 5, 9]), "L3-9");
   const s = sn("s0", [1], 2, { input_label: "'(' before an acronym", output_label: "says 'DA'", label_scores: { input: 0.86, output: null } });
@@ -117,7 +120,7 @@ test("texts: layers, labels with scores or unclear, validation or why there is n
   assert.deepEqual(validationLines(s), ["not validated yet"]);
   assert.deepEqual(validationLines({ ...s, edited: true, validation: null }), ["changed since the last validation: Re-validate"]);
   const v = { ablate: { predicted: -0.31, actual: -0.28, p_before: 0.41, p_after: 0.13 }, steer: { tokens: ["DA"], factor: 2, passed: true } };
-  assert.deepEqual(validationLines({ ...s, validation: v }), ["ablated: p 41.0% → 13.0%", "Δp predicted -0.31, actual -0.28", "steered ×2.0: “DA” up (pass)"]);
+  assert.deepEqual(validationLines({ ...s, validation: v }), ["ablated: p 41.0% → 13.0%", "Δp predicted −31.0%, actual −28.0%", "steered ×2.0: “DA” up (pass)"]);
 });
 
 test("the circuit's numbers: before validation, after it, and once edited", () => {
@@ -132,7 +135,7 @@ test("the circuit's numbers: before validation, after it, and once edited", () =
   };
   const rows = Object.fromEntries(circuitNumbers(c));
   assert.equal(rows["circuit ablated"], "p 41.0% → 5.0% (−88.0%)");
-  assert.equal(rows["random ablated"], "14 features × 3 draws: −2.0%");
+  assert.equal(rows["random ablated"], "14 features × 3 draws: p −2.0% on average");
   assert.equal(rows.ratio, "44.0×");
   assert.equal(rows["Pearson r"], "0.910");
   assert.equal(rows.target, "“D” (p 40.0%)");
@@ -141,6 +144,10 @@ test("the circuit's numbers: before validation, after it, and once edited", () =
   assert.equal(Object.fromEntries(circuitNumbers(c)).note, "supernodes changed since: Re-validate");
   c.validation.pearson_r = null;
   assert.match(Object.fromEntries(circuitNumbers(c))["Pearson r"], /needs 3/);
+  c.validation.random_ablation.relative_drop_mean = -0.013; // random features raised p
+  c.validation.ratio = null;
+  assert.equal(Object.fromEntries(circuitNumbers(c))["random ablated"], "14 features × 3 draws: p +1.3% on average");
+  assert.match(Object.fromEntries(circuitNumbers(c)).ratio, /did not lower/);
 });
 
 test("rename changes one name, ignores a blank one, and leaves the input alone", () => {

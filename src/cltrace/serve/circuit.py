@@ -156,7 +156,9 @@ def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Pat
         rm = models.replacement(graph.metadata)
         stage("building the circuit")
         circuit = build_circuit(graph, edited.as_supernodes(), max_supernodes=len(edited.supernodes), min_coverage=1.0,
-                                names=edited.names(), graph_file=graph_path.name)
+                                names=edited.names(), graph_file=graph_path.name, target=_target_index(graph, edited.target))
+        # how the circuit was first chosen among all supernodes: the person's edits kept its features
+        circuit.coverage, circuit.n_candidates, circuit.n_needed = edited.coverage, edited.n_candidates, edited.n_needed
         labels = {sn.id: sn for sn in edited.supernodes}
         for sn in circuit.supernodes:
             if sn.id in labels:
@@ -172,6 +174,13 @@ def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Pat
         job.done = len(STAGES)
 
     return work
+
+
+def _target_index(graph: Graph, target: dict[str, Any]) -> int:
+    """Which of the graph's targets the circuit explains (by label; the first where none matches)."""
+    targets = graph.metadata.get("targets") or []
+    labels = [t.get("label") if isinstance(t, dict) else None for t in targets]
+    return labels.index(target.get("label")) if target.get("label") in labels else 0
 
 
 def add_circuit_routes(app: FastAPI, workspace: Workspace, models: Models, jobs: Jobs) -> None:
