@@ -19,6 +19,7 @@ until then.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,8 @@ from cltrace.serve.workspace import NotFound, Workspace
 GraphPath = Annotated[str, Query(min_length=1, max_length=1000, description="The graph file, relative to the served folder.")]
 #: Label fields a changed supernode takes from the supernode it has most members from.
 LABEL_FIELDS = ("input_label", "output_label", "label_scores", "unclear", "output_tokens")
+#: Ids kept for a circuit's tokens and outputs.
+RESERVED = re.compile(r"e\d+|out\d*")
 #: Stages of a re-validation, in order (a job's done / total counts them).
 STAGES = ("loading model", "building the circuit", "validating", "saving")
 
@@ -85,9 +88,10 @@ def _check_edit(edit: list[dict[str, Any]], features: dict[str, tuple[int, int, 
     seen_ids: set[str] = set()
     owner: dict[str, str] = {}
     for sn in edit:
-        if sn["id"] in seen_ids or sn["id"] in fixed:
-            what = "two supernodes" if sn["id"] in seen_ids else "a token or output of the circuit and a supernode"
-            raise CltraceError(f"{what} share the id {sn['id']!r}: give each its own")
+        if sn["id"] in seen_ids:
+            raise CltraceError(f"two supernodes share the id {sn['id']!r}: give each its own")
+        if sn["id"] in fixed or RESERVED.fullmatch(sn["id"]):
+            raise CltraceError(f"the id {sn['id']!r} is kept for the circuit's tokens (e{{pos}}) and output (out): give the supernode another")
         seen_ids.add(sn["id"])
         for m in sn["members"]:
             if m not in features:
