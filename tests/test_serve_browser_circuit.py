@@ -228,3 +228,21 @@ def test_revalidate_shows_progress_then_the_new_numbers(browser, served: dict) -
     finally:
         pg.close()
         served["circuit"].write_text(json.dumps(before, indent=1))
+
+
+def test_each_graph_opens_on_its_circuit_where_it_has_one(browser, served: dict) -> None:
+    other = served["root"] / "other.safetensors"  # a graph without a circuit beside it
+    shutil.copy(served["graph"], other)
+    pg = open_page(browser, served["url"])
+    try:
+        pg.locator(".cnode").first.wait_for()
+        pg.locator("#graph-select").select_option("other.safetensors")
+        pg.wait_for_function("window.explorer.state.path === 'other.safetensors' && window.explorer.state.tab === 'graph'")
+        assert pg.locator("#tab-circuit").is_disabled() and pg.locator("#canvas-wrap").is_visible()
+        pg.locator("#graph-select").select_option(served["rel"])
+        pg.wait_for_function("window.explorer.state.tab === 'circuit'")
+        assert pg.locator("#circuit-wrap").is_visible() and pg.locator(".cnode").count() == len(on_disk(served)["supernodes"])
+        assert pg.errors == []
+    finally:
+        pg.close()
+        other.unlink()

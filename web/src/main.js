@@ -21,6 +21,7 @@ const state = {
   pages: new Map(), // "layer:feature" -> feature page (or an Error)
   edgeLimit: null, // how many of the strongest edges the full graph draws (null: the default, Infinity: all)
   tab: "graph", // "circuit" or "graph"
+  opened: false, // whether a graph was opened yet (the address's ?view= counts for the first only)
 };
 
 const handlers = { click: onClick }; // the canvas's hover and click
@@ -75,7 +76,9 @@ async function openGraph(path, keepView = false) {
   applySearch();
   if (changed) {
     await circuit.open(data.has_circuit ? path : null);
-    const asked = new URLSearchParams(location.search).get("view");
+    // a graph opens on its circuit where it has one; the address may ask for a view on the first
+    const asked = state.opened ? null : new URLSearchParams(location.search).get("view");
+    state.opened = true;
     showTab(asked === "graph" || asked === "circuit" ? asked : circuit.circuit ? "circuit" : "graph");
   }
 }
