@@ -8,7 +8,7 @@ import { GraphView } from "./graphview.js";
 import { interventionPanel } from "./interventions.js";
 import { defaultEdgeStep, edgeSteps, applyClick, searchMatches, selectedFeatures, togglePinned, withoutSupernode, withSupernode } from "./model.js";
 import { newGraphDialog } from "./newgraph.js";
-import { nodePanel } from "./nodepanel.js";
+import { NodePanel } from "./nodepanel.js";
 
 const state = {
   path: null, // the open graph, relative to the served folder
@@ -27,7 +27,7 @@ const state = {
 const handlers = { click: onClick }; // the canvas's hover and click
 const view = new GraphView($("graph"), handlers);
 const interventions = interventionPanel(state, nodeById);
-const panel = nodePanel(state, view, { togglePin, addIntervention: interventions.add, relabelled: applySearch });
+const panel = new NodePanel(state, view, { togglePin, addIntervention: interventions.add, relabelled: applySearch });
 handlers.hover = panel.hover;
 const circuit = new CircuitView($("circuit"), $("circuit-panel"), { graphPath: () => state.path, changed: renderTabs, showInGraph });
 

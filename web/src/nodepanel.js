@@ -10,26 +10,40 @@ const HINT = "Hover a node for its summary; click it for its page. Ctrl/⌘-clic
 
 /** The panel and tooltip of the explorer's `state` and graph `view`; `actions` are what its buttons
  * do elsewhere: togglePin(id), addIntervention(target), relabelled(). */
-export function nodePanel(state, view, actions) {
-  const nodeById = (id) => {
-    const i = view.byId?.get(id);
-    return i === undefined ? null : view.nodes[i];
-  };
-  const describe = (n) => describeNode(n, state.view.metadata.tokens);
+export class NodePanel {
+  constructor(state, view, actions) {
+    this.state = state;
+    this.view = view;
+    this.actions = actions;
+    // handed to the canvas and the other panels as plain functions
+    this.hover = this.hover.bind(this);
+    this.render = this.render.bind(this);
+    this.focusNode = this.focusNode.bind(this);
+  }
 
-  function featurePage(n) {
+  nodeById(id) {
+    const i = this.view.byId?.get(id);
+    return i === undefined ? null : this.view.nodes[i];
+  }
+
+  describe(n) {
+    return describeNode(n, this.state.view.metadata.tokens);
+  }
+
+  featurePage(n) {
+    const { state } = this;
     const key = pageKey(n);
     if (!state.pages.has(key)) state.pages.set(key, api.feature(state.path, n.layer, n.feature).catch((err) => err));
     return state.pages.get(key);
   }
 
-  function hover(n, event) {
+  hover(n, event) {
     const tip = $("tooltip");
     if (!n) {
       tip.hidden = true;
       return;
     }
-    const lines = [el("strong", {}, describe(n)), el("div", { class: "muted" }, `${n.id} · ${n.kind} · layer ${n.layer} · pos ${n.pos}`)];
+    const lines = [el("strong", {}, this.describe(n)), el("div", { class: "muted" }, `${n.id} · ${n.kind} · layer ${n.layer} · pos ${n.pos}`)];
     if (n.kind === "feature") lines.push(el("div", {}, `activation ${fmt(n.activation)}`));
     const promoted = el("div", { class: "promoted" });
     lines.push(promoted);
@@ -38,17 +52,18 @@ export function nodePanel(state, view, actions) {
     tip.hidden = false;
     tip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 350)}px`;
     tip.style.top = `${event.clientY + 14}px`;
-    if (n.kind === "feature" && state.view.features_db) {
-      featurePage(n).then((page) => {
+    if (n.kind === "feature" && this.state.view.features_db) {
+      this.featurePage(n).then((page) => {
         if (tip.dataset.node !== n.id || page instanceof Error) return;
         promoted.textContent = `promotes: ${quotedTokens(page.promoted, 5)}`;
       });
     }
   }
 
-  function render() {
+  render() {
+    const { state } = this;
     const panel = $("node-panel");
-    const n = state.focus && nodeById(state.focus);
+    const n = state.focus && this.nodeById(state.focus);
     if (!n) {
       panel.replaceChildren(el("p", { class: "muted" }, HINT));
       return;
@@ -57,13 +72,13 @@ export function nodePanel(state, view, actions) {
     const buttons = el(
       "div",
       { class: "row" },
-      el("button", { id: "pin-btn", type: "button", onclick: () => actions.togglePin(n.id) }, pinned ? "Unpin" : "Pin"),
-      n.kind === "feature" ? el("button", { id: "iv-add", type: "button", onclick: () => actions.addIntervention({ node: n.id }) }, "Add to intervention") : null,
+      el("button", { id: "pin-btn", type: "button", onclick: () => this.actions.togglePin(n.id) }, pinned ? "Unpin" : "Pin"),
+      n.kind === "feature" ? el("button", { id: "iv-add", type: "button", onclick: () => this.actions.addIntervention({ node: n.id }) }, "Add to intervention") : null,
     );
-    const parts = [el("h3", {}, describe(n)), el("div", { class: "muted" }, `${n.id} · activation ${fmt(n.activation)} · influence ${fmt(n.influence)}`), buttons];
-    if (n.kind === "feature") parts.push(labelEditor(n));
-    const { inputs, outputs } = view.neighbours(n.id);
-    parts.push(el("h3", {}, "Strongest inputs"), edgeTable(inputs, n, "in"), el("h3", {}, "Strongest outputs"), edgeTable(outputs, n, "out"));
+    const parts = [el("h3", {}, this.describe(n)), el("div", { class: "muted" }, `${n.id} · activation ${fmt(n.activation)} · influence ${fmt(n.influence)}`), buttons];
+    if (n.kind === "feature") parts.push(this.labelEditor(n));
+    const { inputs, outputs } = this.view.neighbours(n.id);
+    parts.push(el("h3", {}, "Strongest inputs"), this.edgeTable(inputs, n, "in"), el("h3", {}, "Strongest outputs"), this.edgeTable(outputs, n, "out"));
     parts.push(el("div", { id: "heads-panel" }));
     const pageBox = el("div", { id: "feature-page" });
     parts.push(pageBox);
@@ -74,52 +89,52 @@ export function nodePanel(state, view, actions) {
       return;
     }
     pageBox.append(el("p", { class: "muted" }, "Loading the feature page…"));
-    featurePage(n).then((page) => {
+    this.featurePage(n).then((page) => {
       if (state.focus === n.id) pageBox.replaceChildren(...renderPage(page));
     });
   }
 
-  function labelEditor(n) {
+  labelEditor(n) {
+    const { state } = this;
     const input = el("input", { id: "label-input", value: n.label || "", placeholder: "label this feature", maxlength: "500" });
     const save = async () => {
       const saved = await guarded(() => api.setLabel(state.path, n.layer, n.feature, input.value));
       if (!saved) return;
       relabel(state.view.nodes, n.layer, n.feature, saved.label);
       state.pages.delete(pageKey(n));
-      render();
-      actions.relabelled();
+      this.render();
+      this.actions.relabelled();
     };
     input.addEventListener("keydown", (e) => e.key === "Enter" && save());
     return el("div", { class: "row" }, input, el("button", { id: "label-save", type: "button", onclick: save }, "Save label"));
   }
 
-  function edgeTable(list, focus, direction) {
+  edgeTable(list, focus, direction) {
     if (!list.length) return el("p", { class: "muted" }, "none in the pruned graph");
     // an edge across positions went through attention: its heads, and why they attend, on request
     const showHeads = (node) => {
       const [source, target] = direction === "in" ? [node, focus] : [focus, node];
-      $("heads-panel").replaceChildren(headsBox(el, state.path, source, target, target.kind === "logit" ? null : target.pos));
+      $("heads-panel").replaceChildren(headsBox(el, this.state.path, source, target, target.kind === "logit" ? null : target.pos));
     };
     const row = ({ node, weight }) =>
       el(
         "tr",
         {},
-        el("td", {}, el("button", { class: "link", type: "button", onclick: () => focusNode(node.id) }, describe(node).slice(0, 48))),
+        el("td", {}, el("button", { class: "link", type: "button", onclick: () => this.focusNode(node.id) }, this.describe(node).slice(0, 48))),
         el("td", { class: `num ${weight < 0 ? "neg" : "pos"}` }, fmt(weight)),
         el("td", {}, node.pos !== focus.pos ? el("button", { class: "link heads-link", type: "button", onclick: () => showHeads(node) }, "heads") : null),
       );
     return el("table", {}, list.map(row));
   }
 
-  function focusNode(id) {
+  focusNode(id) {
+    const { state } = this;
     state.selected.clear();
     state.selected.add(id);
     state.focus = id;
-    view.requestDraw();
-    render();
+    this.view.requestDraw();
+    this.render();
   }
-
-  return { hover, render, focusNode, describe };
 }
 
 function renderPage(page) {
