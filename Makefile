@@ -52,6 +52,7 @@ test: setup
 	$(BIN)/ruff check src tests benchmarks
 	cd web && npm run --silent lint && npm test
 	PYTHONPATH=src $(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest tests
 
 # The quick loop while developing: every test but those marked slow (`make test` still runs them all).

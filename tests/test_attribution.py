@@ -26,16 +26,6 @@ from cltrace.transcoder import Transcoder, TranscoderConfig
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and idle threads spinning on a busy machine
-    cost far more than they bring: run this module on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def case(family: str, kind: str) -> tuple[ReplacementModel, Graph]:
     model = tiny_model(family)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pytest
 import typer
@@ -98,9 +98,9 @@ def test_the_checks_catch_a_planted_clash_and_output() -> None:
 
     @planted.command()
     def seeded(
-        dst: Annotated[Optional[Path], typer.Argument()] = None,
+        dst: Annotated[Path | None, typer.Argument()] = None,
         seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
-        output: Annotated[Optional[Path], typer.Option("--output", help="Where to write the log.")] = None,
+        output: Annotated[Path | None, typer.Option("--output", help="Where to write the log.")] = None,
     ) -> None:
         """A command with a clashing flag and two misnamed outputs."""
 

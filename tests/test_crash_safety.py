@@ -47,6 +47,7 @@ def test_killed_operation_reruns_to_the_uninterrupted_output(figures: dict[str, 
         assert r["debris_after_rerun"] == []
 
 
+@pytest.mark.slow  # the reference run of every operation first
 def test_damaged_outputs_are_refused_in_one_line(figures: dict[str, Any]) -> None:
     damage = dict(figures["damage"])
     assert set(damage) == {"training checkpoint (state.pt)", "transcoder weights", "transcoder config.json", "store shard",

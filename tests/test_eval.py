@@ -33,10 +33,11 @@ def spliced_brute_force(loaded, tc: Transcoder, tokens: torch.Tensor) -> torch.T
         seen: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
         handles = []
         for l, layer in enumerate(layers):
-            def pre(module, args, l=l):
+            # this pass's lists bound now: the hooks are removed before the next pass rebinds them
+            def pre(module, args, l=l, seen=seen):
                 seen[l] = args[0].detach().clone()
 
-            def post(module, args, output, l=l):
+            def post(module, args, output, l=l, replace=replace):
                 if replace[l] is None:
                     return None
                 out = output.clone()

@@ -137,7 +137,7 @@ def test_top_paths_hand():
     # E_10_0 → f0 → f1 → L7, E_10_0 → f1 → L7, E_10_0 → f0 → L7.
     expect = sorted(_all_paths(g, 3, 5), key=lambda p: -p[1])
     assert len(paths) == len(expect) == 3
-    for got, (nodes, score) in zip(paths, expect):
+    for got, (_nodes, score) in zip(paths, expect):
         assert got.score == pytest.approx(score, rel=1e-6)
         assert got.score == pytest.approx(math.prod(a[(u, v)] for u, v in zip(got.nodes, got.nodes[1:])), rel=1e-6)
     assert g.top_paths(3, 5, k=1)[0].nodes == paths[0].nodes

@@ -66,15 +66,6 @@ def random_transcoder(model, kind: str, seed: int = 0, activation: str = "jumpre
     return tc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin and wait on a busy machine: 50x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @functools.cache
 def case(family: str, kind: str) -> ReplacementModel:
     model = tiny_model(family)

@@ -103,6 +103,7 @@ class RoundedStream(HarvestSource):
             yield x.to(torch.bfloat16), y.to(torch.bfloat16), pos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", [1, 8])
 def test_training_from_store_equals_training_from_stream(tmp_path: Path, mix: int) -> None:
     """A store harvested with the run's mixing (none, or pools of two buffers) trains exactly as the stream."""

@@ -103,6 +103,7 @@ def test_trace_prompt_writes_graph_picture_and_report(tmp_path: Path) -> None:
         assert any(note.name in steps for steps, _ in result.report.paths)
 
 
+@pytest.mark.slow  # the real default model
 def test_trace_command_on_the_default_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The whole command on the real default model with a small random CLT (no training, no database)."""
     from cltrace.model import load_model

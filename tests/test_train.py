@@ -37,6 +37,7 @@ TESTS = Path(__file__).parent
 # -- planted dictionary ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_recovers_planted_features(tmp_path: Path) -> None:
     src = Planted()
     trainer = Trainer(planted_config(), src, tmp_path / "run", progress=False)

@@ -154,7 +154,7 @@ def atomic_path(path: str | os.PathLike, what: str = "file") -> Iterator[Path]:
     remove_stale_temps(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], what: str = "file") -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], what: str = "file") -> Path:
     """Call `write(tmp)` to produce the file, then move it into place atomically."""
     with atomic_path(path, what) as tmp:
         write(tmp)

@@ -6,7 +6,7 @@ line prints its message as a single line and exits with status 2, never a stack 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 
 class CltraceError(Exception):
@@ -20,7 +20,7 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """Whether `value` is an int proper (JSON's `true` is a bool, not a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

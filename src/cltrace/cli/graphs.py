@@ -77,7 +77,8 @@ def attribute(
     if launched():
         from cltrace.train.distributed import shutdown
 
-        main_rank = current_layout().is_main
+        layout = current_layout()
+        main_rank = layout is None or layout.is_main
         shutdown()
         if not main_rank:
             return

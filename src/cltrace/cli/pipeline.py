@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -53,7 +54,11 @@ def train(
     from cltrace.train.distributed import init_layout
 
     layout = init_layout(feature_parallel or None, dist_timeout)  # None unless started by torchrun
-    echo = typer.echo if layout is None or layout.is_main else (lambda text: None)  # rank 0 speaks for all
+
+    def silent(_text: str) -> None:
+        """Rank 0 speaks for all."""
+
+    echo: Callable[[str], None] = typer.echo if layout is None or layout.is_main else silent
 
     if resume and config is None and (out / "config.json").is_file():
         cfg = TrainConfig.load(out / "config.json")

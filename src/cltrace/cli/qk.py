@@ -78,7 +78,7 @@ def qk(
         typer.echo(f"  key {key.key_pos} {tokens[key.key_pos]!r}: weight {key.weight:.3f}, score {key.score:+.3f}")
         for pair in shown["pairs"]:
             typer.echo(f"    {pair['value']:+8.3f}  {node_text(pair['query'], tokens):<28} × {node_text(pair['key'], tokens)}")
-    if edge is not None:
+    if edge is not None and loaded_graph is not None:  # --edge comes with --graph (checked above)
         source_id, _, target_id = edge.partition(",")
         source, target = (graph_node(loaded_graph, loaded_graph.find(i.strip())) for i in (source_id, target_id))
         loads = head_loadings(replacement, run, source, target, sites)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,8 +247,8 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
                 )
 
 
-def _check_column(names: object, column: str, where: str) -> None:
-    names = list(names)  # type: ignore[call-overload]
+def _check_column(names: Iterable[object], column: str, where: str) -> None:
+    names = list(names)
     if column not in names:
         # quoted where unprintable, and capped: a damaged file's names may hold newlines or be many
         shown = ", ".join(str(n) if str(n).isprintable() else repr(str(n)) for n in names[:20])

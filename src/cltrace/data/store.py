@@ -311,7 +311,7 @@ def _harvest_shards(writer: _ShardWriter, harvester: Harvester, contexts: Iterat
                     position = batch.position
                     if len(rows) == min(shard_contexts, wanted - done):
                         break
-                if not rows:
+                if not rows or position is None:  # no context came (each sets the position)
                     manifest["source_exhausted"] = True
                     log.warning("the text source ran out after %d tokens (of %d asked): the store holds them all",
                                 done * T, wanted * T)

@@ -141,7 +141,8 @@ def build_feature_store(
     conn, fresh = _open_path(out, resume, overwrite)
     try:
         state, meta = _start(conn, out, fresh, loaded, tc, params, n_tokens)
-        tokens, timings = int(meta["tokens"]), {}
+        tokens = int(meta["tokens"])
+        timings: dict[str, float] = {}
         if tokens < n_tokens and (max_batches is None or max_batches > 0):
             stream = _Stream(conn, state, params, meta, n_tokens, max_batches, checkpoint_seconds, checkpoint_batches)
             tokens, timings = stream.run(loaded, tc, text_source, tokenize, pack, progress, autocast_bf16)

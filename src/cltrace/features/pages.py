@@ -52,15 +52,15 @@ def _finalize(
     conn: Any, loaded: Any, tc: Any, state: dict[str, torch.Tensor], p: BuildParams, tokens: int, labeller: Labeller
 ) -> dict[str, float]:
     """Write every feature's page from the running state, in one transaction; returns the seconds spent."""
-    timings = {}
+    timings: dict[str, float] = {}
     L, Fn, T1 = tc.n_layers, tc.n_features, p.n_ctx - 1
     views = _stored_token_views(conn, loaded, tc, p, timings)  # [6, L, F, n]
     t = time.monotonic()
     views_np = views.numpy()
     vocab = [t for (t,) in conn.execute("SELECT text FROM vocab ORDER BY token_id")]
 
-    def token_list(i: int, l: int, f: int) -> list[list[float]]:
-        return [[int(t), round(float(s), 5)] for t, s in zip(views_np[2 * i, l, f], views_np[2 * i + 1, l, f])]
+    def token_list(i: int, l: int, f: int) -> list[tuple[int, float]]:
+        return [(int(t), round(float(s), 5)) for t, s in zip(views_np[2 * i, l, f], views_np[2 * i + 1, l, f])]
 
     count = state["count"].cpu().numpy()
     act_sum = state["act_sum"].cpu().numpy()

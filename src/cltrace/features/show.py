@@ -75,7 +75,7 @@ def format_page(page: FeaturePage, n_top: int = 10, n_samples: int = 2, activati
         if activations:
             lines.append(_act_line(ex))
     if page.samples and n_samples:
-        bands = sorted({e.band for e in page.samples}, reverse=True)
+        bands = sorted({e.band for e in page.samples if e.band is not None}, reverse=True)  # every sample has one
         lines.append(f"  sampled contexts by activation quantile band (of {len(bands)}):")
         for band in bands:
             for ex in [e for e in page.samples if e.band == band][-n_samples:]:

@@ -104,7 +104,7 @@ class FeatureStore:
     >>> store.set_label(3, 117, "acronym: say the next capital letter")
     """
 
-    def __init__(self, path: str | Path, verify: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
         """Open the store at `path`; CltraceError (one line) if it is missing, foreign or damaged.
 
         `verify` (default) runs SQLite's quick_check and checks a sealed, complete store's digests

@@ -47,7 +47,7 @@ def token_views(loaded: Any, tc: Any, n: int = 10, chunk: int = 256) -> dict[str
     E = loaded.model.get_input_embeddings().weight.detach().float()  # [V, d]
     L, Fn = tc.n_layers, tc.n_features
     n = min(n, U.shape[1])
-    out = {k: [] for k in ("promoted_ids", "promoted", "suppressed_ids", "suppressed", "inputs_ids", "inputs")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("promoted_ids", "promoted", "suppressed_ids", "suppressed", "inputs_ids", "inputs")}
     for layer in range(L):
         D = summed_decoders(tc, layer).to(U.device)  # [F, d]
         W = tc.W_enc[layer].detach().float().to(E.device)  # [F, d]

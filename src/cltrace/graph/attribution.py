@@ -219,7 +219,8 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
         outputs = [self.out_logits if layer == L else self.out_resid[layer] for layer in seeds]
         # Slots at or above the highest target layer cannot reach any target: not asked for.
         grads = torch.autograd.grad(
-            outputs, [*self.slots_in[:top], self.emb_in], list(seeds.values()), retain_graph=True, allow_unused=True
+            outputs,  # type: ignore[arg-type]  # torch takes a mix of tensors and gradient edges; its annotation does not
+            [*self.slots_in[:top], self.emb_in], list(seeds.values()), retain_graph=True, allow_unused=True,
         )
         g_slots, g_emb = grads[:top], grads[top]
         n = len(rows)
@@ -337,8 +338,9 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
         if self.cache_decoders:
             with torch.no_grad():
                 for slot in self.slots:
-                    for group in slot.groups if slot is not None else []:
-                        group.cached = slot.gather(group)
+                    if slot is not None:
+                        for group in slot.groups:
+                            group.cached = slot.gather(group)
         n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
         n_rows = len(self.targets) + n_feature_rows
         batch = self._batch_size(n_feature_rows)  # copies in the forward

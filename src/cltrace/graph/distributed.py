@@ -11,6 +11,7 @@ one-process graph. Rank 0 writes it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ class _ShardedAttribution(_Attribution):
                     produced.append((layer, [tuple(t.cpu() for t in b) for b in blocks[before[layer] :]]))
                     del blocks[before[layer] :]
             mine[k] = produced
-        parts: list[dict | None] = [None] * world
+        parts: list[Any] = [None] * world  # all_gather_object puts each rank's dict in its slot
         dist.all_gather_object(parts, mine)
         merged = {k: v for part in parts for k, v in part.items()}
         for k in range(len(chunks)):  # in batch order, as one process stores them

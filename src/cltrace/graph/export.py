@@ -58,7 +58,7 @@ def cantor_pairing(x: int, y: int) -> int:
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def _scan(graph: Graph, scan: str | list[str] | None) -> tuple[str, list[str]]:
+def _scan(graph: Graph, scan: str | Sequence[str] | None) -> tuple[str, list[str]]:
     md = graph.metadata
     if scan is None:
         tc = md.get("transcoder")
@@ -265,7 +265,7 @@ def write_neuronpedia_json(
     atomic_write_text(path, json.dumps(data, allow_nan=False))
     if update_index:
         index_path = path.parent / "graph-metadata.json"
-        index = {"graphs": []}
+        index: dict[str, Any] = {"graphs": []}
         if index_path.exists():
             try:
                 index = json.loads(index_path.read_text(encoding="utf-8"))

@@ -200,7 +200,8 @@ def graph_node(graph: Graph, index: int) -> NodeRef:
     """The NodeRef of node `index` of a graph."""
     nodes = graph.nodes
     kind = NodeKind(int(nodes.kind[index]))
-    sort: NodeSort = {NodeKind.FEATURE: "feature", NodeKind.ERROR: "error", NodeKind.EMBEDDING: "embedding",
-                      NodeKind.LOGIT: "logit"}[kind]
+    sorts: dict[NodeKind, NodeSort] = {NodeKind.FEATURE: "feature", NodeKind.ERROR: "error",
+                                       NodeKind.EMBEDDING: "embedding", NodeKind.LOGIT: "logit"}
+    sort = sorts[kind]
     return NodeRef(sort, int(nodes.layer[index]), int(nodes.pos[index]), int(nodes.feature[index]),
                    int(nodes.token[index]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ class AttentionSites:
         self.base = loaded.model.base_model
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.resid_pre = self._residuals(loaded, run)  # [pos, layer, d_model]
-        self.memo: dict[object, object] = {}  # what later stages derive once per run (QK's decoder sums)
+        self.memo: dict[object, torch.Tensor] = {}  # what later stages derive once per run (QK's decoder sums)
 
     def attention(self, layer: int) -> nn.Module:
         """The attention module of a layer (the key of its frozen pattern)."""
@@ -133,7 +133,7 @@ class AttentionSites:
                 self._rotary[layer] = None
             else:
                 positions = torch.arange(self.run.n_pos, device=self.resid_pre.device)[None]
-                extra = ()
+                extra: tuple[object, ...] = ()
                 layer_type = getattr(self.attention(layer), "layer_type", None)
                 if layer_type is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
                     extra = (layer_type,)
@@ -170,10 +170,11 @@ class AttentionSites:
         index = head if side == "query" else self.kv_head(head)
         if self.sites.fused_qkv:
             offset = (0 if side == "query" else self.n_heads * dh) + index * dh
-            w = attn.c_attn.weight[:, offset : offset + dh]  # Conv1D stores [d_in, d_out]
-            b = attn.c_attn.bias[offset : offset + dh]
+            fused = attn.get_submodule("c_attn")
+            w = cast(torch.Tensor, fused.weight)[:, offset : offset + dh]  # Conv1D stores [d_in, d_out]
+            b = cast(torch.Tensor, fused.bias)[offset : offset + dh]
             return w.float(), b.float()
-        proj = attn.q_proj if side == "query" else attn.k_proj
+        proj = cast(nn.Linear, attn.get_submodule("q_proj" if side == "query" else "k_proj"))
         w = proj.weight[index * dh : (index + 1) * dh].T  # [d_model, d_head]
         b = None if proj.bias is None else proj.bias[index * dh : (index + 1) * dh].float()
         return w.float(), b
@@ -184,7 +185,7 @@ class AttentionSites:
         if layout == "none":
             return x
         attn = self.attention(layer)
-        module = attn.q_norm if side == "query" else attn.k_norm
+        module = attn.get_submodule("q_norm" if side == "query" else "k_norm")
         index = head if side == "query" else self.kv_head(head)
         scales = self.run.freeze_state.norm_scales[module]  # [1, pos, head, 1] or [1, head, pos, 1]
         scale = scales[0, pos, index] if layout == "pos_head" else scales[0, index, pos]

@@ -61,7 +61,7 @@ class LogitTarget:
     def value(self, logits: torch.Tensor) -> torch.Tensor:
         """The quantity from logits [..., vocab] (pre-softcap): Σ c_k (logit_k − mean)."""
         mean = logits.mean(-1)
-        return sum(c * (logits[..., t] - mean) for t, c in zip(self.tokens, self.coefs))
+        return sum((c * (logits[..., t] - mean) for t, c in zip(self.tokens, self.coefs)), torch.zeros_like(mean))
 
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), "coefs": list(self.coefs), "label": self.label, "probability": self.probability}

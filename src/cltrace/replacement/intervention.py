@@ -36,7 +36,7 @@ class Intervention:
     def __post_init__(self) -> None:
         if (self.value is None) == (self.factor is None):
             raise CltraceError("an intervention needs exactly one of value (set) or factor (scale)")
-        number = self.value if self.value is not None else self.factor
+        number = self.number
         if not math.isfinite(float(number)):
             raise CltraceError(f"intervention on {self.layer}:{self.feature}: {number} is not a finite number")
         if self.start is None and self.end is not None:
@@ -66,6 +66,14 @@ class Intervention:
         return cls(int(layer), int(feature), value, factor, start, end)
 
     @property
+    def number(self) -> float:
+        """The value (set) or the factor (scale), whichever it has."""
+        number = self.value if self.value is not None else self.factor
+        if number is None:
+            raise CltraceError("an intervention needs exactly one of value (set) or factor (scale)")
+        return number
+
+    @property
     def mode(self) -> Literal["set", "scale"]:
         return "set" if self.value is not None else "scale"
 
@@ -79,7 +87,7 @@ class Intervention:
 
     def apply(self, activation: float) -> float:
         """The new activation of a feature whose activation would be `activation`."""
-        return float(self.value) if self.value is not None else activation * float(self.factor)
+        return float(self.value) if self.value is not None else activation * float(self.number)
 
     def positions_text(self) -> str:
         if self.start is None:

@@ -50,12 +50,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from cltrace.errors import CltraceError
 from cltrace.model.freeze import FreezeState, freeze
 from cltrace.model.hooks import mlp_hooks, raw_logits
+from cltrace.model.load import LoadedModel
 from cltrace.replacement.intervention import MAX_VALUE, MODES, Intervention, Mode
 from cltrace.replacement.replacement_model import ReplacementModel, ReplacementRun
 from cltrace.replacement.spec import SPEC_HELP, check_interventions, parse_intervention, parse_positions
@@ -158,7 +160,7 @@ class _Pass:
             model.model(input_ids=ids, use_cache=False)
         return captured[0]
 
-    def _build_masks(self, B: int, T: int, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _build_masks(self, B: int, T: int, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per layer: (set mask, set values, scale factors), each [B, T, F]."""
         F = self.tc.n_features
         masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -178,7 +180,7 @@ class _Pass:
                     set_value[b, covered, iv.feature] = float(iv.value)
                 else:
                     # a later set wins over an earlier scale; scales compose
-                    scale[b, covered, iv.feature] *= float(iv.factor)
+                    scale[b, covered, iv.feature] *= float(iv.number)
         return masks
 
     def _capture(self, layer: int, resid_mid: torch.Tensor) -> None:
@@ -301,7 +303,6 @@ def intervene_batch(
 
     gen_after, gen_before = _generate(rm, run, plans, mode, lo_hi, generate)
 
-    decode = (lambda t: model.tokenizer.decode(t)) if model.tokenizer is not None else (lambda t: " ".join(f"<{i}>" for i in t))
     results = []
     for b, plan in enumerate(plans):
         results.append(
@@ -323,11 +324,18 @@ def intervene_batch(
                 pre_activations_after=pre[b],
                 generated_before=list(gen_before),
                 generated_after=list(gen_after[b]),
-                text_before=decode(gen_before) if generate else None,
-                text_after=decode(gen_after[b]) if generate else None,
+                text_before=_decode(model, gen_before) if generate else None,
+                text_after=_decode(model, gen_after[b]) if generate else None,
             )
         )
     return results
+
+
+def _decode(model: LoadedModel, ids: list[int]) -> str:
+    """Token ids as text (each id in angle brackets for a model without a tokenizer)."""
+    if model.tokenizer is None:
+        return " ".join(f"<{i}>" for i in ids)
+    return cast(str, model.tokenizer.decode(ids))  # one sequence: one str
 
 
 def _generate(

@@ -216,7 +216,7 @@ class _Slots:
             return None
         slot = self.override[layer] if isinstance(self.override, list) else self.override[:, :, layer]
         out = slot.to(output.dtype)  # cuts the path back through the MLP
-        if self.skip is not None:
+        if self.skip is not None and self.skip_base is not None:  # set together
             x = self.resid_mid[layer]
             moved = x - self.skip_base[:, layer].to(x.dtype)  # [batch, pos, d]
             out = out + self.skip.skip_layer(layer, moved).to(output.dtype)

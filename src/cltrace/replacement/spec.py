@@ -38,15 +38,16 @@ def parse_intervention(spec: str, supernodes: Mapping[str, Supernode] | None = N
         raise _bad(spec, str(exc)) from None
     if val_text.lower().startswith(("x", "*")):
         try:
-            value, factor = None, float(val_text[1:])
+            number = float(val_text[1:])
         except ValueError:
             raise _bad(spec, f"factor {val_text[1:]!r} is not a number") from None
+        value, factor = None, number
     else:
         try:
-            value, factor = float(val_text), None
+            number = float(val_text)
         except ValueError:
             raise _bad(spec, f"value {val_text!r} is not a number (write xF to multiply by F)") from None
-    number = value if value is not None else factor
+        value, factor = number, None
     if not math.isfinite(number):
         raise _bad(spec, f"{val_text!r} is not a finite number")
     if abs(number) > MAX_VALUE:

@@ -107,7 +107,8 @@ def supernodes_from_json(data: Any) -> dict[str, Supernode]:
     out: dict[str, Supernode] = {}
     for entry in data:
         if isinstance(entry, dict):
-            node = Supernode(entry.get("name"), list(entry.get("members") or []))
+            name: Any = entry.get("name")  # Supernode checks it is a valid name
+            node = Supernode(name, list(entry.get("members") or []))
         elif isinstance(entry, list) and entry and isinstance(entry[0], str):
             node = Supernode(entry[0], [_parse_node_id(entry[0], i) for i in entry[1:]])
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -125,7 +126,7 @@ class NewGraphBody(BaseModel):
 # -- the app -----------------------------------------------------------------------------------------
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The JSON error response ``{"detail": one line}``. Text the browser sent comes back in some
     messages: characters that cannot be encoded (lone surrogates) become '?' instead of a 500."""
     line = " ".join(str(detail).split()).encode("utf-8", "replace").decode("utf-8")
@@ -376,7 +377,7 @@ def _intervene(workspace: Workspace, models: Models, path: str, body: Interventi
         "interventions": [str(iv) for iv in specs],
         "before": tokens(result.top_before),
         "after": tokens(result.top_after),
-        "logit_change": {str(t.token): _finite(change[t.token]) for t in result.top_before + result.top_after},
+        "logit_change": {str(t.token): _finite(float(change[t.token])) for t in result.top_before + result.top_after},
         "graph_prediction": [
             {"node": r.node_id, "label": r.label, "predicted": _finite(r.predicted), "measured": _finite(r.actual)}
             for r in rows if r.kind == "logit"

@@ -80,8 +80,8 @@ def add_attention_routes(app: FastAPI, workspace: Workspace, models: Models) -> 
             tokens = [rm.model.decode_token(t) for t in ids.tolist()]
         data = result.to_json(top)
         labels = workspace.labels(graph_path, graph)
-        for key in data["keys"]:
-            for pair in key["pairs"]:
+        for shown in data["keys"]:
+            for pair in shown["pairs"]:
                 for node in (pair["query"], pair["key"]):
                     if node["kind"] == "feature":
                         node["label"] = labels.get((node["layer"], node["feature"]), "")

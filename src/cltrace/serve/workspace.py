@@ -220,7 +220,7 @@ class Workspace:
             pruning = None
         else:
             shown, result = prune(graph, node_threshold, edge_threshold)
-            infl, pruning = shown.nodes.influence, result.as_dict()
+            infl, pruning = result.cumulative_scores[result.node_mask], result.as_dict()  # = shown's influence column
         tokens = md.get("tokens") or []
         targets = md.get("targets") or []
         nodes = []
@@ -270,7 +270,8 @@ class Workspace:
             raise CltraceError(f"cannot read '{path.name}' ({str(exc).splitlines()[0]}): fix or delete it") from None
         if not isinstance(data, dict) or data.get("format") != EXPLORER_FORMAT:
             raise CltraceError(f"'{path.name}' is not a graph explorer file: move it away")
-        q = data.get("qParams") if isinstance(data.get("qParams"), dict) else {}
+        q = data.get("qParams")
+        q = q if isinstance(q, dict) else {}
         return {**empty, "qParams": {"pinnedIds": list(q.get("pinnedIds") or []),
                                      "supernodes": list(q.get("supernodes") or [])},
                 "labels": dict(data.get("labels") or {})}
@@ -320,7 +321,8 @@ class Workspace:
         """(the feature store for `graph`, why there is none). A graph that records its transcoder's
         fingerprint gets only a store of that very transcoder (a retrained one of the same shape has
         other features); an older graph, one built for a transcoder of its shape (or the given one)."""
-        cfg = graph.metadata.get("transcoder") if isinstance(graph.metadata.get("transcoder"), dict) else {}
+        cfg = graph.metadata.get("transcoder")
+        cfg = cfg if isinstance(cfg, dict) else {}
         shape = _shape(cfg)
         fingerprint = graph.metadata.get("transcoder_fingerprint")
         key = (shape, fingerprint, self.features)

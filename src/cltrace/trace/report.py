@@ -136,8 +136,8 @@ def influential_paths(graph: Graph, target: int, k: int = 5) -> list[GraphPath]:
     nodes = graph.nodes
     if nodes.influence is None:
         return strongest_paths(graph, target, k=k)
-    feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero().flatten()
-    feats = feats[torch.argsort(nodes.influence[feats], stable=True)].tolist()
+    rows = (nodes.kind == int(NodeKind.FEATURE)).nonzero().flatten()
+    feats = rows[torch.argsort(nodes.influence[rows], stable=True)].tolist()
     embeddings = (nodes.kind == int(NodeKind.EMBEDDING)).nonzero().flatten().tolist()
     out: list[GraphPath] = []
     for f in feats:

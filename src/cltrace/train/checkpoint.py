@@ -57,6 +57,12 @@ def _narrow(t: torch.Tensor, axis: int | None, start: int, end: int) -> torch.Te
     return t if axis is None else t.narrow(axis, start, end - start)
 
 
+def _joined(parts: list[Any], axis: int | None) -> Any:
+    """A copy of the shards' parts of one value joined along its feature axis (a replicated value has one part)."""
+    joined = parts[0] if len(parts) == 1 or axis is None else torch.cat(parts, dim=axis)
+    return joined.clone() if torch.is_tensor(joined) else joined
+
+
 # -- reading and writing checkpoints of any layout ---------------------------------------------------
 
 
@@ -194,12 +200,8 @@ def _read_checkpoint(ckpt_dir: Path, start: int, end: int) -> dict[str, Any]:
                 if cut or k not in slot:
                     slot.setdefault(k, []).append(_narrow(v, axis, lo, hi) if cut else v)
         fired.append(shard["last_fired"][:, lo:hi])
-    state["tensors"] = {n: (torch.cat(ts, dim=feature_axis(n, kind)) if len(ts) > 1 else ts[0]).clone() for n, ts in tensors.items()}
-    state["adam"] = {
-        n: {k: (torch.cat(vs, dim=feature_axis(n, kind)).clone() if len(vs) > 1 else (vs[0].clone() if torch.is_tensor(vs[0]) else vs[0]))
-            for k, vs in st.items()}
-        for n, st in adam_parts.items()
-    }
+    state["tensors"] = {n: _joined(ts, feature_axis(n, kind)) for n, ts in tensors.items()}
+    state["adam"] = {n: {k: _joined(vs, feature_axis(n, kind)) for k, vs in st.items()} for n, st in adam_parts.items()}
     state["last_fired"] = torch.cat(fired, dim=1).clone()
     return state
 

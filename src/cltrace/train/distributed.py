@@ -78,7 +78,7 @@ class ShardedTranscoder(nn.Module):
         self.start, self.end = start, end
         local_config = replace(full.config, n_features=end - start, skip=False)
         self.local = make_transcoder(local_config).to(full.W_enc.dtype)
-        if isinstance(full.activation, JumpReLU):
+        if isinstance(full.activation, JumpReLU) and isinstance(self.local.activation, JumpReLU):
             self.local.activation.bandwidth = full.activation.bandwidth
         self.local.b_dec.requires_grad_(False)
         self.b_dec = nn.Parameter(full.b_dec.detach().clone())
@@ -237,18 +237,18 @@ class FeatureShards:
     def sync_and_clip(self, grad_clip: float) -> torch.Tensor:
         """Average gradients across data groups, then clip to the global norm; returns that norm."""
         lay = self.layout
-        named = [(n, p) for n, p in self.named_tensors() if p.grad is not None]
+        grads = [(n, p.grad) for n, p in self.named_tensors() if p.grad is not None]
         if lay.data_parallel > 1:
-            flat = torch.cat([p.grad.reshape(-1) for _, p in named])
+            flat = torch.cat([g.reshape(-1) for _, g in grads])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=lay.dp_group)
             flat /= lay.data_parallel
             at = 0
-            for _, p in named:
-                p.grad.copy_(flat[at : at + p.numel()].view_as(p.grad))
-                at += p.numel()
+            for _, g in grads:
+                g.copy_(flat[at : at + g.numel()].view_as(g))
+                at += g.numel()
         kind = self.shard.full_config.kind
-        sharded = [p.grad.double().pow(2).sum() for n, p in named if feature_axis(n, kind) is not None]
-        replicated = [p.grad.double().pow(2).sum() for n, p in named if feature_axis(n, kind) is None]
+        sharded = [g.double().pow(2).sum() for n, g in grads if feature_axis(n, kind) is not None]
+        replicated = [g.double().pow(2).sum() for n, g in grads if feature_axis(n, kind) is None]
         sq = torch.stack(sharded).sum() if sharded else torch.zeros((), dtype=torch.float64, device=lay.device)
         if lay.feature_parallel > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=lay.fp_group)
@@ -257,8 +257,8 @@ class FeatureShards:
         gnorm = sq.sqrt()
         if grad_clip > 0:  # as torch.nn.utils.clip_grad_norm_ does
             coef = torch.clamp(grad_clip / (gnorm + 1e-6), max=1.0)
-            for _, p in named:
-                p.grad.mul_(coef.to(p.grad.dtype))
+            for _, g in grads:
+                g.mul_(coef.to(g.dtype))
         return gnorm.cpu()
 
     def dead_count(self, dead: torch.Tensor) -> float:

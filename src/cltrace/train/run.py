@@ -81,6 +81,8 @@ def store_defaults(store: str | Path) -> dict[str, Any]:
 
 def store_source(config: TrainConfig, model: LoadedModel) -> StoreSource:
     """The StoreSource of `config.store`, refused (one line) when its model or settings differ from the run's."""
+    if not config.store:
+        raise CltraceError("this run trains from a text source, not an activation store: set store")
     store = ActivationStore(config.store)
     store.check_model(model_fingerprint(model))
     diff = [f"{k}={getattr(config, k)!r} (store: {store.settings[k]!r})" for k in STORE_FIELDS[1:]

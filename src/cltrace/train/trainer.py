@@ -153,7 +153,7 @@ class Trainer:
                 activation=config.activation, topk_k=config.topk_k, skip=config.skip,
                 model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
             )
-            self.tc = Transcoder.random(tc_config, seed=config.seed).to(dtype)
+            self.tc: Transcoder | None = Transcoder.random(tc_config, seed=config.seed).to(dtype)
             if isinstance(self.tc.activation, JumpReLU):
                 with torch.no_grad():
                     self.tc.activation.threshold.fill_(config.threshold_init)
@@ -164,7 +164,9 @@ class Trainer:
             if self.shards is not None:
                 self.tc_config = self.tc.config
                 self.tc = None
-            params = self.shards.parameters() if self.shards is not None else self.tc.parameters()
+                params = self.shards.parameters()
+            else:
+                params = list(self.tc.parameters())
             # fused: one kernel for all parameters, much faster than the per-tensor loop on a large
             # decoder.
             self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), fused=True)
@@ -202,12 +204,18 @@ class Trainer:
             "elapsed": self.elapsed,
         }
         if self.shards is None:
-            state.update(transcoder=self.tc.state_dict(), optimizer=self.opt.state_dict(), last_fired=self.last_fired)
+            state.update(transcoder=self._whole().state_dict(), optimizer=self.opt.state_dict(), last_fired=self.last_fired)
         return state
+
+    def _whole(self) -> Transcoder:
+        """The transcoder of a run in one process (a sharded run holds only its slices, in `shards`)."""
+        if self.tc is None:
+            raise RuntimeError("a sharded run holds no whole transcoder: gather it from its shards")
+        return self.tc
 
     def _named_tensors(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The trained tensors by full-transcoder name (this rank's slices, where sharded)."""
-        return self.shards.named_tensors() if self.shards is not None else list(self.tc.named_parameters())
+        return self.shards.named_tensors() if self.shards is not None else list(self._whole().named_parameters())
 
     def save_checkpoint(self) -> None:
         ckpt = self.out / CHECKPOINT_DIR
@@ -238,7 +246,7 @@ class Trainer:
         if self.shards is not None:
             self.shards.shard.load_full(state["tensors"], sliced=True)
         else:
-            self.tc.load_state_dict(state["tensors"])
+            self._whole().load_state_dict(state["tensors"])
         load_optimizer_by_name(self.opt, self._named_tensors(), state["adam"])
         self.step, self.tokens = state["step"], state["tokens"]
         data = state["data"]
@@ -313,7 +321,7 @@ class Trainer:
                 stream = self.data.buffers(self.buffer_start)
                 skip = self.step_in_buffer
                 for x, y, after in stream:
-                    if self.scale_x is None:
+                    if self.scale_x is None or self.scale_y is None:  # set together
                         n = min(cfg.norm_tokens, x.shape[0])
                         self.scale_x, self.scale_y = estimate_scales(x[:n], y[:n])
                     perm = self._perm(x.shape[0])
@@ -373,7 +381,7 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             if self.shards is None:
-                terms = transcoder_loss(self.tc, xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
+                terms = transcoder_loss(self._whole(), xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
             else:  # this rank's features on its data group's part of the batch; terms of the whole batch
                 terms = self.shards.loss(self.shards.batch_part(xb), self.shards.batch_part(yb), lam, cfg.sparsity_c,
                                          cfg.preact_lambda, cfg.decode)
@@ -386,7 +394,7 @@ class Trainer:
         if self.shards is not None:
             gnorm = self.shards.sync_and_clip(cfg.grad_clip)
         else:
-            params = [p for p in self.tc.parameters() if p.grad is not None]
+            params = [p for p in self._whole().parameters() if p.grad is not None]
             if cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
@@ -446,9 +454,9 @@ class Trainer:
 
     def folded(self) -> Transcoder:
         """The transcoder with the normalisation folded in (works on raw model activations)."""
-        if self.scale_x is None:
+        if self.scale_x is None or self.scale_y is None:
             raise CltraceError("no training step was taken yet: nothing to save")
-        whole = self.tc if self.shards is None else self.shards.gather(self.tc_config, float(self.config.bandwidth))
+        whole = self._whole() if self.shards is None else self.shards.gather(self.tc_config, float(self.config.bandwidth))
         tc = fold_normalisation(whole, self.scale_x, self.scale_y)
         return tc.to(torch.float32) if self.config.dtype != "float32" else tc
 

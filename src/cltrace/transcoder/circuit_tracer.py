@@ -133,7 +133,7 @@ def read_plt(path: Path) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
     for i in range(n_layers):
         file = path / f"layer_{i}.safetensors"
         tensors = layers[0] if i == 0 else _read_safetensors(file)
-        names = {"W_enc": (n_features, d_model), "W_dec": (n_features, d_model)}
+        names: dict[str, tuple[int, ...]] = {"W_enc": (n_features, d_model), "W_dec": (n_features, d_model)}
         names |= {"b_enc": (n_features,), "b_dec": (d_model,)}
         if has_threshold:
             names["activation_function.threshold"] = (n_features,)

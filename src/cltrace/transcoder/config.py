@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, is_int
 from cltrace.transcoder.activation import ACTIVATIONS
 
 KINDS = ("clt", "plt")
@@ -68,9 +68,6 @@ class TranscoderConfig:
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise CltraceError(f"transcoder config: {message}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
 
         require(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         for name in ("n_layers", "d_model", "n_features"):

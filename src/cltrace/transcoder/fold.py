@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cltrace.transcoder.transcoder import Transcoder
+from cltrace.transcoder.transcoder import PerLayerTranscoder, Transcoder
 
 
 def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Tensor) -> Transcoder:
@@ -25,13 +25,13 @@ def fold_normalisation(tc: Transcoder, scale_x: torch.Tensor, scale_y: torch.Ten
 
         folded.W_enc.copy_(scaled(tc.W_enc, sx[:, None, None]))
         folded.b_dec.copy_(scaled(tc.b_dec, 1 / sy[:, None]))
-        if tc.config.kind == "clt":
+        if isinstance(tc, PerLayerTranscoder) and isinstance(folded, PerLayerTranscoder):
+            folded.W_dec.copy_(scaled(tc.W_dec, 1 / sy[:, None, None]))
+            if tc.W_skip is not None and folded.W_skip is not None:
+                folded.W_skip.copy_(scaled(tc.W_skip, (sx / sy)[:, None, None]))
+        else:  # a CLT: W_dec[l] [F, L - l, d] writes to layers l..L-1
             for l in range(L):
                 folded.W_dec[l].copy_(scaled(tc.W_dec[l], 1 / sy[l:][None, :, None]))
-        else:
-            folded.W_dec.copy_(scaled(tc.W_dec, 1 / sy[:, None, None]))
-            if folded.W_skip is not None:
-                folded.W_skip.copy_(scaled(tc.W_skip, (sx / sy)[:, None, None]))
     return folded
 
 

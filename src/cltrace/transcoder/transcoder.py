@@ -53,6 +53,7 @@ class Transcoder(nn.Module):
     """
 
     config: TranscoderConfig
+    W_dec: nn.Parameter | nn.ParameterList  # each subclass says which
 
     def __init__(self, config: TranscoderConfig) -> None:
         super().__init__()
@@ -145,22 +146,19 @@ class Transcoder(nn.Module):
             raise CltraceError("this transcoder has no skip path (only a PLT trained with skip has one)")
         return x.to(self.W_skip.dtype) @ self.W_skip[layer]
 
-    def _skip_all(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """x [..., L, d] through every layer's skip path, the product in `dtype`: [..., L, d]."""
-        if x is None:
-            raise CltraceError("this transcoder has a skip path: pass the input x to decode")
-        self._check_input(x)
-        return skip_all(x, self.W_skip, dtype)
-
     def feature_pre_activations(self, x: torch.Tensor, layers: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Pre-activations [..., n] in fp32 of the n features (layers[i], features[i]) at inputs x [..., n, d]."""
         w = self.W_enc[layers, features].float()  # [n, d]
         return (x.float() * w).sum(-1) + self.b_enc[layers, features].float()
 
     def _add_skip(self, recon: torch.Tensor, x: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """recon [..., L, d] plus x [..., L, d] through every layer's skip path (product in `dtype`), if there is one."""
         if self.W_skip is None:
             return recon
-        return recon + self._skip_all(x, dtype or self.W_skip.dtype).to(recon.dtype)
+        if x is None:
+            raise CltraceError("this transcoder has a skip path: pass the input x to decode")
+        self._check_input(x)
+        return recon + skip_all(x, self.W_skip, dtype or self.W_skip.dtype).to(recon.dtype)
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Dense reconstruction [..., L, d] of every layer's MLP output from acts [..., L, F].
@@ -315,6 +313,8 @@ class Transcoder(nn.Module):
 class CrossLayerTranscoder(Transcoder):
     """CLT: `W_dec[l]` [F, L - l, d] holds the decoders of layer l's features towards layers l..L-1."""
 
+    W_dec: nn.ParameterList
+
     def __init__(self, config: TranscoderConfig) -> None:
         if config.kind != "clt":
             raise CltraceError(f"CrossLayerTranscoder needs kind 'clt', got {config.kind!r}")
@@ -400,6 +400,8 @@ class PerLayerTranscoder(Transcoder):
     per-layer files store the transpose (it computes x @ W_skip.T); the circuit-tracer export and
     import transpose it.
     """
+
+    W_dec: nn.Parameter
 
     def __init__(self, config: TranscoderConfig) -> None:
         if config.kind != "plt":
