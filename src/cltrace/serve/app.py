@@ -34,7 +34,7 @@ from cltrace.errors import CltraceError
 from cltrace.fields import field_bounds, field_default, field_help
 from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
-from cltrace.graph.targets import LogitDifference
+from cltrace.graph.targets import LogitDifference, TargetSpec
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve import security
 from cltrace.serve.attention import add_attention_routes
@@ -324,7 +324,9 @@ def _add_job_routes(app: FastAPI, jobs: Jobs) -> None:
     def post_job(body: NewGraphBody) -> dict[str, Any]:
         if body.versus is not None and body.target is None:
             raise CltraceError("versus compares the target with another token: give the target too, e.g. DA versus DC")
-        targets = None if body.target is None else [body.target if body.versus is None else LogitDifference(body.target, body.versus)]
+        targets: list[TargetSpec] | None = None
+        if body.target is not None:
+            targets = [body.target if body.versus is None else LogitDifference(body.target, body.versus)]
         return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes, targets).to_dict()
 
     @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
