@@ -16,6 +16,7 @@ import pytest
 from helpers.serve import build_trace_folder, hand_circuit, replacement
 
 from cltrace.graph.graph import Graph, NodeKind
+from cltrace.replacement.supernodes import load_supernodes
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -114,6 +115,12 @@ def test_merge_takes_both_members_and_the_first_ones_labels_and_drops_what_no_lo
     assert len(after["inputs"]) < len(before["inputs"])
     # a later rename keeps the circuit marked edited
     assert put(client, folder, [{**edit[0], "name": "renamed"}, *edit[1:]]).json()["edited"] is True
+    # the folder's supernodes file, which `cltrace circuit` builds from, holds the same groups; the rest stay
+    groups = load_supernodes(folder["root"] / "acronym" / "supernodes.json")
+    as_ids = {name: [f"{l}_{f}_{p}" for l, f, p in g.members] for name, g in groups.items()}
+    assert list(as_ids) == ["s0", "s2", "s3", "other"]
+    assert as_ids["s0"] == merged["members"] and as_ids["s2"] == s2["members"]
+    assert len(as_ids["other"]) == 2
 
 
 def test_split_moves_members_into_a_new_supernode(client: TestClient, folder: dict) -> None:
@@ -126,14 +133,31 @@ def test_split_moves_members_into_a_new_supernode(client: TestClient, folder: di
     ids = [s["id"] for s in after["supernodes"]]
     assert ids == ["s0", "s1", "s2", "s2.2", "s3"]
     s2, new = after["supernodes"][2], after["supernodes"][3]
+    groups = load_supernodes(folder["root"] / "acronym" / "supernodes.json")
+    assert list(groups) == ["s0", "s1", "s2", "s2.2", "s3", "other"] and groups["s2.2"].members == [tuple(map(int, b.split("_")))]
     assert s2["members"] == [a] and new["members"] == [b] and new["name"] == "split off"
     assert new["output_label"] == before["supernodes"][2]["output_label"]  # the labels of the group it came from
     assert s2["edited"] and new["edited"] and s2["effect"] is None
     assert new["layers"] == [int(b.split("_")[0])] and new["pos"] == int(b.split("_")[2])
 
 
+def test_an_edit_takes_features_from_the_other_groups_and_makes_the_file_where_there_was_none(client: TestClient, folder: dict) -> None:
+    file = folder["root"] / "acronym" / "supernodes.json"
+    other = load_supernodes(file)["other"]
+    taken = "_".join(map(str, other.members[0]))
+    edit = edit_of(on_disk(folder))
+    edit[0]["members"].append(taken)  # a feature of a group outside the circuit joins it
+    assert put(client, folder, edit).status_code == 200
+    groups = load_supernodes(file)
+    assert groups["other"].members == other.members[1:] and taken in on_disk(folder)["supernodes"][0]["members"]
+    file.unlink()
+    assert put(client, folder, edit_of(on_disk(folder))).status_code == 200
+    assert list(load_supernodes(file)) == ["s0", "s1", "s2", "s3"]
+
+
 def test_bad_edits_are_refused_in_one_line_and_change_nothing(client: TestClient, folder: dict) -> None:
     before = folder["circuit"].read_bytes()
+    before_groups = (folder["root"] / "acronym" / "supernodes.json").read_bytes()
     edit = edit_of(on_disk(folder))
     graph = Graph.load(folder["graph"])
     error_node = next(i for i, k in zip(graph.node_ids(), graph.nodes.kind.tolist()) if k == NodeKind.ERROR)
@@ -155,6 +179,7 @@ def test_bad_edits_are_refused_in_one_line_and_change_nothing(client: TestClient
             assert r.status_code == status, (body, r.text)
             assert words in r.json()["detail"] and "\n" not in r.json()["detail"]
     assert folder["circuit"].read_bytes() == before
+    assert (folder["root"] / "acronym" / "supernodes.json").read_bytes() == before_groups
 
 
 def test_apply_edit_on_a_circuit_dict(folder: dict) -> None:

@@ -66,8 +66,8 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 
 #: What accepted requests may write in the served folder: saved work, labels (the feature store and
-#: its SQLite journal files), the circuit and new graphs (checked against the jobs' own list).
-WRITABLE = re.compile(r"(\.explorer\.json|(^|/)circuit\.json|(^|/)features\.db(-wal|-shm|-journal)?)$")
+#: its SQLite journal files), the circuit and its supernodes, and new graphs (checked against the jobs' own list).
+WRITABLE = re.compile(r"(\.explorer\.json|(^|/)(circuit|supernodes)\.json|(^|/)features\.db(-wal|-shm|-journal)?)$")
 
 
 def served_paths(root: Path) -> list[str]:

@@ -14,6 +14,7 @@ from cltrace.graph.attribution import attribute
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import node_influence
 from cltrace.replacement import ReplacementModel
+from cltrace.replacement.supernodes import save_supernodes, supernodes_from_json
 from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
 from helpers.models import char_tokenizer, tiny_model
 
@@ -107,8 +108,8 @@ def hand_circuit(graph: Graph, n_supernodes: int = 4) -> dict:
 
 
 def build_trace_folder(root: Path) -> dict[str, Path]:
-    """A trace folder as `cltrace trace` leaves it: graph.safetensors (the acronym graph) and a
-    circuit.json beside it (`hand_circuit`)."""
+    """A trace folder as `cltrace trace` leaves it: graph.safetensors (the acronym graph), a
+    circuit.json beside it (`hand_circuit`) and supernodes.json (the circuit's groups and one more)."""
     rm = replacement()
     root.mkdir(parents=True, exist_ok=True)
     save_transcoder(rm.transcoder, root / "clt")
@@ -117,5 +118,13 @@ def build_trace_folder(root: Path) -> dict[str, Path]:
     folder = root / "acronym"
     folder.mkdir()
     graph.save(folder / "graph.safetensors")
-    (folder / "circuit.json").write_text(json.dumps(hand_circuit(graph), indent=1))
-    return {"root": root, "graph": folder / "graph.safetensors", "circuit": folder / "circuit.json", "rel": "acronym/graph.safetensors"}
+    circuit = hand_circuit(graph)
+    (folder / "circuit.json").write_text(json.dumps(circuit, indent=1))
+    # the groups the circuit was chosen from: its own and one more
+    in_circuit = {m for sn in circuit["supernodes"] for m in sn["members"]}
+    ids = graph.node_ids()
+    extra = [ids[i] for i in (graph.nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0].tolist() if ids[i] not in in_circuit][:2]
+    groups = [[sn["id"], *sn["members"]] for sn in circuit["supernodes"]] + [["other", *extra]]
+    save_supernodes(folder / "supernodes.json", supernodes_from_json(groups).values())
+    return {"root": root, "graph": folder / "graph.safetensors", "circuit": folder / "circuit.json",
+            "supernodes": folder / "supernodes.json", "rel": "acronym/graph.safetensors"}

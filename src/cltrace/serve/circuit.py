@@ -13,7 +13,8 @@ An edit keeps what still holds: a supernode whose members are unchanged keeps it
 validation under its new name. One whose members changed (merged, split off) takes the labels of the
 supernode it has most members from, and has no effect, edges or validation until the circuit is
 re-validated (tokens left without an edge leave the circuit); the circuit is marked ``"edited"``
-until then.
+until then. The folder's supernodes.json follows each edit, so that `cltrace circuit FOLDER` builds
+from the same groups; the names a person gave stay in circuit.json, where that command reads them.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from pydantic import BaseModel, Field
 from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
+from cltrace.replacement.supernodes import Supernode, load_supernodes, save_supernodes
 from cltrace.serve.jobs import Job, Jobs, Models
 from cltrace.serve.workspace import NotFound, Workspace
 
 GraphPath = Annotated[str, Query(min_length=1, max_length=1000, description="The graph file, relative to the served folder.")]
+#: The trace folder's supernodes (`cltrace trace` writes it; `cltrace circuit` rebuilds the circuit from it).
+SUPERNODES_FILE = "supernodes.json"
 #: Label fields a changed supernode takes from the supernode it has most members from.
 LABEL_FIELDS = ("input_label", "output_label", "label_scores", "unclear", "output_tokens")
 #: Ids kept for a circuit's tokens and outputs.
@@ -139,6 +143,28 @@ def _write(path: Path, circuit: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(circuit, indent=1, allow_nan=False) + "\n", what="circuit")
 
 
+def sync_supernodes(path: Path, old_ids: list[str], edit: list[dict[str, Any]]) -> None:
+    """The trace folder's supernodes file (`path`, what `cltrace circuit` rebuilds from) made to
+    hold the edited circuit's supernodes, first: the groups the circuit had are replaced, the
+    others keep their features but those the edit took; a group left empty goes."""
+    groups = load_supernodes(path) if path.is_file() else {}
+    circuit = [Supernode(sn["id"], [_member(m) for m in sn["members"]]) for sn in edit]
+    taken = {m for sn in circuit for m in sn.members}
+    rest = []
+    for name, group in groups.items():
+        if name in old_ids or name in {sn.name for sn in circuit}:
+            continue
+        members = [m for m in group.members if m not in taken]
+        if members:
+            rest.append(Supernode(name, members))
+    save_supernodes(path, circuit + rest)
+
+
+def _member(node_id: str) -> tuple[int, int, int]:
+    layer, feature, pos = (int(x) for x in node_id.split("_"))
+    return layer, feature, pos
+
+
 def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Path) -> Callable[[Job, Callable[[str], None]], None]:
     """The work of a re-validation job: the circuit rebuilt from its supernodes (their names and
     labels kept) on the full graph, validated on the graph's model, saved unless edited meanwhile."""
@@ -196,10 +222,12 @@ def add_circuit_routes(app: FastAPI, workspace: Workspace, models: Models, jobs:
 
     @app.put("/api/circuit", summary="Save an edited circuit: its supernodes renamed, merged or split (atomic)")
     def put_circuit(path: GraphPath, body: CircuitEdit = Body()) -> dict[str, Any]:
+        edit = [s.model_dump() for s in body.supernodes]
         with workspace.lock:
             graph_path, file, circuit = circuit_of(workspace, path)
-            edited = apply_edit(circuit, [s.model_dump() for s in body.supernodes], workspace.load(graph_path))
+            edited = apply_edit(circuit, edit, workspace.load(graph_path))
             _write(file, edited)
+            sync_supernodes(file.parent / SUPERNODES_FILE, [str(s.get("id")) for s in circuit["supernodes"]], edit)
         return edited
 
     @app.post("/api/circuit/validate", status_code=202,
