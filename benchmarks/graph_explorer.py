@@ -5,7 +5,8 @@
 A synthetic graph (random DAG: 20 layers x 20 positions, error nodes, token embeddings, 10 logits,
 edges from lower to higher layers with random signed weights) is saved in a temporary folder and
 served by `cltrace serve`'s app on a free local port; Debian's headless Chromium (Playwright) opens
-it unpruned (the pruning slider at 1). Figures:
+it unpruned (the pruning slider at 1) with every edge drawn (the edge slider at "all"; by default the
+explorer draws the 300 strongest). Figures:
 
 * time to first paint: from navigation start to the graph's first frame on the canvas (the page's
   ``graph-first-paint`` mark), cold (the server reads the file) and warm; target at most 2 s;
@@ -119,7 +120,7 @@ def main() -> None:
         graph = synthetic_graph(args.nodes, args.edges)
         graph.save(Path(tmp) / "synthetic.safetensors")
         server, base = start_in_thread(create_app(tmp))
-        url = f"{base}?graph=synthetic.safetensors&threshold=1"
+        url = f"{base}?graph=synthetic.safetensors&threshold=1&edges=all"  # every edge drawn: the worst case
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             paints = []

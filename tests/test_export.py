@@ -146,3 +146,52 @@ def test_write(tmp_path):
     bad.edge_weight[0] = float("nan")
     with pytest.raises(CltraceError, match="non-finite"):
         to_neuronpedia_json(bad, prune_graph=False)
+
+
+def test_supernodes_and_pins_go_into_qparams_with_the_kept_members_only():
+    from urllib.parse import parse_qs
+
+    from cltrace.graph.export import qparams_query
+    from cltrace.replacement.supernodes import Supernode
+
+    g = graph()
+    groups = [
+        Supernode("say-you", [(1, 5, 1), (0, 3, None)]),  # 0:3 without a position: wherever it is kept
+        ("two words ok", ["1_2_0", "9_9_9"]),  # a (name, ids) pair; an id the export lacks is left out
+        Supernode("gone", [(7, 7, 0)]),  # nothing kept: the group is left out
+    ]
+    data = to_neuronpedia_json(g, slug="hi", prune_graph=False, supernodes=groups, pinned=["E_10_0", "nope"])
+    q = data["qParams"]
+    assert q["supernodes"] == [["say-you", "1_5_1", "0_3_1"], ["two words ok", "1_2_0"]]
+    assert q["pinnedIds"] == ["E_10_0", "1_5_1", "0_3_1", "1_2_0"]
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert set(q["pinnedIds"]) <= ids
+    json.dumps(data, allow_nan=False)
+    # pruned: members the pruning drops leave their group
+    pruned = to_neuronpedia_json(g, slug="hi", supernodes=groups)
+    kept = {n["node_id"] for n in pruned["nodes"]}
+    assert all(set(grp[1:]) <= kept and grp[1:] for grp in pruned["qParams"]["supernodes"])
+    # the address that carries them to circuit-tracer's page
+    parsed = parse_qs(qparams_query(data))
+    assert parsed["slug"] == ["hi"] and parsed["pinnedIds"] == [",".join(q["pinnedIds"])]
+    assert json.loads(parsed["supernodes"][0]) == q["supernodes"]
+    assert "supernodes" not in parse_qs(qparams_query(to_neuronpedia_json(g, slug="hi", prune_graph=False)))
+
+
+def test_cli_export_with_supernodes(tmp_path, capsys):
+    from helpers.cli import run_cli
+
+    from cltrace.replacement.supernodes import Supernode, save_supernodes
+
+    g = graph()
+    g.save(tmp_path / "g.safetensors")
+    save_supernodes(tmp_path / "sn.json", [Supernode("say-you", [(1, 5, 1)]), Supernode("gone", [(7, 7, 0)])])
+    code, out, err = run_cli("export", str(tmp_path / "g.safetensors"), "-o", str(tmp_path / "g.json"),
+                             "--supernodes", str(tmp_path / "sn.json"), capsys=capsys)
+    assert code == 0, err
+    assert "1 of 2 supernodes" in out
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["qParams"]["supernodes"] == [["say-you", "1_5_1"]]
+    code, out, err = run_cli("export", str(tmp_path / "g.safetensors"), "-o", str(tmp_path / "h.json"),
+                             "--supernodes", str(tmp_path / "missing.json"), capsys=capsys)
+    assert code != 0 and "does not exist" in err and "Traceback" not in err

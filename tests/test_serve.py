@@ -20,6 +20,7 @@ from cltrace.features import FeatureStore, build_feature_store
 from cltrace.graph.attribution import attribute
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.prune import prune
+from cltrace.graph.targets import LogitDifference
 from cltrace.replacement.interventions import Intervention, intervene
 from cltrace.replacement.supernodes import load_supernodes
 from cltrace.transcoder import Transcoder
@@ -269,6 +270,33 @@ def test_new_graph_runs_in_the_background(client: TestClient, folder: dict[str, 
     assert int((graph.nodes.kind == int(NodeKind.FEATURE)).sum()) <= 50
 
 
+def wait_for(client: TestClient, job: dict) -> dict:
+    deadline = time.monotonic() + 60
+    while job["status"] not in ("done", "error") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+def test_a_new_graph_explains_a_chosen_target_or_a_logit_difference(client: TestClient, folder: dict[str, Path]) -> None:
+    prompt = "The World Health Organization (W"
+    cases = [({"target": "H"}, "H"), ({"target": "H", "versus": "O"}, "H − O")]
+    for extra, label in cases:
+        r = client.post("/api/jobs", json={"prompt": prompt, "like": "acronym.safetensors", "max_feature_nodes": 20, **extra})
+        assert r.status_code == 202, r.text
+        job = wait_for(client, r.json())
+        assert job["status"] == "done", job
+        graph = Graph.load(folder["root"] / job["graph"])
+        truth = attribute(replacement(), prompt, [extra["target"] if "versus" not in extra else LogitDifference("H", "O")],
+                          max_feature_nodes=20, progress=False)
+        assert [t["label"] for t in graph.metadata["targets"]] == [label] == [t["label"] for t in truth.metadata["targets"]]
+        assert torch.allclose(graph.edge_weight, truth.edge_weight)
+    r = client.post("/api/jobs", json={"prompt": prompt, "versus": "O"})
+    assert r.status_code == 400 and "give the target too" in r.json()["detail"]
+    job = wait_for(client, client.post("/api/jobs", json={"prompt": prompt, "target": "HO", "max_feature_nodes": 20}).json())
+    assert job["status"] == "error" and "\n" not in job["error"] and not job["error"].startswith(("ValueError", "KeyError"))
+
+
 def test_a_job_over_the_limit_gets_429(client: TestClient) -> None:
     """The job past the concurrent limit is told to try again later (429), in the usual JSON shape."""
     from cltrace.serve.jobs import MAX_RUNNING, Job
@@ -282,7 +310,7 @@ def test_a_job_over_the_limit_gets_429(client: TestClient) -> None:
         for job_id in busy:
             jobs._jobs.pop(job_id, None)
     assert r.status_code == 429, r.text
-    assert r.json() == {"detail": f"{MAX_RUNNING} graphs are already being computed: wait for one to finish, then try again"}
+    assert r.json() == {"detail": f"{MAX_RUNNING} graphs or circuits are already being computed: wait for one to finish, then try again"}
     assert "429" in client.get("/openapi.json").json()["paths"]["/api/jobs"]["post"]["responses"]
 
 

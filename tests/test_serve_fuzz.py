@@ -37,7 +37,7 @@ from hypothesis.errors import Unsatisfiable
 
 fastapi = pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
-from helpers.serve import build_folder, replacement  # noqa: E402
+from helpers.serve import build_folder, hand_circuit, replacement  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
 from cltrace.graph.graph import Graph, NodeKind  # noqa: E402
@@ -66,8 +66,8 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 
 #: What accepted requests may write in the served folder: saved work, labels (the feature store and
-#: its SQLite journal files) and new graphs (checked against the jobs' own list).
-WRITABLE = re.compile(r"(\.explorer\.json|(^|/)features\.db(-wal|-shm|-journal)?)$")
+#: its SQLite journal files), the circuit and its supernodes, and new graphs (checked against the jobs' own list).
+WRITABLE = re.compile(r"(\.explorer\.json|(^|/)(circuit|supernodes)\.json|(^|/)features\.db(-wal|-shm|-journal)?)$")
 
 
 def served_paths(root: Path) -> list[str]:
@@ -203,6 +203,8 @@ class Fuzzer:
 def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = build_folder(tmp_path_factory.mktemp("fuzz") / "graphs")["root"]
     add_hostile_files(root)
+    circuit = hand_circuit(Graph.load(root / "acronym.safetensors"))  # the circuit routes reach their code too
+    (root / "circuit.json").write_text(json.dumps({**circuit, "graph": "acronym.safetensors"}))
     return root
 
 
@@ -400,6 +402,9 @@ def test_a_thousand_bad_requests_per_route(fuzz_root: Path, one_thread: None) ->
         ("POST", "/api/graph/intervene", {"interventions": [{"node": a, "value": 0}], "top": 3}, "?path={path}"),
         ("POST", "/api/jobs", {"prompt": "AB(", "max_feature_nodes": 5}, ""),
         ("GET", f"/api/jobs/{job}", None, ""), ("DELETE", f"/api/jobs/{job}", None, ""),
+        ("GET", "/api/circuit", None, "?path={path}"),
+        ("PUT", "/api/circuit", {"supernodes": [{"id": "s0", "name": "fz", "members": [a, b]}]}, "?path={path}"),
+        ("POST", "/api/circuit/validate", None, "?path={path}"),
     ]
     seen = {(r.path, m) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
     assert {(p.replace(job, "{job_id}"), m) for m, p, _, _ in routes} >= {(p, m) for p, m in seen if p != "/static"}

@@ -240,7 +240,7 @@ def test_a_foreign_origin_cannot_change_anything(layout: dict[str, Path]) -> Non
         assert code == 202, text
         job_id = json.loads(text)["id"]
         writes = [(m, t, b) for m, t, b in every_route(job_id) if m in ("PUT", "POST", "DELETE")]
-        assert len(writes) == 5
+        assert len(writes) == 7
         before = digests(layout["root"].parent)
         for origin in FOREIGN_ORIGINS:
             for method, target, body in writes:
@@ -325,7 +325,7 @@ def test_jobs_are_bounded_cancellable_and_never_half_written(layout: dict[str, P
             t.join(30)
         codes = sorted(code for code, _ in answers)
         assert codes == [202] * n + [429], answers
-        assert f"{n} graphs are already being computed" in next(t for c, t in answers if c == 429)
+        assert f"{n} graphs or circuits are already being computed" in next(t for c, t in answers if c == 429)
         t0 = time.monotonic()  # one job holds the model (its loader waits), the others queue behind it
         code, _ = request(server, "GET", "/api/graphs")
         assert code == 200 and time.monotonic() - t0 < 1.0
@@ -461,10 +461,12 @@ def endpoint_requests(path: str) -> list[tuple[str, str, bytes | None]]:
     q = f"?path={path}"
     iv = json.dumps({"interventions": [{"node": "0_0_1", "value": 0}]}).encode()
     label = json.dumps({"layer": 0, "feature": 0, "label": "x"}).encode()
+    circuit = json.dumps({"supernodes": [{"id": "s0", "name": "x", "members": ["0_0_1"]}]}).encode()
     return [
         ("GET", f"/api/graph{q}", None), ("GET", f"/api/graph{q}&full=true", None), ("GET", f"/api/graph/state{q}", None),
         ("GET", f"/api/graph/feature{q}&layer=0&feature=0", None), ("PUT", f"/api/graph/state{q}", b'{"pinned": []}'),
-        ("PUT", f"/api/graph/label{q}", label), ("POST", f"/api/graph/intervene{q}", iv),
+        ("PUT", f"/api/graph/label{q}", label), ("POST", f"/api/graph/intervene{q}", iv), ("GET", f"/api/circuit{q}", None),
+        ("PUT", f"/api/circuit{q}", circuit), ("POST", f"/api/circuit/validate{q}", None),
     ]
 
 

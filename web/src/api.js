@@ -27,5 +27,8 @@ export const api = {
   newGraph: (body) => call("POST", "/api/jobs", body),
   job: (id) => call("GET", `/api/jobs/${encodeURIComponent(id)}`),
   heads: (path, source, target) => call("GET", `/api/graph/heads?${q({ path, source, target })}`),
+  circuit: (path) => call("GET", `/api/circuit?${q({ path })}`),
+  saveCircuit: (path, supernodes) => call("PUT", `/api/circuit?${q({ path })}`, { supernodes }),
+  validateCircuit: (path) => call("POST", `/api/circuit/validate?${q({ path })}`, {}),
   qk: (path, layer, head, query, key) => call("GET", `/api/graph/qk?${q({ path, layer, head, query, key })}`),
 };

@@ -1,11 +1,13 @@
 // The graph on a canvas. Edges and nodes are drawn once per zoom level into an offscreen canvas
 // larger than the screen; panning only copies that bitmap, so it stays smooth with 100,000 edges.
-// Highlights (hover, selection, pins, search hits, supernodes) are drawn on top every frame.
+// Only the strongest edges are drawn (`edgeLimit`, a slider on the page): all of a pruned graph's
+// edges would bury its nodes. A hovered or selected node's own edges, every one of them, and the
+// other highlights (pins, search hits, supernodes) are drawn on top every frame.
 
 import { layout } from "./layout.js";
 import {
-  adjacency, BUCKETS, edgeBucket, fitTransform, maxAbsWeight, nearestNode, nodeGrid, percent, strongestEdges,
-  visibleText, zoomTransform
+  adjacency, BUCKETS, DEFAULT_EDGES, edgeBucket, fitTransform, maxAbsWeight, nearestNode, nodeGrid, percent, strongestEdges,
+  strongestFirst, visibleText, zoomTransform
 } from "./model.js";
 
 const POS = [37, 99, 235]; // positive edges: blue
@@ -32,6 +34,8 @@ export class GraphView {
     this.frameTimes = []; // ms per drawn frame, for the benchmark
     this.highlight = { hovered: null, selected: new Set(), pinned: new Set(), matches: new Set(), supernodes: [] };
     this.onlyPinned = false;
+    this.edgeLimit = DEFAULT_EDGES;
+    this.drawnEdges = 0; // edges in the cached bitmap (for the page's counts and the tests)
     this._bindEvents();
     new ResizeObserver(() => this.resize()).observe(canvas.parentElement);
     this.resize();
@@ -39,11 +43,14 @@ export class GraphView {
 
   // -- data --------------------------------------------------------------------------------------
 
-  setGraph(view, keepView = false) {
+  /** Shows a graph as /api/graph gives it, drawing its `edgeLimit` strongest edges (default: as before). */
+  setGraph(view, keepView = false, edgeLimit = this.edgeLimit) {
     const md = view.metadata;
     this.nodes = view.nodes;
     this.byId = new Map(this.nodes.map((n, i) => [n.id, i]));
     this.edges = view.edges;
+    this.edgeLimit = edgeLimit;
+    this._order = strongestFirst(this.edges.weight);
     this._adjacency = null;
     this.nPos = md.n_pos;
     this.tokens = md.tokens;
@@ -55,19 +62,31 @@ export class GraphView {
     this.invalidate();
   }
 
-  /** One Path2D per (sign, strength class), in world units: drawing them needs no JS loop. */
+  /** Draw the `limit` strongest edges (Infinity: all). */
+  setEdgeLimit(limit) {
+    this.edgeLimit = limit;
+    this._buildPaths();
+    this.invalidate();
+  }
+
+  /** One Path2D per (sign, strength class), in world units: drawing them needs no JS loop. The
+   * strongest `edgeLimit` edges; in the pinned subgraph, every edge between pinned nodes (few). */
   _buildPaths() {
     const { source, target, weight } = this.edges;
     const visible = this.onlyPinned ? this.highlight.pinned : null;
+    const limit = visible ? weight.length : Math.min(this.edgeLimit, weight.length);
     this.paths = [];
     for (let s = 0; s < 2; s++) for (let b = 0; b < BUCKETS; b++) this.paths.push(new Path2D());
-    for (let e = 0; e < weight.length; e++) {
+    this.drawnEdges = 0;
+    for (let k = 0; k < limit; k++) {
+      const e = this._order[k];
       const a = this.nodes[source[e]];
       const t = this.nodes[target[e]];
       if (visible && !(visible.has(a.id) && visible.has(t.id))) continue;
       const path = this.paths[edgeBucket(weight[e], this.maxAbs)];
       path.moveTo(a.x, a.y);
       path.lineTo(t.x, t.y);
+      this.drawnEdges++;
     }
   }
 
@@ -97,11 +116,15 @@ export class GraphView {
     this.canvas.height = Math.round(this.height * this.dpr);
     this.canvas.style.width = `${this.width}px`;
     this.canvas.style.height = `${this.height}px`;
+    if (this._fitPending) this.fit();
     this.invalidate();
   }
 
   fit() {
     if (!this.bounds) return;
+    // hidden (the circuit view is shown): fit once the canvas has a size again
+    this._fitPending = this.width <= 1 || this.height <= 1;
+    if (this._fitPending) return;
     Object.assign(this, fitTransform(this.bounds, this.width, this.height));
     this.invalidate();
   }
@@ -296,6 +319,7 @@ export class GraphView {
     for (const id of h.matches) this._node(id, (n) => ring(n, "#f59e0b", 3, 2));
     for (const id of h.pinned) this._node(id, (n) => ring(n, "#0d9488", 2.5));
     const focus = [h.hovered, ...h.selected].filter(Boolean);
+    this.overlayEdges = 0; // a hovered or selected node's own edges drawn this frame (for the tests)
     for (const id of focus) this._node(id, () => this._drawNeighbourEdges(ctx, this.byId.get(id)));
     for (const id of h.selected) this._node(id, (n) => ring(n, "#111", 2.5, 1));
     if (h.hovered) this._node(h.hovered, (n) => ring(n, "#111", 1.5));
@@ -321,6 +345,7 @@ export class GraphView {
       ctx.moveTo(a.x, a.y);
       ctx.lineTo(b.x, b.y);
       ctx.stroke();
+      this.overlayEdges++;
     }
   }
 

@@ -1,26 +1,14 @@
-// The graph explorer: wires the canvas view to the panels and the server's API.
+// The graph explorer: wires the circuit view, the full graph's canvas and the panels to the server's API.
 
 import "./style.css";
 import { api } from "./api.js";
+import { CircuitView } from "./circuitview.js";
+import { $, el, guarded, showMessage } from "./dom.js";
 import { GraphView } from "./graphview.js";
-import { headsBox } from "./heads.js";
-import {
-  applyClick, describe as describeNode, describeIntervention, fmt, interventionSpecs, jobProgress, newIntervention,
-  pageKey, percent, quotedTokens, relabel, searchMatches, selectedFeatures, shade, togglePinned, visibleText,
-  withoutSupernode, withSupernode
-} from "./model.js";
-
-const $ = (id) => document.getElementById(id);
-const el = (tag, attrs = {}, ...children) => {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else if (k === "class") node.className = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c);
-  return node;
-};
+import { interventionPanel } from "./interventions.js";
+import { defaultEdgeStep, edgeSteps, applyClick, searchMatches, selectedFeatures, togglePinned, withoutSupernode, withSupernode } from "./model.js";
+import { newGraphDialog } from "./newgraph.js";
+import { NodePanel } from "./nodepanel.js";
 
 const state = {
   path: null, // the open graph, relative to the served folder
@@ -31,27 +19,17 @@ const state = {
   supernodes: [],
   interventions: [], // {node} or {supernode}, with mode and value
   pages: new Map(), // "layer:feature" -> feature page (or an Error)
+  edgeLimit: null, // how many of the strongest edges the full graph draws (null: the default, Infinity: all)
+  tab: "graph", // "circuit" or "graph"
+  opened: false, // whether a graph was opened yet (the address's ?view= counts for the first only)
 };
 
-const view = new GraphView($("graph"), { hover: onHover, click: onClick });
-
-// -- messages ----------------------------------------------------------------------------------------
-
-function showMessage(text) {
-  const box = $("message");
-  box.textContent = text;
-  box.hidden = !text;
-}
-
-async function guarded(fn) {
-  try {
-    return await fn();
-  } catch (err) {
-    showMessage(err.message);
-    setTimeout(() => showMessage(""), 6000);
-    return undefined;
-  }
-}
+const handlers = { click: onClick }; // the canvas's hover and click
+const view = new GraphView($("graph"), handlers);
+const interventions = interventionPanel(state, nodeById);
+const panel = new NodePanel(state, view, { togglePin, addIntervention: interventions.add, relabelled: applySearch });
+handlers.hover = panel.hover;
+const circuit = new CircuitView($("circuit"), $("circuit-panel"), { graphPath: () => state.path, changed: renderTabs, showInGraph });
 
 // -- graphs ------------------------------------------------------------------------------------------
 
@@ -87,20 +65,32 @@ async function openGraph(path, keepView = false) {
   state.pinned = data.state.pinned;
   state.supernodes = data.state.supernodes;
   showMessage("");
-  const md = data.metadata;
-  $("prompt-line").textContent = md.prompt ?? "";
-  $("counts").textContent = `${data.nodes.length} of ${md.n_nodes_full} nodes, ${data.edges.weight.length} of ${md.n_edges_full} edges`;
+  $("prompt-line").textContent = data.metadata.prompt ?? "";
+  setupEdgeSlider(data.edges.weight.length);
   syncHighlights();
-  view.setGraph(data, keepView && !changed);
+  view.setGraph(data, keepView && !changed, edgeLimit());
+  showCounts();
   renderWork();
-  renderInterventions();
-  renderNodePanel();
+  interventions.render();
+  panel.render();
   applySearch();
+  if (changed) {
+    await circuit.open(data.has_circuit ? path : null);
+    // a graph opens on its circuit where it has one; the address may ask for a view on the first
+    const asked = state.opened ? null : new URLSearchParams(location.search).get("view");
+    state.opened = true;
+    showTab(asked === "graph" || asked === "circuit" ? asked : circuit.circuit ? "circuit" : "graph");
+  }
 }
 
 function nodeById(id) {
   const i = view.byId?.get(id);
   return i === undefined ? null : view.nodes[i];
+}
+
+function showCounts() {
+  const md = state.view.metadata;
+  $("counts").textContent = `${state.view.nodes.length} of ${md.n_nodes_full} nodes, ${view.drawnEdges} of ${state.view.edges.weight.length} edges drawn (${md.n_edges_full} in the graph)`;
 }
 
 function syncHighlights() {
@@ -121,195 +111,81 @@ async function saveWork() {
   renderWork();
 }
 
-// -- hover and click ---------------------------------------------------------------------------------
-
-const describe = (n) => describeNode(n, state.view.metadata.tokens);
-
-async function featurePage(n) {
-  const key = pageKey(n);
-  if (!state.pages.has(key)) {
-    state.pages.set(key, api.feature(state.path, n.layer, n.feature).catch((err) => err));
-  }
-  return state.pages.get(key);
-}
-
-function onHover(n, event) {
-  const tip = $("tooltip");
-  if (!n) {
-    tip.hidden = true;
-    return;
-  }
-  const lines = [el("strong", {}, describe(n)), el("div", { class: "muted" }, `${n.id} · ${n.kind} · layer ${n.layer} · pos ${n.pos}`)];
-  if (n.kind === "feature") lines.push(el("div", {}, `activation ${fmt(n.activation)}`));
-  const promoted = el("div", { class: "promoted" });
-  lines.push(promoted);
-  tip.replaceChildren(...lines);
-  tip.dataset.node = n.id;
-  tip.hidden = false;
-  tip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 350)}px`;
-  tip.style.top = `${event.clientY + 14}px`;
-  if (n.kind === "feature" && state.view.features_db) {
-    featurePage(n).then((page) => {
-      if (tip.dataset.node !== n.id || page instanceof Error) return;
-      promoted.textContent = `promotes: ${quotedTokens(page.promoted, 5)}`;
-    });
-  }
-}
-
 function onClick(n, event) {
   const additive = event.ctrlKey || event.metaKey || event.shiftKey;
   state.focus = applyClick(state.selected, state.focus, n, additive);
   view.requestDraw();
-  renderNodePanel();
+  panel.render();
   renderWork();
 }
 
-// -- the node panel: label, feature page, strongest inputs and outputs --------------------------------
+// -- the circuit view and the full graph: tabs --------------------------------------------------------
 
-function renderNodePanel() {
-  const panel = $("node-panel");
-  const n = state.focus && nodeById(state.focus);
-  if (!n) {
-    panel.replaceChildren(el("p", { class: "muted" }, "Hover a node for its summary; click it for its page. Ctrl/⌘-click selects several."));
-    return;
-  }
-  const pinned = state.pinned.includes(n.id);
-  const buttons = el(
-    "div",
-    { class: "row" },
-    el("button", { id: "pin-btn", type: "button", onclick: () => togglePin(n.id) }, pinned ? "Unpin" : "Pin"),
-    n.kind === "feature" ? el("button", { id: "iv-add", type: "button", onclick: () => addIntervention({ node: n.id }) }, "Add to intervention") : null,
-  );
-  const parts = [el("h3", {}, describe(n)), el("div", { class: "muted" }, `${n.id} · activation ${fmt(n.activation)} · influence ${fmt(n.influence)}`), buttons];
-  if (n.kind === "feature") parts.push(labelEditor(n));
-  const { inputs, outputs } = view.neighbours(n.id);
-  parts.push(el("h3", {}, "Strongest inputs"), edgeTable(inputs, n, "in"), el("h3", {}, "Strongest outputs"), edgeTable(outputs, n, "out"));
-  parts.push(el("div", { id: "heads-panel" }));
-  const pageBox = el("div", { id: "feature-page" });
-  parts.push(pageBox);
-  panel.replaceChildren(...parts);
-  if (n.kind === "feature") {
-    if (!state.view.features_db) {
-      pageBox.append(el("p", { class: "muted" }, "No feature store for this graph: build one with `cltrace features build` to see contexts and promoted tokens."));
-    } else {
-      pageBox.append(el("p", { class: "muted" }, "Loading the feature page…"));
-      featurePage(n).then((page) => {
-        if (state.focus === n.id) pageBox.replaceChildren(...renderPage(page));
-      });
-    }
-  }
+function showTab(tab) {
+  state.tab = tab === "circuit" && circuit.circuit ? "circuit" : "graph";
+  const onCircuit = state.tab === "circuit";
+  $("circuit-wrap").hidden = !onCircuit;
+  $("circuit-panel").hidden = !onCircuit;
+  $("canvas-wrap").hidden = onCircuit;
+  $("sidebar").hidden = onCircuit;
+  for (const id of ["threshold-box", "edges-box", "search", "only-pinned-box", "counts"]) $(id).hidden = onCircuit;
+  renderTabs();
+  if (onCircuit) circuit.render(); // sized to its pane, now shown
+  else view.resize();
+  const url = new URLSearchParams(location.search);
+  url.set("view", state.tab);
+  history.replaceState(null, "", `?${url}`);
 }
 
-function labelEditor(n) {
-  const input = el("input", { id: "label-input", value: n.label || "", placeholder: "label this feature", maxlength: "500" });
-  const save = async () => {
-    const saved = await guarded(() => api.setLabel(state.path, n.layer, n.feature, input.value));
-    if (!saved) return;
-    relabel(state.view.nodes, n.layer, n.feature, saved.label);
-    state.pages.delete(pageKey(n));
-    renderNodePanel();
-    applySearch();
-  };
-  input.addEventListener("keydown", (e) => e.key === "Enter" && save());
-  return el("div", { class: "row" }, input, el("button", { id: "label-save", type: "button", onclick: save }, "Save label"));
+function renderTabs() {
+  $("tab-circuit").disabled = !circuit.circuit;
+  $("tab-circuit").title = circuit.circuit ? "The circuit: a few labelled supernodes" : "No circuit.json beside this graph: `cltrace trace` writes one";
+  $("tab-circuit").classList.toggle("active", state.tab === "circuit");
+  $("tab-graph").classList.toggle("active", state.tab === "graph");
 }
 
-function edgeTable(list, focus, direction) {
-  if (!list.length) return el("p", { class: "muted" }, "none in the pruned graph");
-  // an edge across positions went through attention: its heads, and why they attend, on request
-  const showHeads = (node) => {
-    const [source, target] = direction === "in" ? [node, focus] : [focus, node];
-    $("heads-panel").replaceChildren(headsBox(el, state.path, source, target, target.kind === "logit" ? null : target.pos));
-  };
-  return el(
-    "table",
-    {},
-    list.map(({ node, weight }) =>
-      el(
-        "tr",
-        {},
-        el("td", {}, el("button", { class: "link", type: "button", onclick: () => focusNode(node.id) }, describe(node).slice(0, 48))),
-        el("td", { class: `num ${weight < 0 ? "neg" : "pos"}` }, fmt(weight)),
-        el("td", {}, node.pos !== focus.pos
-          ? el("button", { class: "link heads-link", type: "button", onclick: () => showHeads(node) }, "heads")
-          : null),
-      ),
-    ),
-  );
-}
-
-function focusNode(id) {
+/** The full graph with `ids` (a supernode's members) selected, the first one's panel open. */
+function showInGraph(ids) {
+  showTab("graph");
   state.selected.clear();
-  state.selected.add(id);
-  state.focus = id;
+  for (const id of ids) if (nodeById(id)) state.selected.add(id);
+  state.focus = [...state.selected][0] ?? null;
   view.requestDraw();
-  renderNodePanel();
+  panel.render();
+  renderWork();
 }
 
-function renderPage(page) {
-  if (page instanceof Error) return [el("p", { class: "muted" }, page.message)];
-  const tokens = (list) => quotedTokens(list, 8);
-  const parts = [
-    el("h3", {}, `Feature ${page.name}`),
-    el("div", {}, el("strong", {}, "promotes "), tokens(page.promoted)),
-    el("div", {}, el("strong", {}, "suppresses "), tokens(page.suppressed)),
-    el("div", { class: "muted" }, `density ${(100 * page.density).toFixed(3)}% · max ${fmt(page.max_act)} · ${page.tokens_analysed.toLocaleString()} tokens`),
-    el("h3", {}, "Top contexts"),
-  ];
-  for (const ex of page.top) {
-    parts.push(
-      el(
-        "div",
-        { class: "context", title: `activation ${fmt(ex.act)}` },
-        ex.texts.map((t, i) =>
-          el(
-            "span",
-            { class: `tok${i === ex.mark ? " mark" : ""}`, style: `background: rgba(245, 158, 11, ${shade(ex.acts[i], page.max_act)})`, title: fmt(ex.acts[i]) },
-            visibleText(t),
-          ),
-        ),
-      ),
-    );
-  }
-  if (!page.top.length) parts.push(el("p", { class: "muted" }, "It never fired on the corpus."));
-  return parts;
-}
+$("tab-circuit").addEventListener("click", () => showTab("circuit"));
+$("tab-graph").addEventListener("click", () => showTab("graph"));
 
 // -- pinned nodes and supernodes ----------------------------------------------------------------------
 
 function togglePin(id) {
   state.pinned = togglePinned(state.pinned, id);
-  saveWork().then(renderNodePanel);
+  saveWork().then(panel.render);
 }
 
 function renderWork() {
-  $("pinned-list").replaceChildren(
-    ...(state.pinned.length
-      ? state.pinned.map((id) =>
-          el(
-            "li",
-            { "data-node": id },
-            el("button", { class: "link", type: "button", onclick: () => focusNode(id) }, id),
-            " ",
-            el("button", { class: "link", type: "button", title: "unpin", onclick: () => togglePin(id) }, "×"),
-          ),
-        )
-      : [el("li", { class: "muted" }, "Pin nodes to keep them here and view them alone.")]),
-  );
-  $("supernode-list").replaceChildren(
-    ...state.supernodes.map((sn) =>
-      el(
-        "li",
-        { "data-supernode": sn.name },
-        el("strong", {}, sn.name),
-        el("span", { class: "muted" }, `${sn.members.length} features`),
-        el("button", { type: "button", onclick: () => addIntervention({ supernode: sn.name }) }, "Intervene"),
-        el("button", { class: "link", type: "button", title: "ungroup", onclick: () => removeSupernode(sn.name) }, "×"),
-      ),
-    ),
-  );
-  const features = selectedFeatures(state.selected, nodeById);
-  $("make-supernode").textContent = `Group ${features.length} selected`;
+  const pin = (id) =>
+    el(
+      "li",
+      { "data-node": id },
+      el("button", { class: "link", type: "button", onclick: () => panel.focusNode(id) }, id),
+      " ",
+      el("button", { class: "link", type: "button", title: "unpin", onclick: () => togglePin(id) }, "×"),
+    );
+  $("pinned-list").replaceChildren(...(state.pinned.length ? state.pinned.map(pin) : [el("li", { class: "muted" }, "Pin nodes to keep them here and view them alone.")]));
+  const group = (sn) =>
+    el(
+      "li",
+      { "data-supernode": sn.name },
+      el("strong", {}, sn.name),
+      el("span", { class: "muted" }, `${sn.members.length} features`),
+      el("button", { type: "button", onclick: () => interventions.add({ supernode: sn.name }) }, "Intervene"),
+      el("button", { class: "link", type: "button", title: "ungroup", onclick: () => removeSupernode(sn.name) }, "×"),
+    );
+  $("supernode-list").replaceChildren(...state.supernodes.map(group));
+  $("make-supernode").textContent = `Group ${selectedFeatures(state.selected, nodeById).length} selected`;
 }
 
 function makeSupernode() {
@@ -328,87 +204,10 @@ function makeSupernode() {
 function removeSupernode(name) {
   Object.assign(state, withoutSupernode(state.supernodes, state.interventions, name));
   saveWork();
-  renderInterventions();
+  interventions.render();
 }
 
-// -- interventions ------------------------------------------------------------------------------------
-
-function addIntervention(target) {
-  state.interventions.push(newIntervention(target));
-  renderInterventions();
-}
-
-function renderInterventions() {
-  $("iv-list").replaceChildren(
-    ...(state.interventions.length
-      ? state.interventions.map((iv, i) => {
-          const what = describeIntervention(iv, nodeById, state.view.metadata.tokens);
-          const mode = el("select", { onchange: (e) => (iv.mode = e.target.value) }, el("option", { value: "scale" }, "scale ×"), el("option", { value: "set" }, "set to"));
-          mode.value = iv.mode;
-          const value = el("input", { type: "number", step: "any", value: String(iv.value), onchange: (e) => (iv.value = Number(e.target.value)) });
-          return el(
-            "li",
-            {},
-            el("span", { title: iv.node || iv.supernode }, what.slice(0, 28)),
-            mode,
-            value,
-            el("button", { class: "link", type: "button", onclick: () => (state.interventions.splice(i, 1), renderInterventions()) }, "×"),
-          );
-        })
-      : [el("li", { class: "muted" }, "Add features or supernodes, choose scale or set, then Run.")]),
-  );
-}
-
-async function runIntervention() {
-  if (!state.interventions.length) return;
-  const box = $("iv-result");
-  box.replaceChildren(el("p", { class: "muted" }, "Running…"));
-  const body = {
-    interventions: interventionSpecs(state.interventions),
-    run_mode: $("iv-run-mode").value,
-    freeze_attention: $("iv-freeze").checked,
-    top: 8,
-  };
-  try {
-    const r = await api.intervene(state.path, body);
-    box.replaceChildren(...renderResult(r));
-  } catch (err) {
-    box.replaceChildren(el("p", { class: "error" }, err.message));
-  }
-}
-
-function renderResult(r) {
-  const rows = r.before.map((b, i) => {
-    const a = r.after[i];
-    return el(
-      "tr",
-      {},
-      el("td", {}, `“${visibleText(b.text)}”`),
-      el("td", { class: "num" }, percent(b.probability)),
-      el("td", {}, a ? `“${visibleText(a.text)}”` : ""),
-      el("td", { class: "num" }, a ? percent(a.probability) : ""),
-    );
-  });
-  const prediction = r.graph_prediction.map((p) =>
-    el(
-      "tr",
-      {},
-      el("td", {}, `“${visibleText(p.label)}”`),
-      el("td", { class: `num ${p.predicted < 0 ? "neg" : "pos"}` }, fmt(p.predicted)),
-      el("td", { class: `num ${p.measured < 0 ? "neg" : "pos"}` }, fmt(p.measured)),
-    ),
-  );
-  return [
-    el("div", { class: "muted" }, r.interventions.join(", ")),
-    el("h3", {}, "Top tokens"),
-    el("table", { id: "iv-top" }, el("tr", {}, el("th", {}, "before"), el("th", { class: "num" }, "p"), el("th", {}, "after"), el("th", { class: "num" }, "p")), rows),
-    el("h3", {}, "Graph's prediction (logit change)"),
-    el("table", { id: "iv-prediction" }, el("tr", {}, el("th", {}, "output"), el("th", { class: "num" }, "predicted"), el("th", { class: "num" }, "measured")), prediction),
-    el("p", { class: "muted" }, `${r.features_changed} feature activations changed.${r.not_in_graph.length ? ` Not in the graph: ${r.not_in_graph.join(", ")}` : ""}`),
-  ];
-}
-
-// -- search and threshold -----------------------------------------------------------------------------
+// -- search, threshold and edges ----------------------------------------------------------------------
 
 function applySearch() {
   const query = $("search").value;
@@ -418,6 +217,39 @@ function applySearch() {
   view.requestDraw();
   return matches;
 }
+
+/** The edge slider's steps for a graph of `total` edges, at the limit the person chose (kept across
+ * graphs and thresholds: null is the default, Infinity all). */
+function setupEdgeSlider(total) {
+  const steps = edgeSteps(total);
+  const slider = $("edges");
+  slider.max = String(steps.length - 1);
+  slider.steps = steps;
+  const limit = state.edgeLimit ?? steps[defaultEdgeStep(steps)];
+  let at = 0;
+  while (at < steps.length - 1 && steps[at + 1] <= limit) at++;
+  slider.value = String(at);
+  showEdgeLimit();
+}
+
+/** The edges drawn: the chosen limit, at most all of them. */
+function edgeLimit() {
+  return state.edgeLimit ?? Number($("edges").steps[defaultEdgeStep($("edges").steps)]);
+}
+
+function showEdgeLimit() {
+  const total = state.view.edges.weight.length;
+  $("edges-value").textContent = edgeLimit() >= total ? "all" : edgeLimit().toLocaleString();
+}
+
+$("edges").addEventListener("input", (e) => {
+  const steps = e.target.steps;
+  const at = Number(e.target.value);
+  state.edgeLimit = at === steps.length - 1 ? Infinity : steps[at];
+  showEdgeLimit();
+  view.setEdgeLimit(state.edgeLimit);
+  showCounts();
+});
 
 let thresholdTimer = null;
 $("threshold").addEventListener("input", () => {
@@ -429,61 +261,15 @@ $("search").addEventListener("input", applySearch);
 $("search").addEventListener("keydown", (e) => {
   if (e.key !== "Enter") return;
   const first = [...applySearch()][0];
-  if (first) focusNode(first);
+  if (first) panel.focusNode(first);
 });
-$("only-pinned").addEventListener("change", (e) => view.setOnlyPinned(e.target.checked));
+$("only-pinned").addEventListener("change", (e) => {
+  view.setOnlyPinned(e.target.checked);
+  showCounts();
+});
 $("graph-select").addEventListener("change", (e) => guarded(() => openGraph(e.target.value)));
 $("make-supernode").addEventListener("click", makeSupernode);
-$("iv-run").addEventListener("click", runIntervention);
-
-// -- new graph ----------------------------------------------------------------------------------------
-
-const dialog = $("new-graph-dialog");
-$("new-graph-btn").addEventListener("click", () => {
-  $("job-status").textContent = "";
-  $("job-progress").hidden = true;
-  dialog.showModal();
-});
-$("new-close").addEventListener("click", () => dialog.close());
-$("new-graph-form").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const status = $("job-status");
-  const bar = $("job-progress");
-  let job;
-  try {
-    job = await api.newGraph({
-      prompt: $("new-prompt").value,
-      name: $("new-name").value.trim() || null,
-      like: state.path,
-      max_feature_nodes: Number($("new-max").value),
-    });
-  } catch (err) {
-    status.textContent = err.message;
-    status.className = "error";
-    return;
-  }
-  status.className = "muted";
-  bar.hidden = false;
-  while (job.status === "queued" || job.status === "running" || job.status === "cancelling") {
-    bar.max = Math.max(1, job.total);
-    bar.value = job.done;
-    status.textContent = jobProgress(job);
-    await new Promise((r) => {
-      setTimeout(r, 300);
-    });
-    job = await api.job(job.id);
-  }
-  if (job.status === "error" || job.status === "cancelled") {
-    status.textContent = job.error || "cancelled";
-    status.className = "error";
-    return;
-  }
-  bar.max = 1;
-  bar.value = 1;
-  status.textContent = `done: ${job.graph}`;
-  dialog.close();
-  await guarded(() => loadGraphList(job.graph));
-});
+newGraphDialog(() => state.path, (path) => guarded(() => loadGraphList(path)));
 
 // -- start, and hooks for tests and the benchmark -----------------------------------------------------
 
@@ -492,11 +278,15 @@ if (startThreshold !== null) {
   $("threshold").value = startThreshold;
   $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
 }
+const startEdges = new URLSearchParams(location.search).get("edges"); // a count, or "all"
+if (startEdges !== null) state.edgeLimit = startEdges === "all" ? Infinity : Math.max(0, Number(startEdges) || 0);
 
 window.explorer = {
   view,
+  circuit,
   state,
   openGraph,
+  showTab,
   /** A node's position on the page (for tests that hover or click it). */
   pagePosition(id) {
     const n = nodeById(id);

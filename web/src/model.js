@@ -117,6 +117,26 @@ export function edgeBucket(weight, maxAbs) {
   return (weight < 0 ? BUCKETS : 0) + Math.min(BUCKETS - 1, Math.floor(strength * BUCKETS));
 }
 
+/** Edge indices by |weight|, strongest first (ties in edge order). */
+export function strongestFirst(weights) {
+  const order = Uint32Array.from({ length: weights.length }, (_, i) => i);
+  return order.sort((a, b) => Math.abs(weights[b]) - Math.abs(weights[a]) || a - b);
+}
+
+/** How many of the strongest edges the full graph draws unless asked otherwise: a few hundred edges
+ * keep the layout readable, where all of a pruned graph's (often 100,000) bury it. */
+export const DEFAULT_EDGES = 300;
+const EDGE_STEPS = [0, 25, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000];
+
+/** The edge counts the slider offers for a graph of `total` edges: round steps below it, then all. */
+export const edgeSteps = (total) => [...EDGE_STEPS.filter((s) => s < total), total];
+
+/** The slider position of DEFAULT_EDGES among `steps` (all edges where there are fewer). */
+export const defaultEdgeStep = (steps) => {
+  const i = steps.indexOf(DEFAULT_EDGES);
+  return i < 0 ? steps.length - 1 : i;
+};
+
 /** For each node, the indices of the edges that touch it (in or out), in edge order. */
 export function adjacency(nNodes, source, target) {
   const adj = Array.from({ length: nNodes }, () => []);

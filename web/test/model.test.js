@@ -4,10 +4,10 @@ import { test } from "node:test";
 
 import { layout } from "../src/layout.js";
 import {
-  adjacency, applyClick, BUCKETS, describe, describeIntervention, edgeBucket, fitTransform, fmt, interventionSpecs,
-  jobProgress, maxAbsWeight, nearestNode, newIntervention, nodeGrid, pageKey, percent, quotedTokens, relabel,
-  searchMatches, selectedFeatures, shade, strongestEdges, togglePinned, visibleText, withoutSupernode, withSupernode,
-  zoomTransform,
+  adjacency, applyClick, BUCKETS, DEFAULT_EDGES, defaultEdgeStep, describe, describeIntervention, edgeBucket, edgeSteps,
+  fitTransform, fmt, interventionSpecs, jobProgress, maxAbsWeight, nearestNode, newIntervention, nodeGrid, pageKey,
+  percent, quotedTokens, relabel, searchMatches, selectedFeatures, shade, strongestEdges, strongestFirst, togglePinned,
+  visibleText, withoutSupernode, withSupernode, zoomTransform,
 } from "../src/model.js";
 import { graphNodes, random } from "./graphs.js";
 
@@ -229,6 +229,30 @@ const randomEdges = (nNodes, nEdges, seed) => {
   }
   return { source, target, weight };
 };
+
+test("strongestFirst orders edges by |weight|, ties in edge order, as a plain sort of pairs does", () => {
+  for (const seed of [1, 2, 3]) {
+    const { weight } = randomEdges(50, 500, seed);
+    weight[7] = weight[3]; // a tie
+    weight[9] = -weight[3]; // a tie across signs
+    const expected = weight.map((w, e) => [Math.abs(w), e]).sort((a, b) => b[0] - a[0] || a[1] - b[1]).map(([, e]) => e);
+    assert.deepEqual([...strongestFirst(weight)], expected);
+    assert.deepEqual([...strongestFirst(new Float32Array(weight))].length, 500);
+  }
+  assert.deepEqual([...strongestFirst([])], []);
+});
+
+test("the edge slider's steps rise to the graph's own count, the default a few hundred", () => {
+  for (const total of [0, 10, 300, 301, 97544, 1e6]) {
+    const steps = edgeSteps(total);
+    assert.equal(steps[steps.length - 1], total, "the last step draws every edge");
+    for (let i = 1; i < steps.length; i++) assert.ok(steps[i] > steps[i - 1], "strictly rising");
+    const d = steps[defaultEdgeStep(steps)];
+    assert.equal(d, Math.min(DEFAULT_EDGES, total));
+  }
+  assert.equal(DEFAULT_EDGES, 300);
+  assert.deepEqual(edgeSteps(120), [0, 25, 50, 100, 120]);
+});
 
 test("adjacency lists each edge under both of its ends", () => {
   const edges = randomEdges(30, 200, 11);

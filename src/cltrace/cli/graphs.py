@@ -181,15 +181,21 @@ def export(
     slug: Annotated[str | None, typer.Option("--slug", help="The graph's name in the front end.")] = None,
     node_threshold: Annotated[float, typer.Option("--node-threshold", min=0.0, max=1.0)] = 0.8,
     edge_threshold: Annotated[float, typer.Option("--edge-threshold", min=0.0, max=1.0)] = 0.98,
+    supernodes: Annotated[Path | None, typer.Option(
+        "--supernodes", help="A supernodes JSON file: exported as qParams (the members pinned).")] = None,
 ) -> None:
     """Export a graph, pruned, to the JSON that circuit-tracer's and Neuronpedia's front ends read."""
     from cltrace.atomic import check_writable
     from cltrace.graph.export import write_neuronpedia_json
     from cltrace.graph.graph import Graph
+    from cltrace.replacement.supernodes import load_supernodes
 
     output = required(deprecated(out, old_output, "--output", "-o/--out"), "-o/--out", "name the JSON file to write")
     check_writable(output, "graph JSON")  # before reading the graph
+    groups = list(load_supernodes(supernodes).values()) if supernodes is not None else []
     data = write_neuronpedia_json(
-        Graph.load(graph), output, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold
+        Graph.load(graph), output, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold,
+        supernodes=groups,
     )
-    typer.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links ({format.value})")
+    shown = f", {len(data['qParams']['supernodes'])} of {len(groups)} supernodes" if supernodes is not None else ""
+    typer.echo(f"wrote {output}: {len(data['nodes'])} nodes, {len(data['links'])} links{shown} ({format.value})")

@@ -10,6 +10,11 @@ with ``clerp`` ``'Output "tok" (p=0.123)'`` (the front end parses the probabilit
 ``is_target_logit`` on the first (most probable) logit; ``influence`` is the cumulative influence
 share from pruning. Node ids follow `cltrace.graph.graph`: error nodes are ``"{layer}_-1_{pos}"``.
 
+Supernodes (``qParams.supernodes``, ``[[name, node_id, ...], ...]``) and pinned nodes
+(``qParams.pinnedIds``: the members, which the front end's subgraph shows) are exported when given.
+circuit-tracer's own page (0.5.0) reads supernodes from its address only, not from the file:
+`qparams_query` gives the query string that carries them, as Neuronpedia's share links do.
+
 Graph metadata read (all optional): ``prompt`` (str), ``tokens`` (list of token strings),
 ``n_layers`` (int), ``model`` (str), ``transcoder`` (str, list of str, or a config dict with a
 ``name``), ``scan`` (str), ``logit_tokens`` (list of strings, one per logit node, in node order;
@@ -24,6 +29,7 @@ import math
 import os
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.errors import CltraceError
@@ -35,6 +41,7 @@ from cltrace.graph.prune import (
     node_influence,
     prune,
 )
+from cltrace.replacement.supernodes import Supernode
 
 NEURONPEDIA_SCHEMA_VERSION = 1
 
@@ -148,12 +155,16 @@ def to_neuronpedia_json(
     node_threshold: float = DEFAULT_NODE_THRESHOLD,
     edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
     clerps: dict[str, str] | None = None,
+    supernodes: Sequence[Supernode | tuple[str, Sequence[str]]] = (),
+    pinned: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The front-end JSON of `graph`, as a dict.
 
     `prune_graph`: None (default) prunes unless the graph is already pruned (its metadata has
     ``pruning``); True always prunes; False exports every node and edge. `clerps` maps node ids to
-    labels (default: metadata ``clerps``).
+    labels (default: metadata ``clerps``). `supernodes` (`Supernode`s, or (name, node ids) pairs)
+    become ``qParams.supernodes``, with the members the export keeps; `pinned` node ids and every
+    kept member become ``qParams.pinnedIds``.
     """
     if not slug or not isinstance(slug, str):
         raise CltraceError("slug must be a non-empty string naming the graph")
@@ -192,8 +203,44 @@ def to_neuronpedia_json(
     if isinstance(md.get("pruning"), dict):
         # Namespaced extra (the front ends ignore unknown metadata keys): counts and scores.
         metadata["cltrace_pruning"] = dict(md["pruning"])
-    q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    groups = _supernode_groups(nodes, supernodes)
+    kept = {d["node_id"] for d in nodes}
+    pins = list(dict.fromkeys([p for p in pinned if p in kept] + [m for g in groups for m in g[1:]]))
+    q_params = {"pinnedIds": pins, "supernodes": groups, "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
+
+
+def _supernode_groups(nodes: list[dict[str, Any]], supernodes: Sequence[Supernode | tuple[str, Sequence[str]]]
+                      ) -> list[list[str]]:
+    """qParams' ``[[name, node_id, ...], ...]``: each supernode's members among the exported `nodes`
+    (a member without a position: the feature wherever it was kept); empty groups are left out."""
+    features: dict[tuple[int, int], list[str]] = {}
+    for d in nodes:
+        if d["feature_type"] == FEATURE_TYPES[NodeKind.FEATURE]:
+            layer, feature, _ = d["node_id"].split("_")
+            features.setdefault((int(layer), int(feature)), []).append(d["node_id"])
+    kept = {d["node_id"] for d in nodes}
+    groups = []
+    for sn in supernodes:
+        if isinstance(sn, Supernode):
+            name = sn.name
+            ids = [i for l, f, p in sn.members for i in ([f"{l}_{f}_{p}"] if p is not None else features.get((l, f), []))]
+        else:
+            name, ids = str(sn[0]), [str(i) for i in sn[1]]
+        members = list(dict.fromkeys(i for i in ids if i in kept))
+        if members:
+            groups.append([name, *members])
+    return groups
+
+
+def qparams_query(data: dict[str, Any]) -> str:
+    """The query string (no '?') that opens exported `data` in circuit-tracer's page with its
+    qParams: the graph's slug, pinned ids comma-separated, supernodes as JSON."""
+    q = data["qParams"]
+    params = {"slug": data["metadata"]["slug"], "pinnedIds": ",".join(q.get("pinnedIds") or [])}
+    if q.get("supernodes"):
+        params["supernodes"] = json.dumps(q["supernodes"], separators=(",", ":"))
+    return urlencode(params)
 
 
 
@@ -230,5 +277,5 @@ def write_neuronpedia_json(
     return data
 
 
-__all__ = ["FEATURE_TYPES", "NEURONPEDIA_SCHEMA_VERSION", "cantor_pairing", "to_neuronpedia_json",
+__all__ = ["FEATURE_TYPES", "NEURONPEDIA_SCHEMA_VERSION", "cantor_pairing", "qparams_query", "to_neuronpedia_json",
            "write_neuronpedia_json"]

@@ -35,9 +35,11 @@ from cltrace.errors import CltraceError
 from cltrace.fields import field_bounds, field_default, field_help
 from cltrace.graph.config import AttributionConfig
 from cltrace.graph.prune import DEFAULT_EDGE_THRESHOLD, DEFAULT_NODE_THRESHOLD
+from cltrace.graph.targets import LogitDifference, TargetSpec
 from cltrace.replacement.interventions import MAX_VALUE as INTERVENTION_MAX_VALUE
 from cltrace.serve import security
 from cltrace.serve.attention import add_attention_routes
+from cltrace.serve.circuit import add_circuit_routes
 from cltrace.serve.jobs import MAX_RUNNING, Jobs, Loader, Models, TooBusy
 from cltrace.serve.workspace import NotFound, PathRefused, Workspace
 
@@ -116,6 +118,10 @@ class NewGraphBody(BaseModel):
     max_feature_nodes: int = Field(
         default=field_default(AttributionConfig, "max_feature_nodes"), ge=field_bounds(AttributionConfig, "max_feature_nodes")[0],
         le=MAX_FEATURE_NODES_SERVED, description=field_help(AttributionConfig, "max_feature_nodes"))
+    target: str | None = Field(default=None, min_length=1, max_length=100,
+                               description="A one-token target to explain (default: the most probable next tokens).")
+    versus: str | None = Field(default=None, min_length=1, max_length=100,
+                               description="With target: explain logit(target) − logit(versus), a logit difference.")
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -215,7 +221,7 @@ def create_app(
     jobs = Jobs(workspace, models, max_running=max_running)
     app = FastAPI(
         title="cltrace graph explorer",
-        summary="Attribution graphs, feature pages, saved work, interventions and new graphs.",
+        summary="Attribution graphs, circuits, feature pages, saved work, interventions and new graphs.",
         version="1",
         # FastAPI's /docs and /redoc pages load their scripts from a CDN: the app loads nothing from
         # the internet, so only the schema itself is served (/openapi.json).
@@ -270,6 +276,7 @@ def create_app(
 
     _add_job_routes(app, jobs)
     add_attention_routes(app, workspace, models)
+    add_circuit_routes(app, workspace, models, jobs)
     _add_page(app)
     return app
 
@@ -318,7 +325,12 @@ def _add_job_routes(app: FastAPI, jobs: Jobs) -> None:
     @app.post("/api/jobs", status_code=202, summary="Start computing a new graph in the background",
               responses={429: {"description": "The most graphs allowed at once are being computed: try again later"}})
     def post_job(body: NewGraphBody) -> dict[str, Any]:
-        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes).to_dict()
+        if body.versus is not None and body.target is None:
+            raise CltraceError("versus compares the target with another token: give the target too, e.g. DA versus DC")
+        targets: list[TargetSpec] | None = None
+        if body.target is not None:
+            targets = [body.target if body.versus is None else LogitDifference(body.target, body.versus)]
+        return jobs.submit(body.prompt, body.name, body.like, body.max_feature_nodes, targets).to_dict()
 
     @app.get("/api/jobs/{job_id}", summary="A new graph's progress")
     def get_job(job_id: Annotated[str, PathParam(min_length=1, max_length=64, description="The id POST /api/jobs gave.")]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The slow work behind the graph explorer: the model and transcoder a graph names (loaded once, on
-first use), interventions on them, and new graphs computed in a background thread with progress.
+first use), interventions on them, and background jobs with progress: new graphs, and circuits
+rebuilt and re-validated (`Jobs.submit_work`, used by `cltrace.serve.circuit`).
 
-New graphs are bounded: at most `max_running` are queued or running at once (one more is refused,
-HTTP 429), each is checked by the command line's own rules (`AttributionConfig`: the feature cap,
-the prompt against the model's context and the memory limit, before any work), each can be
-cancelled, and each is saved atomically, so a server stopped mid-job leaves no half-written graph.
+Jobs are bounded: at most `max_running` are queued or running at once (one more is refused,
+HTTP 429). A new graph is checked by the command line's own rules (`AttributionConfig`: the feature
+cap, the prompt against the model's context and the memory limit, before any work); every job can
+be cancelled, and saves atomically, so a server stopped mid-job leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cltrace.device import resolve_device
 from cltrace.errors import CltraceError
 from cltrace.graph.attribution import AttributionConfig, attribute, resolve_config
 from cltrace.graph.prune import prune
+from cltrace.graph.targets import TargetSpec
 from cltrace.serve.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
@@ -97,16 +99,17 @@ class Models:
 
 @dataclass
 class Job:
-    """A new graph being computed."""
+    """A background job: a new graph being computed, or a circuit being re-validated."""
 
     id: str
     prompt: str
+    kind: str = "graph"  # graph: a new graph | circuit: a circuit rebuilt and re-validated
     status: str = "queued"  # queued | running | cancelling | cancelled | done | error
     stage: str = "waiting"  # waiting | loading model | attributing | scoring | saving | done | cancelled
     done: int = 0  # rows of the attribution computed so far
     total: int = 0  # rows in all (0 while unknown)
     error: str | None = None
-    graph: str | None = None  # the new graph's path in the served folder, once saved
+    graph: str | None = None  # the graph's path in the served folder (a new graph's once saved)
     started: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -161,31 +164,57 @@ class Jobs:
         self._lock = threading.Lock()
 
     def submit(self, prompt: str, name: str | None = None, like: str | None = None,
-               max_feature_nodes: int | None = None) -> Job:
+               max_feature_nodes: int | None = None, targets: list[TargetSpec] | None = None) -> Job:
         """Start computing the graph of `prompt` with the model and transcoder of graph `like` (a
-        path in the served folder; default: the server's --model/--transcoder)."""
+        path in the served folder; default: the server's --model/--transcoder); `targets` as
+        `attribute` takes them (default: the most probable next tokens)."""
         if not prompt.strip():
             raise CltraceError("the prompt is empty: type the text whose next token to explain")
         config = resolve_config(None, max_feature_nodes=max_feature_nodes, progress=True)  # the CLI's checks
         metadata = dict(self.workspace.graph(like).metadata) if like else {}
         job = Job(id=uuid.uuid4().hex[:12], prompt=prompt)
         with self._lock:
-            active = sum(j.status in ACTIVE for j in self._jobs.values())
-            if active >= self.max_running:
-                raise TooBusy(f"{self.max_running} graphs are already being computed: wait for one to finish, then try again")
+            self._admit(job)
             # a name unused on disk and by the jobs not yet saved: two jobs never write one file
             out = self.workspace.new_graph_path(name or prompt, taken=set(self._outputs.values()))
             self._outputs[job.id] = out
-            self._jobs[job.id] = job
-            while len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
-                oldest = next((k for k, j in self._jobs.items() if j.status not in ACTIVE), None)
-                if oldest is None:
-                    break
-                del self._jobs[oldest]
         threading.Thread(
-            target=self._run, args=(job, metadata, out, config), name=f"graph-{job.id}", daemon=True
+            target=self._guarded, args=(job, lambda: self._attribute(job, metadata, out, config, targets)), name=f"graph-{job.id}",
+            daemon=True,
         ).start()
         return job
+
+    def submit_work(self, kind: str, prompt: str, graph: str, work: Callable[[Job, Callable[[str], None]], None]) -> Job:
+        """Run `work(job, step)` in a background thread, holding the models' lock; it calls
+        `step(stage)` as it goes (which stops it there once the job is cancelled) and saves its
+        result itself. One job of a `kind` per graph at a time; TooBusy beyond that or the bound."""
+        job = Job(id=uuid.uuid4().hex[:12], prompt=prompt, kind=kind, graph=graph)
+        with self._lock:
+            if any(j.kind == kind and j.graph == graph and j.status in ACTIVE for j in self._jobs.values()):
+                raise TooBusy(f"a {kind} job on '{graph}' is already running: wait for it to finish")
+            self._admit(job)
+
+        def body() -> None:
+            with self.models.lock:
+                with self._lock:  # not between a cancel's look at the status and its change
+                    self._step(job, "waiting")
+                    job.status = "running"
+                work(job, lambda stage: self._step(job, stage))
+
+        threading.Thread(target=self._guarded, args=(job, body), name=f"{kind}-{job.id}", daemon=True).start()
+        return job
+
+    def _admit(self, job: Job) -> None:
+        """Queue `job` (the caller holds `_lock`), or TooBusy at the bound; old finished jobs are forgotten."""
+        active = sum(j.status in ACTIVE for j in self._jobs.values())
+        if active >= self.max_running:
+            raise TooBusy(f"{self.max_running} graphs or circuits are already being computed: wait for one to finish, then try again")
+        self._jobs[job.id] = job
+        while len(self._jobs) > self.max_jobs:  # forget the oldest finished jobs
+            oldest = next((k for k, j in self._jobs.items() if j.status not in ACTIVE), None)
+            if oldest is None:
+                break
+            del self._jobs[oldest]
 
     def get(self, job_id: str) -> dict[str, Any]:
         """A job's progress (``to_dict``); NotFound for an unknown id."""
@@ -225,34 +254,40 @@ class Jobs:
             raise Cancelled("cancelled")
         job.stage = stage
 
-    def _run(self, job: Job, metadata: dict[str, Any], out: Path, config: AttributionConfig) -> None:
+    def _attribute(self, job: Job, metadata: dict[str, Any], out: Path, config: AttributionConfig,
+                   targets: list[TargetSpec] | None) -> None:
+        """A new graph: attribution, scores, saved to `out`."""
+        with self.models.lock:
+            with self._lock:  # not between a cancel's look at the status and its change
+                self._step(job, "loading model")
+                job.status = "running"
+            rm = self.models.replacement(metadata)
+            self._step(job, "attributing")
+            graph = attribute(rm, job.prompt, targets, config=config)
+            self._step(job, "scoring")
+            _, result = prune(graph)
+        graph.metadata["scores"] = result.as_dict()  # as `cltrace attribute` writes it
+        tc_path = self.models.transcoder_path(metadata)
+        if tc_path is not None:
+            graph.metadata["transcoder_path"] = str(tc_path)
+        self._step(job, "saving")
+        graph.save(out)  # atomic: a server stopped now leaves the old file or none, never half of one
+        job.graph = self.workspace.rel(out)
+        counts = graph.summary()
+        job.done = job.total = counts["logit"] + counts["feature"]  # one attribution row per target node
+        log.info("new graph %s (%d nodes, %d edges)", out, graph.n_nodes, graph.n_edges)
+
+    def _guarded(self, job: Job, body: Callable[[], None]) -> None:
+        """Run a job's `body` in its thread: done, cancelled, or an error in one line, never silence."""
         try:
-            with self.models.lock:
-                with self._lock:  # not between a cancel's look at the status and its change
-                    self._step(job, "loading model")
-                    job.status = "running"
-                rm = self.models.replacement(metadata)
-                self._step(job, "attributing")
-                graph = attribute(rm, job.prompt, config=config)
-                self._step(job, "scoring")
-                _, result = prune(graph)
-            graph.metadata["scores"] = result.as_dict()  # as `cltrace attribute` writes it
-            tc_path = self.models.transcoder_path(metadata)
-            if tc_path is not None:
-                graph.metadata["transcoder_path"] = str(tc_path)
-            self._step(job, "saving")
-            graph.save(out)  # atomic: a server stopped now leaves the old file or none, never half of one
-            job.graph = self.workspace.rel(out)
-            counts = graph.summary()
-            job.done = job.total = counts["logit"] + counts["feature"]  # one attribution row per target node
+            body()
             job.status, job.stage = "done", "done"
-            log.info("new graph %s (%d nodes, %d edges)", out, graph.n_nodes, graph.n_edges)
         except Cancelled:
             job.status, job.stage = "cancelled", "cancelled"
         except CltraceError as exc:
             job.status, job.error = "error", str(exc)
         except Exception as exc:  # noqa: BLE001 - a background thread must report, never vanish silently
-            log.exception("graph job %s failed", job.id)
+            log.exception("%s job %s failed", job.kind, job.id)
             job.status, job.error = "error", f"{type(exc).__name__}: {exc}"
         finally:
             with self._lock:

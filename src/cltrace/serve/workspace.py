@@ -36,6 +36,8 @@ from cltrace.notation import format_feature, parse_feature
 
 GRAPH_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".explorer.json"
+#: A traced prompt's circuit, beside its graph in the trace folder (its "graph" field names the graph).
+CIRCUIT_FILE = "circuit.json"
 EXPLORER_FORMAT = "cltrace-explorer"
 EXPLORER_VERSION = 1
 #: Folders this deep below the served one are still searched for graphs.
@@ -88,11 +90,16 @@ class Workspace:
         self.features = None if features is None else Path(features).resolve()
         if self.features is not None and not self.features.is_file():
             raise CltraceError(f"feature store '{features}' does not exist: build it with `cltrace features build`")
-        self._lock = threading.RLock()  # guards the caches and the sidecar writes
+        self._lock = threading.RLock()  # guards the caches and the sidecar and circuit writes
         self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self._views: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._stores: dict[tuple, tuple[Path | None, str]] = {}
         self._cache_size = cache_size
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a file of the folder is read, changed and written back."""
+        return self._lock
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -121,6 +128,17 @@ class Workspace:
 
     def rel(self, path: Path) -> str:
         return path.resolve().relative_to(self.root).as_posix()
+
+    def circuit_file(self, graph_path: Path) -> Path | None:
+        """The circuit.json beside a graph that names it (as `cltrace trace` writes it), else None."""
+        path = graph_path.parent / CIRCUIT_FILE
+        if not path.is_file() or not path.resolve().is_relative_to(self.root):
+            return None
+        try:
+            named = json.loads(path.read_text(encoding="utf-8")).get("graph", "graph.safetensors")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return path  # a damaged one is still this graph's: opening it says what is wrong
+        return path if named == graph_path.name else None
 
     def sidecar(self, graph_path: Path) -> Path:
         return graph_path.with_name(graph_path.name[: -len(GRAPH_SUFFIX)] + SIDECAR_SUFFIX
@@ -193,7 +211,7 @@ class Workspace:
         nodes = [dict(n, label=labels.get((n["layer"], n["feature"]), "")) if n["kind"] == "feature" else n
                  for n in cached["nodes"]]
         return {**cached, "path": self.rel(path), "nodes": nodes, "state": self.state(path),
-                "features_db": self.store_path(path, graph) is not None}
+                "features_db": self.store_path(path, graph) is not None, "has_circuit": self.circuit_file(path) is not None}
 
     def _build_view(self, graph: Graph, node_threshold: float, edge_threshold: float, full: bool) -> dict[str, Any]:
         md = graph.metadata
