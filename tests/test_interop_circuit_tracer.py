@@ -71,7 +71,9 @@ def pinned_version() -> str:
 def frontend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """circuit-tracer's front-end assets, unpacked from its wheel (downloaded once into pytest's cache)."""
     version = pinned_version()
-    cache = Path(request.config.cache.mkdir(f"circuit-tracer-{version}"))
+    pytest_cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    name = f"circuit-tracer-{version}"
+    cache = Path(pytest_cache.mkdir(name)) if pytest_cache is not None else tmp_path_factory.mktemp(name)
     wheels = sorted(cache.glob(f"circuit_tracer-{version}-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
