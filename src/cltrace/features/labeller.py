@@ -1,0 +1,286 @@
+"""The offline labeller: measured input labels for every feature of a store at once, and output
+labels (with their steering test) for the features asked for, cached in the store.
+
+>>> summary = label_inputs("features.db", loaded, transcoder)          # every feature, once
+>>> labels = measure_outputs(store, replacement, [(17, 164), (18, 94)])  # lazily, in batches
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from cltrace.errors import CltraceError
+from cltrace.features.heldout import heldout_counts, heldout_scores, heldout_sites
+from cltrace.features.label_data import (
+    Half,
+    StoreText,
+    Window,
+    iter_examples,
+    next_token_lift,
+    progress_bar,
+    split_halves,
+)
+from cltrace.features.labels import (
+    Describer,
+    FeatureLabel,
+    LabelConfig,
+    labels_for,
+    read_evidence,
+    read_label_contexts,
+    write_descriptions,
+    write_input_labels,
+    write_output_labels,
+)
+from cltrace.features.patterns import (
+    balanced_accuracy,
+    choose_pattern,
+    describe,
+    matches,
+    pattern_to_json,
+)
+from cltrace.features.steering import (
+    Job,
+    Site,
+    choose_sites,
+    describe_site,
+    logit_changes,
+    name_tokens,
+    top_tokens,
+)
+from cltrace.fields import check_bounds
+from cltrace.fingerprint import transcoder_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _tokens_text(ids: list[int], texts: list[str]) -> str:
+    return "/".join(repr(texts[t].replace("\n", "⏎")) for t in ids)
+
+
+def _check_config(config: LabelConfig) -> LabelConfig:
+    problem = check_bounds(config)
+    if problem:
+        raise CltraceError(f"label settings: {problem}")
+    return config
+
+
+def _check_store(store: Any, tc: Any) -> None:
+    if store.meta.get("status") != "complete":
+        raise CltraceError(f"feature store '{store.path}' is not complete: finish it with `cltrace features build` first")
+    if tc is not None and store.meta.get("fingerprint") != transcoder_fingerprint(tc):
+        raise CltraceError(f"feature store '{store.path}' was built for another transcoder: label it with its own")
+
+
+def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool) -> dict[tuple[int, int], Any]:
+    """Per alive feature: (choice, held-out half, data next tokens), from the store alone."""
+    random, random_tokens = text.random_sites(config.random_tokens, config.seed)
+    base = np.bincount(random_tokens, minlength=text.vocab.size)
+    cache: dict[Any, np.ndarray] = {}
+    out = {}
+    total = store.n_layers * store.n_features
+    bar = progress_bar(progress, total, "choosing patterns", "feature")
+    for ex in iter_examples(store):
+        bar.update(1)
+        if ex.count == 0 or not ex.windows:
+            continue
+        train, held = split_halves(ex, text, config.seed)
+        if len(cache) > 50_000:
+            cache.clear()
+        choice = choose_pattern(train.pos, train.near, random, ex.density, text.vocab, cache, config.complexity_penalty)
+        data = next_token_lift(train.windows, text, base)
+        out[(ex.layer, ex.feature)] = (choice, held, data, len(train.pos), len({w.ctx_id for w in train.windows}))
+    bar.close()
+    return out
+
+
+def _input_row(key: tuple[int, int], chosen: tuple, counts: Any, text: StoreText, config: LabelConfig) -> tuple:
+    """One auto_labels row (before steering) from a feature's choice and its held-out counts."""
+    choice, held, data, n_train, n_contexts = chosen
+    layer, feature = key
+    sites = heldout_sites(counts, layer, feature)
+    output_label = _tokens_text([d["token"] for d in data[: config.output_tokens]], text.vocab.texts)
+    out_tokens = [d["text"] for d in data[: config.output_tokens]]
+    out_evidence = {"data": data}
+    if choice is None:
+        return (layer, feature, "", None, {"sites": sites}, output_label, out_tokens, out_evidence)
+    pattern = choice.pattern
+    hp = matches(pattern, held.pos, text.vocab)
+    hn = matches(pattern, held.near, text.vocab)
+    p_pass, hits, false_matches, negatives = heldout_scores(counts, layer, feature)
+    positives = len(held.pos) + p_pass
+    score = None
+    tpr = fpr_random = fpr_near = None
+    if positives >= config.min_positives and negatives > 0:
+        tpr = (int(hp.sum()) + hits) / positives
+        fpr_random = false_matches / negatives
+        fpr_near = float(hn.mean()) if len(hn) else None
+        score = round(balanced_accuracy(tpr, fpr_random, fpr_near), 4)
+    evidence = {
+        "pattern": pattern_to_json(pattern),
+        "train": {"score": round(choice.train_score, 4), "tpr": round(choice.tpr, 4),
+                  "fpr_random": round(choice.fpr_random, 4),
+                  "fpr_near": None if choice.fpr_near is None else round(choice.fpr_near, 4),
+                  "positives": n_train, "contexts": n_contexts},
+        "heldout": {"positives": positives, "store_positives": len(held.pos), "pass_positives": p_pass,
+                    "tpr": _round(tpr), "fpr_random": _round(fpr_random), "fpr_near": _round(fpr_near),
+                    "pass_tokens": counts.tokens},
+        "sites": [[c, p, round(a, 4)] for c, p, a in sites],
+    }
+    return (layer, feature, describe(pattern, text.vocab), score, evidence, output_label, out_tokens, out_evidence)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def label_inputs(
+    store: Any, loaded: Any, tc: Any, source: Any = "default", config: LabelConfig | None = None,
+    progress: bool = True, tokenize: Any = None, bos_id: int | None = None, autocast_bf16: bool = False,
+) -> dict[str, Any]:
+    """Measure the input label of every alive feature of `store` (a FeatureStore) and write them,
+    replacing earlier measured labels (their output parts too). Returns a summary: features
+    labelled, scored, unclear, the score distribution and the seconds spent."""
+    from cltrace.data.sources import open_text_source
+
+    config = _check_config(config or LabelConfig())
+    _check_store(store, tc)
+    start = time.monotonic()
+    text = StoreText(store)
+    chosen = _choose_all(store, text, config, progress)
+    t_choose = time.monotonic() - start
+    patterns = {k: (c[0].pattern if c[0] else None) for k, c in chosen.items()}
+    text_source = open_text_source(source) if isinstance(source, str) else source
+    counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, config.heldout_contexts,
+                            config.batch_size, progress=progress, tokenize=tokenize, bos_id=bos_id,
+                            autocast_bf16=autocast_bf16)
+    rows = [_input_row(k, c, counts, text, config) for k, c in chosen.items()]
+    seconds = time.monotonic() - start
+    info = {"config": dataclasses.asdict(config), "heldout_contexts": int(counts.contexts.shape[0]),
+            "heldout_tokens": counts.tokens, "seconds": round(seconds, 1), "choose_seconds": round(t_choose, 1),
+            "created": time.time()}
+    write_input_labels(store, rows, counts.contexts, info)
+    return _summary(rows, config, seconds)
+
+
+def _summary(rows: list[tuple], config: LabelConfig, seconds: float) -> dict[str, Any]:
+    scores = np.array([r[3] for r in rows if r[3] is not None], dtype=np.float64)
+    return {
+        "features": len(rows),
+        "scored": int(scores.size),
+        "unscored": len(rows) - int(scores.size),
+        "confident": int((scores >= config.min_input_score).sum()),
+        "unclear": len(rows) - int((scores >= config.min_input_score).sum()),
+        "mean_score": float(scores.mean()) if scores.size else None,
+        "quantiles": {q: float(np.quantile(scores, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if scores.size else {},
+        "seconds": round(seconds, 1),
+    }
+
+
+# -- output labels ---------------------------------------------------------------------------------
+
+
+def _top_sites(windows: list[Window], n_max: int) -> list[Site]:
+    best = sorted((w for w in windows if w.kind == "top"), key=lambda w: -w.act)
+    sites = list(dict.fromkeys(Site("store", w.ctx_id, w.pos) for w in best))
+    return sites[:n_max]
+
+
+def measure_outputs(
+    store: Any, replacement: Any, keys: Iterable[tuple[int, int]], config: LabelConfig | None = None,
+    force: bool = False, progress: bool = True,
+) -> dict[tuple[int, int], FeatureLabel]:
+    """Measure and cache the output label of each feature of `keys` (those already measured are kept
+    unless `force`); returns `labels_for(keys)`. One batch of direct-effect runs and one of steering
+    runs for all of them (see `cltrace.features.steering`)."""
+    config = _check_config(config or LabelConfig())
+    keys = list(dict.fromkeys((int(l), int(f)) for l, f in keys))
+    _check_store(store, replacement.transcoder)
+    for key in keys:
+        store._check_feature(*key)
+    todo = [k for k in keys if force or "steer" not in read_evidence(store, *k)[1]]
+    if todo:
+        rows = _measure(store, replacement, todo, config, progress)
+        write_output_labels(store, rows)
+    return labels_for(store, keys, config)
+
+
+def _measure(store: Any, replacement: Any, keys: list[tuple[int, int]], config: LabelConfig, progress: bool) -> list[tuple]:
+    text = StoreText(store)
+    heldout = read_label_contexts(store)
+    examples = {(ex.layer, ex.feature): ex for ex in iter_examples(store, keys) if ex.count > 0 and ex.windows}
+    select_c: dict[tuple[int, int], list[Site]] = {}
+    test_c: dict[tuple[int, int], list[Site]] = {}
+    halves: dict[tuple[int, int], tuple[Half, Half]] = {}
+    for key, ex in examples.items():
+        halves[key] = split_halves(ex, text, config.seed)
+        select_c[key] = _top_sites(halves[key][0].windows, 3 * config.select_sites)
+        fresh = [Site("heldout", c, p) for c, p, _ in read_evidence(store, *key)[0].get("sites", []) if c in heldout]
+        test_c[key] = fresh + _top_sites(halves[key][1].windows, 3 * config.test_sites)
+    select = choose_sites(select_c, config.select_sites)
+    test = choose_sites(test_c, config.test_sites)
+
+    def tokens_of(site: Site) -> np.ndarray:
+        return heldout[site.ctx_id] if site.where == "heldout" else text.contexts[site.ctx_id]
+
+    def jobs(sites: dict[tuple[int, int], list[Site]]) -> list[Job]:
+        return [Job(l, f, s, config.steer_factor * examples[(l, f)].max_act) for (l, f), ss in sites.items() for s in ss]
+
+    sel_jobs = jobs(select)
+    sel_z = logit_changes(replacement, sel_jobs, tokens_of, config.steer_window, "constrained", True, progress)
+    named: dict[tuple[int, int], list[int]] = {}
+    effect: dict[tuple[int, int], torch.Tensor] = {}
+    for key in examples:
+        zs = [z for j, z in zip(sel_jobs, sel_z) if (j.layer, j.feature) == key]
+        if zs:
+            effect[key] = torch.stack(zs).mean(0)
+            named[key] = name_tokens(effect[key], config.output_tokens)
+    test_jobs = [j for j in jobs(test) if (j.layer, j.feature) in named]
+    test_z = logit_changes(replacement, test_jobs, tokens_of, config.steer_window, "iterative", False, progress)
+    base = np.bincount(text.random_sites(config.random_tokens, config.seed)[1], minlength=text.vocab.size)
+    rows = []
+    for key in examples:
+        if key not in named:
+            continue
+        runs = [(j.site, z) for j, z in zip(test_jobs, test_z) if (j.layer, j.feature) == key]
+        data = next_token_lift(halves[key][0].windows, text, base)
+        rows.append(_output_row(key, named[key], effect[key], runs, data, text, tokens_of, config))
+    return rows
+
+
+def _output_row(key: tuple[int, int], named: list[int], effect: torch.Tensor, runs: list[tuple[Site, torch.Tensor]],
+                data: list[dict[str, Any]], text: StoreText, tokens_of: Any, config: LabelConfig) -> tuple:
+    texts = text.vocab.texts
+    steer = []
+    for site, z in runs:
+        steer.append({
+            "where": site.where, "ctx": site.ctx_id, "pos": site.pos,
+            "context": describe_site(tokens_of(site), site.pos, config.steer_window, texts),
+            "z": round(float(z[named].mean()), 3), "raised": top_tokens(z, texts),
+        })
+    score = round(float(np.mean([s["z"] for s in steer])), 3) if steer else None
+    evidence = {"effect": top_tokens(effect, texts, 8), "data": data, "steer": steer,
+                "factor": config.steer_factor, "window": config.steer_window}
+    return (*key, _tokens_text(named, texts), score, [texts[t] for t in named], evidence)
+
+
+def describe_features(store: Any, describer: Describer, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """Ask an optional `describer` (e.g. a language model) to word each feature's page, measured
+    evidence included; its text is kept in the measured label's evidence as "description" and shown
+    on the page, never scored as the label. Returns the descriptions given."""
+    out = {}
+    for layer, feature in dict.fromkeys((int(l), int(f)) for l, f in keys):
+        text = describer(store.page(layer, feature).to_dict())
+        if text:
+            out[(layer, feature)] = str(text)
+    write_descriptions(store, out)
+    return out
+
+
+__all__ = ["describe_features", "label_inputs", "measure_outputs"]
