@@ -40,6 +40,8 @@ class HeldoutCounts:
     contexts: np.ndarray  # [C, n_ctx] token ids, BOS first
     site_act: np.ndarray  # [L, F, k] activations of the strongest sites, descending (0: none)
     site_gid: np.ndarray  # [L, F, k] their flat index ctx * n_ctx + pos (-1: none)
+    start: dict[str, Any] | None = None
+    """The data position the held-out contexts start at (None: the source's start)."""
 
 
 class _Compiled:
@@ -107,7 +109,7 @@ def heldout_counts(
     excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
     L, Fn = tc.n_layers, tc.n_features
     compiled = _Compiled(patterns, L, Fn)
-    batches, _ = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id)
+    batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id)
     harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
     active = np.zeros((L, Fn), dtype=np.int64)
     hits, matched = np.zeros_like(active), np.zeros_like(active)
@@ -142,7 +144,8 @@ def heldout_counts(
     bar.close()
     if not contexts:
         raise CltraceError("the held-out text source gave no contexts: pass a larger text source")
-    return HeldoutCounts(tokens, active, hits, matched, torch.cat(contexts).numpy(), site_act.numpy(), site_gid.numpy())
+    return HeldoutCounts(tokens, active, hits, matched, torch.cat(contexts).numpy(), site_act.numpy(), site_gid.numpy(),
+                         start.to_dict() if start else None)
 
 
 def _merge_sites(site_act: torch.Tensor, site_gid: torch.Tensor, acts: torch.Tensor, gids: torch.Tensor) -> None:

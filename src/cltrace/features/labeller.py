@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from cltrace.features.labels import (
     write_output_labels,
 )
 from cltrace.features.patterns import (
+    Choice,
     balanced_accuracy,
     choose_pattern,
     describe,
@@ -78,14 +80,28 @@ def _check_store(store: Any, tc: Any) -> None:
         raise CltraceError(f"feature store '{store.path}' was built for another transcoder: label it with its own")
 
 
-def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool) -> dict[tuple[int, int], Any]:
-    """Per alive feature: (choice, held-out half, data next tokens), from the store alone."""
+@dataclass
+class _Chosen:
+    """A feature's pattern chosen on its training half, and what it does on its held-out half."""
+
+    choice: Choice | None
+    data: list[dict[str, Any]]
+    """The tokens that follow its training examples (see `next_token_lift`)."""
+    train_positives: int
+    train_contexts: int
+    held_positives: int = 0
+    held_hits: int = 0
+    held_near: int = 0
+    held_near_hits: int = 0
+
+
+def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool) -> dict[tuple[int, int], _Chosen]:
+    """Per alive feature: its pattern and the pattern's counts on the held-out half, from the store alone."""
     random, random_tokens = text.random_sites(config.random_tokens, config.seed)
     base = np.bincount(random_tokens, minlength=text.vocab.size)
     cache: dict[Any, np.ndarray] = {}
     out = {}
-    total = store.n_layers * store.n_features
-    bar = progress_bar(progress, total, "choosing patterns", "feature")
+    bar = progress_bar(progress, store.n_layers * store.n_features, "choosing patterns", "feature")
     for ex in iter_examples(store):
         bar.update(1)
         if ex.count == 0 or not ex.windows:
@@ -94,46 +110,44 @@ def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool
         if len(cache) > 50_000:
             cache.clear()
         choice = choose_pattern(train.pos, train.near, random, ex.density, text.vocab, cache, config.complexity_penalty)
-        data = next_token_lift(train.windows, text, base)
-        out[(ex.layer, ex.feature)] = (choice, held, data, len(train.pos), len({w.ctx_id for w in train.windows}))
+        got = _Chosen(choice, next_token_lift(train.windows, text, base), len(train.pos),
+                      len({w.ctx_id for w in train.windows}))
+        if choice is not None:
+            got.held_positives, got.held_near = len(held.pos), len(held.near)
+            got.held_hits = int(matches(choice.pattern, held.pos, text.vocab).sum())
+            got.held_near_hits = int(matches(choice.pattern, held.near, text.vocab).sum())
+        out[(ex.layer, ex.feature)] = got
     bar.close()
     return out
 
 
-def _input_row(key: tuple[int, int], chosen: tuple, counts: Any, text: StoreText, config: LabelConfig) -> tuple:
-    """One auto_labels row (before steering) from a feature's choice and its held-out counts."""
-    choice, held, data, n_train, n_contexts = chosen
+def _input_row(key: tuple[int, int], chosen: _Chosen, counts: Any, text: StoreText, config: LabelConfig) -> tuple:
+    """One auto_labels row (its output part not yet measured) from a feature's choice and held-out counts."""
     layer, feature = key
-    sites = heldout_sites(counts, layer, feature)
-    output_label = _tokens_text([d["token"] for d in data[: config.output_tokens]], text.vocab.texts)
-    out_tokens = [d["text"] for d in data[: config.output_tokens]]
-    out_evidence = {"data": data}
+    sites = [[c, p, round(a, 4)] for c, p, a in heldout_sites(counts, layer, feature)]
+    out_evidence = {"data": chosen.data}
+    choice = chosen.choice
     if choice is None:
-        return (layer, feature, "", None, {"sites": sites}, output_label, out_tokens, out_evidence)
-    pattern = choice.pattern
-    hp = matches(pattern, held.pos, text.vocab)
-    hn = matches(pattern, held.near, text.vocab)
+        return (layer, feature, "", None, {"sites": sites}, "", [], out_evidence)
     p_pass, hits, false_matches, negatives = heldout_scores(counts, layer, feature)
-    positives = len(held.pos) + p_pass
-    score = None
-    tpr = fpr_random = fpr_near = None
+    positives = chosen.held_positives + p_pass
+    score = tpr = fpr_random = fpr_near = None
     if positives >= config.min_positives and negatives > 0:
-        tpr = (int(hp.sum()) + hits) / positives
+        tpr = (chosen.held_hits + hits) / positives
         fpr_random = false_matches / negatives
-        fpr_near = float(hn.mean()) if len(hn) else None
+        fpr_near = chosen.held_near_hits / chosen.held_near if chosen.held_near else None
         score = round(balanced_accuracy(tpr, fpr_random, fpr_near), 4)
     evidence = {
-        "pattern": pattern_to_json(pattern),
+        "pattern": pattern_to_json(choice.pattern),
         "train": {"score": round(choice.train_score, 4), "tpr": round(choice.tpr, 4),
-                  "fpr_random": round(choice.fpr_random, 4),
-                  "fpr_near": None if choice.fpr_near is None else round(choice.fpr_near, 4),
-                  "positives": n_train, "contexts": n_contexts},
-        "heldout": {"positives": positives, "store_positives": len(held.pos), "pass_positives": p_pass,
+                  "fpr_random": round(choice.fpr_random, 4), "fpr_near": _round(choice.fpr_near),
+                  "positives": chosen.train_positives, "contexts": chosen.train_contexts},
+        "heldout": {"positives": positives, "store_positives": chosen.held_positives, "pass_positives": p_pass,
                     "tpr": _round(tpr), "fpr_random": _round(fpr_random), "fpr_near": _round(fpr_near),
                     "pass_tokens": counts.tokens},
-        "sites": [[c, p, round(a, 4)] for c, p, a in sites],
+        "sites": sites,
     }
-    return (layer, feature, describe(pattern, text.vocab), score, evidence, output_label, out_tokens, out_evidence)
+    return (layer, feature, describe(choice.pattern, text.vocab), score, evidence, "", [], out_evidence)
 
 
 def _round(x: float | None) -> float | None:
@@ -155,7 +169,7 @@ def label_inputs(
     text = StoreText(store)
     chosen = _choose_all(store, text, config, progress)
     t_choose = time.monotonic() - start
-    patterns = {k: (c[0].pattern if c[0] else None) for k, c in chosen.items()}
+    patterns = {k: (c.choice.pattern if c.choice else None) for k, c in chosen.items()}
     text_source = open_text_source(source) if isinstance(source, str) else source
     counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, config.heldout_contexts,
                             config.batch_size, progress=progress, tokenize=tokenize, bos_id=bos_id,
@@ -163,8 +177,8 @@ def label_inputs(
     rows = [_input_row(k, c, counts, text, config) for k, c in chosen.items()]
     seconds = time.monotonic() - start
     info = {"config": dataclasses.asdict(config), "heldout_contexts": int(counts.contexts.shape[0]),
-            "heldout_tokens": counts.tokens, "seconds": round(seconds, 1), "choose_seconds": round(t_choose, 1),
-            "created": time.time()}
+            "heldout_tokens": counts.tokens, "heldout_start": counts.start, "seconds": round(seconds, 1),
+            "choose_seconds": round(t_choose, 1), "created": time.time()}
     write_input_labels(store, rows, counts.contexts, info)
     return _summary(rows, config, seconds)
 
