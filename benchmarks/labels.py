@@ -113,6 +113,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     from cltrace.features import FeatureStore
+    from cltrace.features.database import read_meta
     from cltrace.features.labeller import label_inputs
     from cltrace.features.labels import LabelConfig
     from cltrace.model import load_model
@@ -128,6 +129,8 @@ def main() -> None:
         with FeatureStore(path) as store:
             figures["store_tokens"] = store.stats()["tokens"]
             summary = label_inputs(store, loaded, tc, "default", config, progress=True)
+            info = read_meta(store.conn)["auto_labels"]
+            summary["choose_seconds"], summary["heldout_tokens"] = info["choose_seconds"], info["heldout_tokens"]
             figures["inputs"] = summary
             print(f"input labels: {summary}")
             alive = [(l, f) for l, f, c in store.conn.execute("SELECT layer, feature, count FROM features") if c > 0]

@@ -306,8 +306,9 @@ def test_cli_autolabel_labels_inputs_then_steers(tmp_path: Path, capsys: pytest.
     db = tmp_path / "f.db"
     m, t, d = ("-m", str(tmp_path / "model")), ("-t", str(tmp_path / "clt")), ("-d", str(db))
     code, out, err = run_cli("features", "build", *t, *m, "-s", str(tmp_path / "docs.jsonl"), "-n", "2500", "-o", str(db),
-                             "--n-ctx", str(N_CTX), "-q", capsys=capsys)
+                             "--n-ctx", str(N_CTX), "--autolabel", "-q", capsys=capsys)
     assert code == 0, err
+    assert "features labelled" in out
     code, out, err = run_cli("features", "autolabel", *d, *t, *m, "-s", str(tmp_path / "docs.jsonl"), "--contexts", "32",
                              "-q", capsys=capsys)
     assert code == 0, err

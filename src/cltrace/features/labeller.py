@@ -50,7 +50,6 @@ from cltrace.features.patterns import (
 from cltrace.features.steering import (
     Job,
     Site,
-    choose_sites,
     describe_site,
     logit_changes,
     name_tokens,
@@ -229,16 +228,14 @@ def _measure(store: Any, replacement: Any, keys: list[tuple[int, int]], config: 
     text = StoreText(store)
     heldout = read_label_contexts(store)
     examples = {(ex.layer, ex.feature): ex for ex in iter_examples(store, keys) if ex.count > 0 and ex.windows}
-    select_c: dict[tuple[int, int], list[Site]] = {}
-    test_c: dict[tuple[int, int], list[Site]] = {}
+    select: dict[tuple[int, int], list[Site]] = {}
+    test: dict[tuple[int, int], list[Site]] = {}
     halves: dict[tuple[int, int], tuple[Half, Half]] = {}
     for key, ex in examples.items():
         halves[key] = split_halves(ex, text, config.seed)
-        select_c[key] = _top_sites(halves[key][0].windows, 3 * config.select_sites)
+        select[key] = _top_sites(halves[key][0].windows, config.select_sites)
         fresh = [Site("heldout", c, p) for c, p, _ in read_evidence(store, *key)[0].get("sites", []) if c in heldout]
-        test_c[key] = fresh + _top_sites(halves[key][1].windows, 3 * config.test_sites)
-    select = choose_sites(select_c, config.select_sites)
-    test = choose_sites(test_c, config.test_sites)
+        test[key] = (fresh + _top_sites(halves[key][1].windows, config.test_sites))[: config.test_sites]
 
     def tokens_of(site: Site) -> np.ndarray:
         return heldout[site.ctx_id] if site.where == "heldout" else text.contexts[site.ctx_id]

@@ -16,7 +16,7 @@ For each feature:
    the vocabulary's average change.
 
 Each site's prompt is BOS and the ``steer_window`` tokens before the site, then the site's token
-(the site is the last position). Sites that several features share run as one batch.
+(the site is the last position). Prompts of one length run together, in batches.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cltrace.features.label_data import progress_bar
-from cltrace.replacement.interventions import Intervention, intervene_batch
+from cltrace.replacement.interventions import Intervention, intervene_prompts
 
 
 @dataclass(frozen=True)
@@ -67,29 +67,29 @@ def standardised(delta: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def logit_changes(replacement: Any, jobs: Sequence[Job], tokens_of: Any, window: int, mode: str,
-                  freeze_attention: bool, progress: bool = False) -> list[torch.Tensor]:
-    """The standardised change z [V] of the last position's raw logits for each job, batched by site.
-
-    `tokens_of(site)` gives the site's context tokens [T]."""
-    by_site: dict[Site, list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_site.setdefault(job.site, []).append(i)
+                  freeze_attention: bool, progress: bool = False, batch: int = 32) -> list[torch.Tensor]:
+    """The standardised change z [V] of the last position's logits for each job: prompts of one
+    length run `batch` at a time, one batched run and one batched intervention pass each
+    (`ReplacementModel.run_batch`, `intervene_prompts`). `tokens_of(site)` gives a site's context [T]."""
+    prompts = [site_prompt(tokens_of(job.site), job.site.pos, window) for job in jobs]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
     out: list[torch.Tensor] = [torch.zeros(0)] * len(jobs)
-    bar = progress_bar(progress, len(by_site), "steering" if mode == "iterative" else "direct effects", "site")
-    for site, idx in by_site.items():
-        ids = site_prompt(tokens_of(site), site.pos, window)
-        run = replacement.run(ids)
-        last = ids.shape[0] - 1
-        plans = []
-        for i in idx:
-            job = jobs[i]
-            own = float(run.activations[last, job.layer, job.feature])
-            plans.append([Intervention.at(job.layer, job.feature, last, value=max(job.value, 1.01 * own))])
-        results = intervene_batch(replacement, ids, plans, mode=mode, freeze_attention=freeze_attention,
-                                  run=run, top=1)
-        for i, res in zip(idx, results):
-            out[i] = standardised(res.raw_logits_after.float().cpu() - res.raw_logits_before.float().cpu())
-        bar.update(1)
+    bar = progress_bar(progress, len(jobs), "steering" if mode == "iterative" else "direct effects", "site")
+    for idx in by_length.values():
+        for start in range(0, len(idx), batch):
+            chunk = idx[start : start + batch]
+            run = replacement.run_batch(torch.stack([prompts[i] for i in chunk]))
+            plans = []
+            for row, i in enumerate(chunk):
+                job = jobs[i]
+                own = float(run.activations[row, -1, job.layer, job.feature])
+                plans.append([Intervention.at(job.layer, job.feature, run.n_pos - 1, value=max(job.value, 1.01 * own))])
+            before, after = intervene_prompts(replacement, run, plans, mode=mode, freeze_attention=freeze_attention)
+            for row, i in enumerate(chunk):
+                out[i] = standardised((after[row] - before[row]).cpu())
+            bar.update(len(chunk))
     bar.close()
     return out
 
@@ -99,20 +99,6 @@ def name_tokens(z_mean: torch.Tensor, n: int, share: float = 0.7) -> list[int]:
     top = z_mean.topk(min(n, z_mean.numel()))
     best = float(top.values[0])
     return [int(t) for v, t in zip(top.values.tolist(), top.indices.tolist()) if v >= share * best or t == top.indices[0]]
-
-
-def choose_sites(candidates: dict[tuple[int, int], list[Site]], n: int) -> dict[tuple[int, int], list[Site]]:
-    """Up to `n` sites per feature from its candidates (strongest first), preferring sites another
-    feature already uses, so that they run in one batch."""
-    chosen: dict[tuple[int, int], list[Site]] = {}
-    used: set[Site] = set()
-    for key, sites in candidates.items():
-        shared = [s for s in sites if s in used][:n]
-        rest = [s for s in sites if s not in shared][: n - len(shared)]
-        pick = sorted(shared + rest, key=sites.index)
-        chosen[key] = pick
-        used.update(pick)
-    return chosen
 
 
 def describe_site(tokens: np.ndarray, pos: int, window: int, texts: Sequence[str]) -> str:
@@ -128,5 +114,5 @@ def top_tokens(z: torch.Tensor, texts: Sequence[str], n: int = 5) -> list[dict[s
             for v, t in zip(top.values.tolist(), top.indices.tolist())]
 
 
-__all__ = ["Job", "Site", "choose_sites", "describe_site", "logit_changes", "name_tokens", "site_prompt",
+__all__ = ["Job", "Site", "describe_site", "logit_changes", "name_tokens", "site_prompt",
            "standardised", "top_tokens"]
