@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=128, help="held-out contexts of the input labels' pass")
     parser.add_argument("--null", type=int, default=60, help="random-decoder features for the chance level (0: skip)")
     parser.add_argument("--build-tokens", type=int, default=12_000, help="tokens of the random store built when there is none")
+    parser.add_argument("--name", default="labels", help="write benchmarks/results/NAME.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
@@ -140,7 +141,7 @@ def main() -> None:
         if args.null:
             figures["null"] = _null(loaded, args.null, Path(tmp), config)
             print(f"chance level (random decoders): {figures['null']}")
-    print(f"wrote {write_result('labels', figures)}")
+    print(f"wrote {write_result(args.name, figures)}")
 
 
 if __name__ == "__main__":

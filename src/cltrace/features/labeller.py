@@ -245,21 +245,22 @@ def _measure(store: Any, replacement: Any, keys: list[tuple[int, int]], config: 
 
     sel_jobs = jobs(select)
     sel_z = logit_changes(replacement, sel_jobs, tokens_of, config.steer_window, "constrained", True, progress)
-    named: dict[tuple[int, int], list[int]] = {}
-    effect: dict[tuple[int, int], torch.Tensor] = {}
-    for key in examples:
-        zs = [z for j, z in zip(sel_jobs, sel_z) if (j.layer, j.feature) == key]
-        if zs:
-            effect[key] = torch.stack(zs).mean(0)
-            named[key] = name_tokens(effect[key], config.output_tokens)
+    by_feature: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for j, z in zip(sel_jobs, sel_z):
+        by_feature.setdefault((j.layer, j.feature), []).append(z)
+    effect = {key: torch.stack(zs).mean(0) for key, zs in by_feature.items()}
+    named = {key: name_tokens(z, config.output_tokens) for key, z in effect.items()}
     test_jobs = [j for j in jobs(test) if (j.layer, j.feature) in named]
     test_z = logit_changes(replacement, test_jobs, tokens_of, config.steer_window, "iterative", False, progress)
+    steered: dict[tuple[int, int], list[tuple[Site, torch.Tensor]]] = {}
+    for j, z in zip(test_jobs, test_z):
+        steered.setdefault((j.layer, j.feature), []).append((j.site, z))
     base = np.bincount(text.random_sites(config.random_tokens, config.seed)[1], minlength=text.vocab.size)
     rows = []
     for key in examples:
         if key not in named:
             continue
-        runs = [(j.site, z) for j, z in zip(test_jobs, test_z) if (j.layer, j.feature) == key]
+        runs = steered.get(key, [])
         data = next_token_lift(halves[key][0].windows, text, base)
         rows.append(_output_row(key, named[key], effect[key], runs, data, text, tokens_of, config))
     return rows

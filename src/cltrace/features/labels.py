@@ -105,14 +105,15 @@ class FeatureLabel:
     source: Literal["auto", "user"]
     input_unclear: bool = True
     output_unclear: bool = True
+    measured: bool = True
+    """False for a feature never measured: its label is the store's token-list one, shown as before."""
 
     def text(self) -> str:
         """Short display text: "' (' → says 'DA'"; an unclear part ends in "?", and a label with no
-        confident part starts with "unclear: "."""
-        if self.source == "user":
+        confident part starts with "unclear: ". A person's label and an unmeasured token-list label
+        read as they are written."""
+        if self.source == "user" or not self.measured:
             return self.input_label
-        if self.input_score is None and self.output_score is None and not self.output_label:
-            return f"unclear: {self.input_label}" if self.input_label else "unclear"
         text = (self.input_label or "?") + ("?" if self.input_unclear and self.input_label else "")
         if self.output_label:
             text += f" → says {self.output_label}" + ("?" if self.output_unclear else "")
@@ -143,28 +144,45 @@ def from_row(layer: int, feature: int, row: tuple, config: LabelConfig) -> Featu
                         in_unclear and out_unclear, "auto", in_unclear, out_unclear)
 
 
+#: One row per feature: (layer, feature, a person's label, the measured label's parts, the token-list
+#: label), from the table of measured labels or, in a store made before it, from an empty stand-in.
+_LABEL_ROWS = (
+    "SELECT f.layer, f.feature, l.label, a.input_label, a.input_score, a.output_label, a.output_score, "
+    "a.output_tokens, f.auto_label FROM features f LEFT JOIN labels l ON l.layer=f.layer AND l.feature=f.feature "
+    "LEFT JOIN {measured} a ON a.layer=f.layer AND a.feature=f.feature"
+)
+_NO_MEASURED = (
+    "(SELECT NULL AS layer, NULL AS feature, NULL AS input_label, NULL AS input_score, NULL AS output_label, "
+    "NULL AS output_score, NULL AS output_tokens WHERE 0)"
+)
+
+
+def _label(row: tuple, config: LabelConfig) -> FeatureLabel:
+    layer, feature, user, input_label, input_score, output_label, output_score, tokens, auto = row
+    layer, feature = int(layer), int(feature)
+    if user is not None:
+        return FeatureLabel(layer, feature, user, None, "", None, [], False, "user", False, False)
+    if input_label or output_label:
+        return from_row(layer, feature, (input_label, input_score, output_label, output_score, tokens), config)
+    return FeatureLabel(layer, feature, auto, None, "", None, [], True, "auto", measured=False)
+
+
+def label_rows(store: Any, where: str, params: tuple, config: LabelConfig | None = None) -> list[FeatureLabel]:
+    """The labels of the features matching SQL `where` (over f: features, l: labels, a: auto_labels;
+    a person's label, else the measured one, else the token-list one), in the order it gives."""
+    config = config or LabelConfig()
+    measured = "auto_labels" if has_table(store.conn, "auto_labels") else _NO_MEASURED
+    sql = _LABEL_ROWS.format(measured=measured) + " " + where
+    return [_label(row, config) for row in store.conn.execute(sql, params)]
+
+
 def labels_for(store: Any, keys: Iterable[tuple[int, int]], config: LabelConfig | None = None) -> dict[tuple[int, int], FeatureLabel]:
     """The label of each feature of `keys` the store has: a person's where there is one, else the
-    measured one, else the token-list automatic label (unclear)."""
-    config = config or LabelConfig()
-    conn = store.conn
+    measured one, else the token-list automatic label (unclear, and shown as it always was)."""
     out: dict[tuple[int, int], FeatureLabel] = {}
-    measured = has_table(conn, "auto_labels")
     for layer, feature in dict.fromkeys((int(l), int(f)) for l, f in keys):
-        user = conn.execute("SELECT label FROM labels WHERE layer=? AND feature=?", (layer, feature)).fetchone()
-        if user is not None:
-            out[(layer, feature)] = FeatureLabel(layer, feature, user[0], None, "", None, [], False, "user", False, False)
-            continue
-        row = conn.execute(
-            "SELECT input_label, input_score, output_label, output_score, output_tokens FROM auto_labels "
-            "WHERE layer=? AND feature=?", (layer, feature),
-        ).fetchone() if measured else None
-        if row is not None and (row[0] or row[2]):
-            out[(layer, feature)] = from_row(layer, feature, row, config)
-            continue
-        auto = conn.execute("SELECT auto_label FROM features WHERE layer=? AND feature=?", (layer, feature)).fetchone()
-        if auto is not None:
-            out[(layer, feature)] = FeatureLabel(layer, feature, auto[0], None, "", None, [], True, "auto")
+        for label in label_rows(store, "WHERE f.layer=? AND f.feature=?", (layer, feature), config):
+            out[(layer, feature)] = label
     return out
 
 
@@ -266,5 +284,5 @@ def read_evidence(store: Any, layer: int, feature: int) -> tuple[dict[str, Any],
     return (json.loads(row[0]), json.loads(row[1])) if row else ({}, {})
 
 
-__all__ = ["Describer", "FeatureLabel", "LabelConfig", "labels_for", "measured_page", "read_evidence",
+__all__ = ["Describer", "FeatureLabel", "LabelConfig", "label_rows", "labels_for", "measured_page", "read_evidence",
            "read_label_contexts", "write_descriptions", "write_input_labels", "write_output_labels"]

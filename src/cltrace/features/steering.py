@@ -62,7 +62,8 @@ def standardised(delta: torch.Tensor) -> torch.Tensor:
     """(Δ − mean) / std over the vocabulary [V] (zeros where Δ is flat)."""
     delta = delta.double()
     std = delta.std()
-    return (delta - delta.mean()) / std if float(std) > 0 else torch.zeros_like(delta)
+    z = (delta - delta.mean()) / std if float(std) > 0 else torch.zeros_like(delta)
+    return z.float()
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ from cltrace.features.database import (
     transaction,
     write_meta,
 )
-from cltrace.features.labels import FeatureLabel, LabelConfig, labels_for, measured_page
+from cltrace.features.labels import FeatureLabel, LabelConfig, label_rows, labels_for, measured_page
 from cltrace.features.page import Example, FeaturePage, Labeller, TokenLabeller, TokenScore
 
 #: Stores checked in this process (quick_check and, if sealed, the digests), by `_identity`.
@@ -380,24 +380,12 @@ class FeatureStore:
             raise self._damaged(f"its measured labels do not decode: {type(exc).__name__}") from None
 
     def _search(self, pattern: str, limit: int) -> list[tuple[int, int, str]]:
-        if not has_table(self.conn, "auto_labels"):
-            rows = self.conn.execute(
-                "SELECT f.layer, f.feature, COALESCE(l.label, f.auto_label) AS shown FROM features f "
-                "LEFT JOIN labels l ON l.layer=f.layer AND l.feature=f.feature "
-                "WHERE shown LIKE ? ESCAPE '\\' ORDER BY f.layer, f.feature LIMIT ?",
-                (pattern, limit),
-            )
-            return [(int(l), int(f), s) for l, f, s in rows]
         # a measured label is searched by its parts and shown as its display text
-        rows = self.conn.execute(
-            "SELECT f.layer, f.feature FROM features f LEFT JOIN labels l ON l.layer=f.layer AND l.feature=f.feature "
-            "LEFT JOIN auto_labels a ON a.layer=f.layer AND a.feature=f.feature "
-            "WHERE COALESCE(l.label, a.input_label || ' ' || a.output_label, f.auto_label) LIKE ? ESCAPE '\\' "
-            "ORDER BY f.layer, f.feature LIMIT ?",
-            (pattern, limit),
-        ).fetchall()
-        shown = labels_for(self, [(int(l), int(f)) for l, f in rows])
-        return [(int(l), int(f), shown[(int(l), int(f))].text()) for l, f in rows]
+        found = label_rows(
+            self, "WHERE COALESCE(l.label, NULLIF(TRIM(a.input_label || ' ' || a.output_label), ''), f.auto_label) "
+            "LIKE ? ESCAPE '\\' ORDER BY f.layer, f.feature LIMIT ?", (pattern, limit),
+        )
+        return [(label.layer, label.feature, label.text()) for label in found]
 
     def stats(self) -> dict[str, Any]:
         """Summary: model, transcoder, tokens analysed, build status, dead/alive features, mean density."""
