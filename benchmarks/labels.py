@@ -12,7 +12,8 @@ and the steering test's chance level.
    distribution, unclear counts (input, output, both), the seconds.
 4. Chance level of the steering test: a random CLT (30 x 32, random decoders) over the default
    model, `--null` of its features measured the same way; the z a random direction's top tokens
-   reach, against `LabelConfig.min_steer_z`.
+   reach, against `LabelConfig.min_steer_z`. And the other side: a feature whose decoder says
+   " Paris", steered the same way.
 
 Prints the figures and writes benchmarks/results/labels.json.
 """
@@ -101,6 +102,36 @@ def _null(loaded: Any, n: int, tmp: Path, config: Any) -> dict[str, Any]:
     return {"random_decoders": out["measured"], "z": out["z"], "false_pass_rate": out["steering_pass_rate"]}
 
 
+def _planted(loaded: Any, token: str = " Paris") -> dict[str, Any]:
+    """The other side of the threshold: one feature of a random CLT given a decoder that says `token`
+    (its unembedding row, the vocabulary's shared direction removed, divided by the final norm's
+    weight), steered at a few contexts of the default corpus the way the test steers."""
+    import torch
+
+    from cltrace.data.sources import open_text_source
+    from cltrace.features.steering import Job, Site, logit_changes
+    from cltrace.features.views import final_norm_weight
+    from cltrace.replacement import ReplacementModel
+    from cltrace.transcoder import Transcoder, TranscoderConfig
+
+    tc = Transcoder.random(TranscoderConfig("clt", loaded.n_layers, loaded.d_model, 8, model_id=loaded.name), seed=2)
+    W = loaded.model.get_output_embeddings().weight.detach().float()  # [V, d]
+    t = loaded.token_id(token)
+    shared = W.mean(0) / W.mean(0).norm()
+    direction = (W[t] - (W[t] @ shared) * shared) / final_norm_weight(loaded)
+    layer = loaded.n_layers - 2
+    with torch.no_grad():
+        tc.W_dec[layer][0].zero_()
+        tc.W_dec[layer][0, 1] = direction / direction.norm()
+    texts = [doc for _, doc in zip(range(4), open_text_source("default"))]
+    contexts = {i: loaded.encode(text[:400]).numpy() for i, text in enumerate(texts)}
+    jobs = [Job(layer, 0, Site("store", i, min(40, len(c) - 1)), 10.0) for i, c in contexts.items()]
+    rm = ReplacementModel(loaded, tc)
+    z = logit_changes(rm, jobs, lambda site: contexts[site.ctx_id], 10, "iterative", False)
+    return {"token": token, "z": [round(float(v[t]), 2) for v in z],
+            "top_token": [loaded.decode_token(int(v.argmax())) for v in z]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=None, help="a feature store (default: the default CLT's)")
@@ -141,6 +172,8 @@ def main() -> None:
         if args.null:
             figures["null"] = _null(loaded, args.null, Path(tmp), config)
             print(f"chance level (random decoders): {figures['null']}")
+            figures["planted"] = _planted(loaded)
+            print(f"a planted output feature: {figures['planted']}")
     print(f"wrote {write_result(args.name, figures)}")
 
 

@@ -152,21 +152,23 @@ def test_the_heldout_score_matches_a_brute_force_count(planted: dict) -> None:
         grabbed: dict[int, torch.Tensor] = {}
         with mlp_hooks(loaded, lambda l, x: grabbed.__setitem__(l, x), lambda l, y: None), torch.no_grad():
             loaded.model(input_ids=held)
-        acts = tc.encode(torch.stack([grabbed[l] for l in range(3)], dim=2))[:, 1:]  # [C, T-1, L, F]
+        acts = tc.encode(torch.stack([grabbed[l] for l in range(3)], dim=2)).detach()[:, 1:]  # [C, T-1, L, F]
         for key in (ON_OPEN, ON_CAPITAL, NOISE):
             page = store.page(*key)
             pattern = page.measured["input_evidence"]["pattern"]
-            on = (acts[..., key[0], key[1]] > 0).numpy().reshape(-1)
+            floor = LabelConfig().active_fraction * page.max_act
+            a = acts[..., key[0], key[1]].numpy().reshape(-1)
+            on, off = (a > 0) & (a >= floor), a <= 0
             hit = np.array([_naive_match(pattern, CHARS[t]) for t in held[:, 1:].reshape(-1).tolist()])
-            tp, p, fp, n = (hit & on).sum(), on.sum(), (hit & ~on).sum(), (~on).sum()
-            seen: dict[tuple[int, int], tuple[bool, bool]] = {}
+            tp, p, fp, n = (hit & on).sum(), on.sum(), (hit & off).sum(), off.sum()
+            seen: dict[tuple[int, int], tuple[float, bool]] = {}
             for ex in page.top + page.samples:
                 if not in_training_half(ex.ctx_id, 0):
-                    for i, (t, a) in enumerate(zip(ex.texts, ex.acts)):
-                        seen[(ex.ctx_id, ex.pos - ex.mark + i)] = (a > 0, _naive_match(pattern, t))
-            tp += sum(a and m for a, m in seen.values())
-            p += sum(a for a, _ in seen.values())
-            near = [m for a, m in seen.values() if not a]
+                    for i, (t, act) in enumerate(zip(ex.texts, ex.acts)):
+                        seen[(ex.ctx_id, ex.pos - ex.mark + i)] = (act, _naive_match(pattern, t))
+            tp += sum(m for act, m in seen.values() if act > 0 and act >= floor)
+            p += sum(act > 0 and act >= floor for act, _ in seen.values())
+            near = [m for act, m in seen.values() if act <= 0]
             want = balanced_accuracy(tp / p, fp / n, float(np.mean(near)) if near else None)
             assert page.measured["input_score"] == pytest.approx(want, abs=1e-4), key
 
@@ -322,3 +324,20 @@ def test_cli_autolabel_labels_inputs_then_steers(tmp_path: Path, capsys: pytest.
     assert code == 0 and "steering z" in out
     code, _, err = run_cli("features", "autolabel", *d, *t, *m, "--steer", "9:0", "-q", capsys=capsys)
     assert_one_line_error(code, err, "unknown feature 9:0")
+
+
+def test_the_share_above_a_threshold_follows_the_histogram() -> None:
+    """The active share the pattern search corrects random tokens' matches by, read from the store's
+    histogram, is within the threshold's own bin of the true share."""
+    from cltrace.features.label_data import FeatureExamples
+    from cltrace.features.state import HIST_EDGES, hist_bins
+
+    acts = torch.from_numpy(np.random.default_rng(0).lognormal(0.0, 1.0, 5000)).float()
+    bins = hist_bins(acts, len(HIST_EDGES) + 1)
+    hist = torch.bincount(bins, minlength=len(HIST_EDGES) + 1).tolist()
+    ex = FeatureExamples(0, 0, len(acts), 0.1, float(acts.max()), [], hist)
+    for threshold in (0.05, 0.3, 1.0, 4.0):
+        true = float((acts >= threshold).float().mean())
+        own_bin = hist[int(hist_bins(torch.tensor([threshold]), len(hist))[0])] / len(acts)
+        assert abs(ex.share_above(threshold, HIST_EDGES) - true) <= own_bin / 2 + 1e-9
+    assert ex.share_above(0.0, HIST_EDGES) == 1.0 and ex.share_above(1e9, HIST_EDGES) == 0.0

@@ -30,13 +30,15 @@ _ALWAYS: Atom = ("ctx", "always", None)
 
 @dataclass
 class HeldoutCounts:
-    """Per feature [L, F]: tokens where it is active, where it is active and its pattern matches, and
-    where its pattern matches; the held-out contexts and each feature's strongest sites."""
+    """Per feature [L, F]: tokens where it is active (at or above its threshold) and where its pattern
+    matches there too; tokens where it is inactive (0) and where its pattern matches there; the
+    held-out contexts and each feature's strongest sites."""
 
     tokens: int
     active: np.ndarray  # [L, F]
     hits: np.ndarray  # [L, F]
-    matched: np.ndarray  # [L, F]
+    negatives: np.ndarray  # [L, F]
+    false_matches: np.ndarray  # [L, F]
     contexts: np.ndarray  # [C, n_ctx] token ids, BOS first
     site_act: np.ndarray  # [L, F, k] activations of the strongest sites, descending (0: none)
     site_gid: np.ndarray  # [L, F, k] their flat index ctx * n_ctx + pos (-1: none)
@@ -100,10 +102,12 @@ def heldout_stream(store: Any, loaded: Any, source: Any, n_contexts: int, batch_
 @torch.no_grad()
 def heldout_counts(
     store: Any, loaded: Any, tc: Any, source: Any, patterns: dict[tuple[int, int], Pattern | None], vocab: Vocab,
-    n_contexts: int = 128, batch_size: int = 8, n_sites: int = 8, progress: bool = True,
+    thresholds: np.ndarray, n_contexts: int = 128, batch_size: int = 8, n_sites: int = 8, progress: bool = True,
     tokenize: Any = None, bos_id: int | None = None, autocast_bf16: bool = False,
 ) -> HeldoutCounts:
-    """Run `tc` over `n_contexts` held-out contexts and count every feature's pattern hits (see the module docstring)."""
+    """Run `tc` over `n_contexts` held-out contexts and count every feature's pattern hits (see the
+    module docstring); a feature is active where its activation is above 0 and at least its
+    threshold [L, F], inactive where it is 0."""
     params = store.meta["params"]
     first_position = int(params.get("first_position", 1))
     excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
@@ -112,7 +116,7 @@ def heldout_counts(
     batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id)
     harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
     active = np.zeros((L, Fn), dtype=np.int64)
-    hits, matched = np.zeros_like(active), np.zeros_like(active)
+    hits, negatives, false_matches = np.zeros_like(active), np.zeros_like(active), np.zeros_like(active)
     site_act = torch.zeros(L, Fn, n_sites)
     site_gid = torch.full((L, Fn, n_sites), -1, dtype=torch.long)
     contexts: list[torch.Tensor] = []
@@ -130,11 +134,14 @@ def heldout_counts(
         table = compiled.table(inner, vocab)  # [n_atoms, N]
         k = keep.reshape(-1).numpy()
         for l in range(L):
-            on = (acts[:, l].numpy() > 0).T  # [F, N]
-            match = table[compiled.first[l]] & table[compiled.second[l]] & k  # [F, N]
+            a = acts[:, l].numpy().T  # [F, N]
+            on = (a > 0) & (a >= thresholds[l][:, None])
+            off = (a <= 0) & k
+            match = table[compiled.first[l]] & table[compiled.second[l]]  # [F, N]
             active[l] += on.sum(1)
             hits[l] += (on & match).sum(1)
-            matched[l] += match.sum(1)
+            negatives[l] += off.sum(1)
+            false_matches[l] += (off & match).sum(1)
         offset = sum(c.shape[0] for c in contexts) * T
         gids = offset + torch.arange(B * T).view(B, T)[:, 1:].reshape(-1)  # [N] flat index in the contexts
         _merge_sites(site_act, site_gid, acts, gids)
@@ -144,8 +151,8 @@ def heldout_counts(
     bar.close()
     if not contexts:
         raise CltraceError("the held-out text source gave no contexts: pass a larger text source")
-    return HeldoutCounts(tokens, active, hits, matched, torch.cat(contexts).numpy(), site_act.numpy(), site_gid.numpy(),
-                         start.to_dict() if start else None)
+    return HeldoutCounts(tokens, active, hits, negatives, false_matches, torch.cat(contexts).numpy(), site_act.numpy(),
+                         site_gid.numpy(), start.to_dict() if start else None)
 
 
 def _merge_sites(site_act: torch.Tensor, site_gid: torch.Tensor, acts: torch.Tensor, gids: torch.Tensor) -> None:
@@ -160,9 +167,9 @@ def _merge_sites(site_act: torch.Tensor, site_gid: torch.Tensor, acts: torch.Ten
 
 
 def heldout_scores(counts: HeldoutCounts, layer: int, feature: int) -> tuple[int, int, int, int]:
-    """(active, hits, false matches, inactive tokens) of one feature on the held-out pass."""
-    a, h, m = int(counts.active[layer, feature]), int(counts.hits[layer, feature]), int(counts.matched[layer, feature])
-    return a, h, m - h, counts.tokens - a
+    """(active tokens, hits among them, false matches, inactive tokens) of one feature on the held-out pass."""
+    at = (layer, feature)
+    return int(counts.active[at]), int(counts.hits[at]), int(counts.false_matches[at]), int(counts.negatives[at])
 
 
 def heldout_sites(counts: HeldoutCounts, layer: int, feature: int) -> list[tuple[int, int, float]]:

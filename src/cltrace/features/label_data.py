@@ -4,6 +4,8 @@ training half (labels come from it) and a held-out half (labels are scored on it
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,24 @@ class FeatureExamples:
     density: float
     max_act: float
     windows: list[Window] = field(default_factory=list)
+    hist: list[int] = field(default_factory=list)
+    """Its activation histogram (see `BuildParams.hist_edges`)."""
+
+    def share_above(self, threshold: float, edges: list[float]) -> float:
+        """The share of its activations at or above `threshold`, from the histogram (within the bin
+        the threshold falls in, spread evenly in log scale, as the bins are)."""
+        if threshold <= 0:
+            return 1.0
+        if not self.count or not self.hist:
+            return 0.0
+        above = 0.0
+        for j, c in enumerate(self.hist[1:], start=1):  # bin j >= 1 holds [edges[j-1], edges[j]); bin 0 what is below
+            lo, hi = edges[j - 1], edges[j] if j < len(edges) else math.inf
+            if lo >= threshold:
+                above += c
+            elif hi > threshold:
+                above += c * (math.log(hi / threshold) / math.log(hi / lo) if math.isfinite(hi) else 1.0)
+        return min(above / self.count, 1.0)
 
 
 @dataclass
@@ -114,17 +134,17 @@ def iter_examples(store: Any, keys: Iterable[tuple[int, int]] | None = None) -> 
     conn = store.conn
     wanted = None if keys is None else sorted(set(keys))
     if wanted is None:
-        rows = conn.execute("SELECT layer, feature, count, density, max_act FROM features ORDER BY layer, feature")
+        rows = conn.execute("SELECT layer, feature, count, density, max_act, hist FROM features ORDER BY layer, feature")
         feats = [tuple(r) for r in rows]
     else:
         feats = []
         for l, f in wanted:
-            r = conn.execute("SELECT layer, feature, count, density, max_act FROM features WHERE layer=? AND feature=?",
+            r = conn.execute("SELECT layer, feature, count, density, max_act, hist FROM features WHERE layer=? AND feature=?",
                              (l, f)).fetchone()
             if r is not None:
                 feats.append(tuple(r))
     seals = dict(((l, f), s) for l, f, s in conn.execute("SELECT layer, feature, sha256 FROM example_seals"))
-    for layer, feature, count, density, max_act in feats:
+    for layer, feature, count, density, max_act, hist in feats:
         rows = conn.execute(
             f"SELECT {EXAMPLE_COLUMNS} FROM examples WHERE layer=? AND feature=? ORDER BY kind, rank", (layer, feature)
         ).fetchall()
@@ -132,21 +152,23 @@ def iter_examples(store: Any, keys: Iterable[tuple[int, int]] | None = None) -> 
             raise store._damaged(f"the examples of feature {layer}:{feature} do not match their seal")
         windows = [Window(k, int(c), int(p), float(a), np.frombuffer(w, dtype="<f2").astype(np.float32))
                    for _, _, k, _, c, p, a, w in rows]
-        yield FeatureExamples(int(layer), int(feature), int(count), float(density), float(max_act), windows)
+        yield FeatureExamples(int(layer), int(feature), int(count), float(density), float(max_act), windows,
+                              [int(c) for c in json.loads(hist)])
 
 
-def split_halves(ex: FeatureExamples, text: StoreText, seed: int) -> tuple[Half, Half]:
+def split_halves(ex: FeatureExamples, text: StoreText, seed: int, threshold: float = 0.0) -> tuple[Half, Half]:
     """(training half, held-out half) of a feature's example windows, split by context. Every
-    analysed token of a window counts once per half: active (act > 0) or inactive. A feature whose
-    examples all fall in one half is trained on it and leaves the held-out half empty."""
+    analysed token of a window counts once per half: active (act above 0 and at least `threshold`),
+    inactive (act 0), or, in between, neither. A feature whose examples all fall in one half is
+    trained on it and leaves the held-out half empty."""
     train = [w for w in ex.windows if in_training_half(w.ctx_id, seed)]
     held = [w for w in ex.windows if not in_training_half(w.ctx_id, seed)]
     if not train:
         train, held = held, []
-    return _half(train, text), _half(held, text)
+    return _half(train, text, threshold), _half(held, text, threshold)
 
 
-def _half(windows: list[Window], text: StoreText) -> Half:
+def _half(windows: list[Window], text: StoreText, threshold: float) -> Half:
     ctx_parts, q_parts, a_parts = [], [], []
     for w in windows:
         toks = text.contexts[w.ctx_id]
@@ -168,7 +190,7 @@ def _half(windows: list[Window], text: StoreText) -> Half:
     for c in np.unique(ctx).tolist():
         at = ctx == c
         sites = text.sites(c)
-        pos_parts.append(sites.take(q[at & (a > 0)]))
+        pos_parts.append(sites.take(q[at & (a > 0) & (a >= threshold)]))
         near_parts.append(sites.take(q[at & (a <= 0)]))
     return Half(Sites.concat(pos_parts), Sites.concat(near_parts), windows)
 

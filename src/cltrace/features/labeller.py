@@ -100,15 +100,18 @@ def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool
     base = np.bincount(random_tokens, minlength=text.vocab.size)
     cache: dict[Any, np.ndarray] = {}
     out = {}
+    edges = list(store.meta["params"]["hist_edges"])
     bar = progress_bar(progress, store.n_layers * store.n_features, "choosing patterns", "feature")
     for ex in iter_examples(store):
         bar.update(1)
         if ex.count == 0 or not ex.windows:
             continue
-        train, held = split_halves(ex, text, config.seed)
+        threshold = config.active_fraction * ex.max_act
+        train, held = split_halves(ex, text, config.seed, threshold)
         if len(cache) > 50_000:
             cache.clear()
-        choice = choose_pattern(train.pos, train.near, random, ex.density, text.vocab, cache, config.complexity_penalty)
+        density = ex.density * ex.share_above(threshold, edges)
+        choice = choose_pattern(train.pos, train.near, random, density, text.vocab, cache, config.complexity_penalty)
         got = _Chosen(choice, next_token_lift(train.windows, text, base), len(train.pos),
                       len({w.ctx_id for w in train.windows}))
         if choice is not None:
@@ -170,7 +173,10 @@ def label_inputs(
     t_choose = time.monotonic() - start
     patterns = {k: (c.choice.pattern if c.choice else None) for k, c in chosen.items()}
     text_source = open_text_source(source) if isinstance(source, str) else source
-    counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, config.heldout_contexts,
+    thresholds = np.zeros((store.n_layers, store.n_features))
+    for layer, feature, max_act in store.conn.execute("SELECT layer, feature, max_act FROM features"):
+        thresholds[layer, feature] = config.active_fraction * max_act
+    counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, thresholds, config.heldout_contexts,
                             config.batch_size, progress=progress, tokenize=tokenize, bos_id=bos_id,
                             autocast_bf16=autocast_bf16)
     rows = [_input_row(k, c, counts, text, config) for k, c in chosen.items()]
@@ -232,7 +238,7 @@ def _measure(store: Any, replacement: Any, keys: list[tuple[int, int]], config: 
     test: dict[tuple[int, int], list[Site]] = {}
     halves: dict[tuple[int, int], tuple[Half, Half]] = {}
     for key, ex in examples.items():
-        halves[key] = split_halves(ex, text, config.seed)
+        halves[key] = split_halves(ex, text, config.seed, config.active_fraction * ex.max_act)
         select[key] = _top_sites(halves[key][0].windows, config.select_sites)
         fresh = [Site("heldout", c, p) for c, p, _ in read_evidence(store, *key)[0].get("sites", []) if c in heldout]
         test[key] = (fresh + _top_sites(halves[key][1].windows, config.test_sites))[: config.test_sites]

@@ -4,8 +4,9 @@ with a score that can fail, kept in the feature store beside the labels people w
 - Input label: the token pattern (see `cltrace.features.patterns`) that best predicts where the
   feature is active in the training half of its store examples; scored by a detection test on
   held-out contexts it did not come from: balanced accuracy (TPR + TNR) / 2 of "the pattern
-  matches" against "the feature is active", over the store's held-out half of examples and a pass
-  over held-out text (TNR: the mean of random tokens' and nearby inactive tokens'). Fewer than
+  matches" against "the feature is active" (at least ``LabelConfig.active_fraction`` of its largest
+  activation; inactive: 0), over the store's held-out half of examples and a pass over held-out
+  text (TNR: the mean of random tokens' and nearby inactive tokens'). Fewer than
   ``LabelConfig.min_positives`` held-out active tokens: no score.
 - Output label: the tokens whose logits the feature's direct effect raises most at its training
   examples; scored by steering at held-out sites (see `cltrace.features.steering`).
@@ -49,6 +50,11 @@ class LabelConfig:
 
     random_tokens: int = dataclasses.field(default=20_000, metadata={"min": 100})
     """Tokens of the store's contexts standing for random text when a pattern is chosen."""
+
+    active_fraction: float = dataclasses.field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    """A token counts as active where the feature's activation is at least this fraction of its
+    largest activation in the store, as inactive where it is 0; weaker activations count neither
+    way (a label says where a feature fires, not where it barely passes its threshold)."""
 
     min_positives: int = dataclasses.field(default=10, metadata={"min": 1})
     """Held-out active tokens a feature needs for its input label to be scored at all."""
