@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from cltrace.errors import CltraceError, first_line
 from cltrace.features.database import (
     AUTO_LABELS_TABLE,
     LABEL_CONTEXTS_TABLE,
@@ -210,6 +211,11 @@ def measured_page(store: Any, layer: int, feature: int, config: LabelConfig | No
 # -- writing ---------------------------------------------------------------------------------------
 
 
+def _write_failed(store: Any, exc: Exception) -> CltraceError:
+    return CltraceError(f"could not write measured labels into feature store '{store.path}' ({first_line(exc)}): "
+                        "check that it is writable and not damaged")
+
+
 def write_input_labels(store: Any, rows: list[tuple], contexts: np.ndarray, info: dict[str, Any]) -> None:
     """Replace every measured label with `rows` (layer, feature, input_label, input_score, input
     evidence, output_label, output_tokens, output evidence; outputs not yet steered) and the held-out
@@ -231,7 +237,7 @@ def write_input_labels(store: Any, rows: list[tuple], contexts: np.ndarray, info
             write_meta(conn, {"auto_labels": info})
             reseal(conn, ("auto_labels", "label_contexts"))
     except sqlite3.Error as exc:
-        raise store._damaged(f"writing its labels failed: {exc}") from None
+        raise _write_failed(store, exc) from None
 
 
 def write_output_labels(store: Any, rows: list[tuple]) -> None:
@@ -251,7 +257,7 @@ def write_output_labels(store: Any, rows: list[tuple]) -> None:
                 )
             reseal(conn, ("auto_labels",))
     except sqlite3.Error as exc:
-        raise store._damaged(f"writing its labels failed: {exc}") from None
+        raise _write_failed(store, exc) from None
 
 
 def write_descriptions(store: Any, descriptions: dict[tuple[int, int], str]) -> None:
@@ -270,7 +276,7 @@ def write_descriptions(store: Any, descriptions: dict[tuple[int, int], str]) -> 
                 )
             reseal(conn, ("auto_labels",))
     except sqlite3.Error as exc:
-        raise store._damaged(f"writing its labels failed: {exc}") from None
+        raise _write_failed(store, exc) from None
 
 
 def read_label_contexts(store: Any) -> dict[int, np.ndarray]:
