@@ -24,6 +24,10 @@ Schema (version :data:`SCHEMA_VERSION`):
     Labels a person wrote; kept apart so a rebuild never overwrites them.
 ``example_seals(layer, feature, sha256)``
     The digest of each feature's ``examples`` rows (see below).
+``auto_labels(layer, feature, input_label, input_score, ..., output_evidence, updated)``
+    Labels measured from evidence (`cltrace.features.labels`), with their scores and evidence as
+    JSON; ``label_contexts(ctx_id, tokens)`` the held-out contexts they were scored on. Stores made
+    before these tables read without them; a rebuild or extension empties them.
 
 Every write goes through one SQLite transaction in WAL mode, so a killed process leaves the
 database as it was at the last commit.
@@ -31,7 +35,8 @@ database as it was at the last commit.
 Damage. SQLite checks its own structure but keeps no checksum of what rows hold, so a flipped bit
 in an activation or a token's text would read as a different page. A finished build therefore
 seals the store (:func:`seal_store`): the meta key ``seal`` records sha256 digests of the meta
-keys readers use and of the ``vocab``, ``contexts``, ``features`` and ``labels`` tables,
+keys readers use and of the ``vocab``, ``contexts``, ``features`` and ``labels`` tables (and of
+``auto_labels`` and ``label_contexts`` where the store has them),
 ``example_seals`` one digest per feature, and ``PRAGMA application_id`` is set to
 :data:`APPLICATION_ID`. Opening a store runs ``PRAGMA quick_check`` (the b-tree structure) and,
 for a sealed complete store, checks the table digests, once per process while the file is unchanged,
