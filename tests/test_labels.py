@@ -341,3 +341,12 @@ def test_the_share_above_a_threshold_follows_the_histogram() -> None:
         own_bin = hist[int(hist_bins(torch.tensor([threshold]), len(hist))[0])] / len(acts)
         assert abs(ex.share_above(threshold, HIST_EDGES) - true) <= own_bin / 2 + 1e-9
     assert ex.share_above(0.0, HIST_EDGES) == 1.0 and ex.share_above(1e9, HIST_EDGES) == 0.0
+
+
+def test_a_store_that_used_up_its_text_asks_for_more(planted: dict, tmp_path: Path) -> None:
+    docs = documents(20, seed=5)
+    db = tmp_path / "all.db"
+    build_feature_store(planted["loaded"], planted["tc"], docs, 10**6, db, n_ctx=N_CTX, batch_size=8,
+                        tokenize=tokenize, bos_id=0, progress=False, top_k=5, first_position=1)
+    with FeatureStore(db) as store, pytest.raises(CltraceError, match="pass a larger text source"):
+        label_inputs(store, planted["loaded"], planted["tc"], docs, progress=False, tokenize=tokenize, bos_id=0)
