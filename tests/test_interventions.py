@@ -31,6 +31,7 @@ from cltrace.replacement.interventions import (
     Intervention,
     intervene,
     intervene_batch,
+    intervene_prompts,
     parse_intervention,
 )
 from cltrace.replacement.supernodes import (
@@ -578,3 +579,28 @@ def test_cli_absurd_position_names_the_prompt_length(tiny_cli: tuple[str, str], 
                                capsys=capsys)
         assert_one_line_error(code, err, f"position {huge} is beyond the prompt (", " tokens, positions 0..")
         assert str(sys.maxsize) not in err
+
+
+@pytest.mark.parametrize(("family", "kind"), [("llama", "clt"), ("gemma3", "clt"), ("gpt2", "plt")])
+def test_intervene_prompts_equals_each_prompt_alone(family: str, kind: str) -> None:
+    """A batch of runs of different prompts, each with its own interventions, gives what
+    `intervene` gives each prompt alone, in both modes (a soft-capped model and a PLT's skip included)."""
+    model = tiny_model(family)
+    rm = ReplacementModel(model, random_transcoder(model, kind))
+    ids = torch.stack([prompt_ids(7, seed=s) for s in range(4)])  # [4, 7]
+    run = rm.run_batch(ids)
+    for b in range(4):
+        alone = rm.run(ids[b])
+        assert torch.allclose(run.activations[b], alone.activations, atol=1e-5)
+        assert torch.allclose(run.logits[b], alone.logits, atol=1e-4)
+    plans = [[Intervention.at(1, 3, 6, value=4.0)], [], [Intervention.at(0, 2, (2, 6), factor=3.0)],
+             [Intervention.at(2, 5, 6, value=0.0), Intervention.at(0, 1, 4, value=2.5)]]
+    for mode, frozen in (("iterative", False), ("constrained", True), ("iterative", True)):
+        before, after = intervene_prompts(rm, run, plans, mode=mode, freeze_attention=frozen)
+        for b in range(4):
+            one = intervene(rm, ids[b], plans[b], mode=mode, freeze_attention=frozen)
+            assert torch.allclose(before[b], one.logits_before, atol=1e-4), (mode, frozen, b)
+            assert torch.allclose(after[b], one.logits_after, atol=1e-4), (mode, frozen, b)
+        assert not torch.allclose(after[0], before[0], atol=1e-3)  # the interventions did something
+    with pytest.raises(CltraceError, match="one plan per prompt"):
+        intervene_prompts(rm, run, plans[:3])

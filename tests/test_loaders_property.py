@@ -491,6 +491,7 @@ FEATURE_TABLES = {
     "meta": ("key",), "vocab": ("token_id",), "contexts": ("ctx_id",), "state": ("name",),
     "features": ("layer", "feature"), "examples": ("layer", "feature", "kind", "rank"),
     "labels": ("layer", "feature"), "example_seals": ("layer", "feature"),
+    "auto_labels": ("layer", "feature"), "label_contexts": ("ctx_id",),
 }
 
 
@@ -504,14 +505,22 @@ def feature_snapshot(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def feature_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """A small sealed feature store (3 layers x 16 features, one label) and its snapshot."""
-    from helpers.features import BATCH, T1, build, transcoder
+    """A small sealed feature store (3 layers x 16 features, one label, measured labels) and its snapshot."""
+    from helpers.features import BATCH, BOS, T1, build, corpus, tokenize, transcoder
     from helpers.models import tiny_model
 
+    from cltrace.features.labeller import label_inputs, measure_outputs
+    from cltrace.features.labels import LabelConfig
+    from cltrace.replacement import ReplacementModel
+
     path = tmp_path_factory.mktemp("features") / "f.db"
-    build(tiny_model("llama"), transcoder(seed=4), path, 2 * BATCH * T1)
+    loaded, tc = tiny_model("llama"), transcoder(seed=4)
+    build(loaded, tc, path, 2 * BATCH * T1)
+    config = LabelConfig(heldout_contexts=8, random_tokens=100, min_positives=1)
     with FeatureStore(path) as store:
         store.set_label(1, 2, "a label, set by hand")
+        label_inputs(store, loaded, tc, corpus(), config, progress=False, tokenize=tokenize, bos_id=BOS)
+        measure_outputs(store, ReplacementModel(loaded, tc), [(0, 1), (2, 3)], config, progress=False)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA application_id").fetchone()[0] == feature_store.APPLICATION_ID
     conn.close()

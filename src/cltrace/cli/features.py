@@ -24,6 +24,7 @@ from cltrace.cli.common import (
     transcoder_feature_store,
     transcoder_given,
 )
+from cltrace.errors import CltraceError
 
 features_app = typer.Typer(
     name="features", help="Feature pages: build a feature store for a transcoder, and read it.", no_args_is_help=True
@@ -63,6 +64,8 @@ def features_build(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start afresh.")] = False,
     compact: Annotated[bool, typer.Option("--compact", help="Drop the build state at the end: smaller, but no longer extendable.")] = False,
     old_bf16: Annotated[bool, typer.Option("--bf16", hidden=True)] = False,
+    autolabel: Annotated[bool, typer.Option("--autolabel", help="Then label every feature from measured evidence, "
+                                            "as `features autolabel` does.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = Dtype.auto,
@@ -73,6 +76,7 @@ def features_build(
     import torch
 
     from cltrace.features import FeatureStore, build_feature_store
+    from cltrace.features.labeller import label_inputs
     from cltrace.model import load_model
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
@@ -91,10 +95,12 @@ def features_build(
     )
     with FeatureStore(path) as store:
         s = store.stats()
-    typer.echo(
-        f"{path}: {s['tokens']:,} tokens, {s['features']:,} features ({s['dead']:,} dead), "
-        f"mean density {100 * s['mean_density']:.3f}%, {s['bytes'] / 2**20:.1f} MiB, {_time.monotonic() - start:.1f} s"
-    )
+        typer.echo(
+            f"{path}: {s['tokens']:,} tokens, {s['features']:,} features ({s['dead']:,} dead), "
+            f"mean density {100 * s['mean_density']:.3f}%, {s['bytes'] / 2**20:.1f} MiB, {_time.monotonic() - start:.1f} s"
+        )
+        if autolabel:
+            _echo_input_labels(path, label_inputs(store, loaded, tc, source, progress=not quiet, autocast_bf16=bf16))
 
 
 @features_app.command("show")
@@ -136,6 +142,63 @@ def features_label(
         store.page(layer, index)  # an unknown feature is an error, not a silent label
         store.set_label(layer, index, label or None)
     typer.echo(f"{layer}:{index} " + (f"labelled {label!r}" if label else "label removed"))
+
+
+def _echo_input_labels(path: Path, s: dict) -> None:
+    q = "  ".join(f"{k}: {v:.2f}" for k, v in s["quantiles"].items())
+    typer.echo(f"{path}: {s['features']:,} features labelled, {s['scored']:,} scored (held-out balanced "
+               f"accuracy mean {s['mean_score'] or 0:.3f}; quantiles {q}), {s['unclear']:,} unclear, {s['seconds']:.0f} s")
+
+
+@features_app.command("autolabel")
+def features_autolabel(
+    db: FeatureDbOption = None,
+    transcoder: ReadTranscoderOption = None,
+    model: ModelOption = None,
+    source: SourceOption = "default",
+    steer: Annotated[list[str] | None, typer.Option(
+        "--steer", help="Measure the output label of this feature (LAYER:FEATURE; repeat it) by steering, "
+        "instead of labelling every feature's input.", show_default=False)] = None,
+    contexts: Annotated[int | None, typer.Option(
+        "--contexts", min=1, help="Contexts of held-out text to run over (default: LabelConfig.heldout_contexts).",
+        show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", "-b", min=1, help="Contexts per batch of the held-out pass (default: LabelConfig.batch_size).",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --steer: measure again features already measured.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Label features from measured evidence: every feature's input pattern, scored on held-out text
+    (one pass of the model), or with --steer the output label of some features, scored by steering."""
+    import dataclasses
+
+    from cltrace.features import FeatureStore
+    from cltrace.features.labeller import label_inputs, measure_outputs
+    from cltrace.features.labels import LabelConfig
+    from cltrace.features.show import parse_feature
+    from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
+    from cltrace.train.default import DEFAULT_NAME, default_paths, resolve_transcoder
+    from cltrace.transcoder import load_transcoder
+
+    dev = device_given(device)
+    keys = [parse_feature(f) for f in steer or []]
+    path = store_path(db, transcoder)
+    spec = transcoder or Path("default")
+    if str(spec) == DEFAULT_NAME and not Path(DEFAULT_NAME).is_dir() and not default_paths()[0].is_dir():
+        raise CltraceError("the default transcoder is not trained yet: pass the store's transcoder with -t")
+    given = {"heldout_contexts": contexts, "batch_size": batch_size}
+    config = dataclasses.replace(LabelConfig(), **{k: v for k, v in given.items() if v is not None})
+    tc = load_transcoder(resolve_transcoder(spec, model, device=dev), device=dev)
+    loaded = load_model(model, device=dev)
+    with FeatureStore(path) as store:
+        if not keys:
+            _echo_input_labels(path, label_inputs(store, loaded, tc, source, config, progress=not quiet))
+            return
+        for (layer, index), label in measure_outputs(store, ReplacementModel(loaded, tc), keys, config, force,
+                                                     progress=not quiet).items():
+            typer.echo(f"{f'{layer}:{index}':>10}  {label.text()}  [input {label.input_score}, steering z {label.output_score}]")
 
 
 @features_app.command("search")

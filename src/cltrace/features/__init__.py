@@ -5,6 +5,7 @@ from cltrace.features.build import (
     build_feature_store,
     transcoder_fingerprint,
 )
+from cltrace.features.labels import FeatureLabel, LabelConfig
 from cltrace.features.store import (
     Example,
     FeaturePage,
@@ -18,8 +19,10 @@ from cltrace.features.views import token_views
 __all__ = [
     "BuildParams",
     "Example",
+    "FeatureLabel",
     "FeaturePage",
     "FeatureStore",
+    "LabelConfig",
     "Labeller",
     "TokenLabeller",
     "TokenScore",

@@ -31,6 +31,15 @@ SEALED_TABLES: dict[str, tuple[str, str | None, str]] = {
     ),
     "labels": ("layer, feature, label, updated", None, "layer, feature"),
 }
+#: Tables a store may lack (they came after stores of this schema version were first written): made
+#: when first written to, and sealed like the others where present.
+OPTIONAL_TABLES: dict[str, tuple[str, str | None, str]] = {
+    "auto_labels": (
+        "layer, feature, input_label, input_score, input_evidence, output_label, output_score, output_tokens, "
+        "output_evidence, updated", None, "layer, feature",
+    ),
+    "label_contexts": ("ctx_id", "tokens", "ctx_id"),
+}
 EXAMPLE_COLUMNS = "layer, feature, kind, rank, ctx_id, pos, act, acts"
 #: What to do about a damaged store.
 REBUILD = "rebuild it with `cltrace features build ... --overwrite`"
@@ -39,6 +48,16 @@ EXAMPLE_SEALS_TABLE = """CREATE TABLE IF NOT EXISTS example_seals (
     layer INTEGER NOT NULL, feature INTEGER NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (layer, feature)
 ) WITHOUT ROWID"""
+#: Measured labels (see `cltrace.features.labels`), one row per labelled feature; JSON evidence.
+AUTO_LABELS_TABLE = """CREATE TABLE IF NOT EXISTS auto_labels (
+    layer INTEGER NOT NULL, feature INTEGER NOT NULL,
+    input_label TEXT NOT NULL, input_score REAL, input_evidence TEXT NOT NULL,
+    output_label TEXT NOT NULL, output_score REAL, output_tokens TEXT NOT NULL, output_evidence TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (layer, feature)
+) WITHOUT ROWID"""
+#: The held-out contexts the measured labels were scored on (token ids, BOS first, int32).
+LABEL_CONTEXTS_TABLE = "CREATE TABLE IF NOT EXISTS label_contexts (ctx_id INTEGER PRIMARY KEY, tokens BLOB NOT NULL)"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +81,8 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (layer, feature)
 ) WITHOUT ROWID;
 {EXAMPLE_SEALS_TABLE};
+{AUTO_LABELS_TABLE};
+{LABEL_CONTEXTS_TABLE};
 CREATE INDEX IF NOT EXISTS features_auto_label ON features (auto_label);
 """
 
@@ -104,8 +125,13 @@ def _rows_digest(rows: list[tuple], blob: bool) -> str | None:
     return sha256_hex([repr([r[:-1] for r in rows]), repr([len(b) for b in blobs]), b"".join(blobs)])
 
 
+def has_table(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether the database holds table `table`."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
+
+
 def _table_digest(conn: sqlite3.Connection, table: str) -> str | None:
-    cols, blob, order = SEALED_TABLES[table]
+    cols, blob, order = {**SEALED_TABLES, **OPTIONAL_TABLES}[table]
     select = cols + (f", {blob}" if blob else "")
     return _rows_digest(conn.execute(f"SELECT {select} FROM {table} ORDER BY {order}").fetchall(), blob is not None)
 
@@ -141,8 +167,17 @@ def seal_store(conn: sqlite3.Connection) -> None:
     )
     seal = {"version": 1, "meta": _meta_digest(read_meta(conn))}
     seal |= {table: _table_digest(conn, table) for table in SEALED_TABLES}
+    seal |= {table: _table_digest(conn, table) for table in OPTIONAL_TABLES if has_table(conn, table)}
     write_meta(conn, {"seal": seal})
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
+def reseal(conn: sqlite3.Connection, tables: tuple[str, ...]) -> None:
+    """Bring a sealed store's digests of `tables` up to date after writing them (inside the
+    caller's transaction); an unsealed store stays unsealed."""
+    seal = read_meta(conn).get("seal")
+    if isinstance(seal, dict):
+        write_meta(conn, {"seal": {**seal, **{t: _table_digest(conn, t) for t in tables}}})
 
 
 class _transaction:
@@ -166,6 +201,6 @@ transaction = _transaction
 
 
 __all__ = [
-    "APPLICATION_ID", "EXAMPLE_COLUMNS", "REBUILD", "SCHEMA", "SCHEMA_VERSION", "connect", "read_meta", "seal_store",
-    "transaction", "write_meta",
+    "APPLICATION_ID", "AUTO_LABELS_TABLE", "EXAMPLE_COLUMNS", "LABEL_CONTEXTS_TABLE", "OPTIONAL_TABLES", "REBUILD",
+    "SCHEMA", "SCHEMA_VERSION", "connect", "has_table", "read_meta", "reseal", "seal_store", "transaction", "write_meta",
 ]

@@ -72,6 +72,9 @@ class FeaturePage:
     samples: list[Example] = field(default_factory=list)
     """Contexts sampled uniformly from its activations, ordered by quantile band, lowest first."""
     tokens_analysed: int = 0
+    measured: dict[str, Any] | None = None
+    """The measured label (see `cltrace.features.labels`): its parts, scores, display text and
+    evidence; None where the feature was never measured."""
 
     @property
     def name(self) -> str:
@@ -83,7 +86,13 @@ class FeaturePage:
 
     @property
     def display_label(self) -> str:
-        return self.label if self.label else self.auto_label
+        """A person's label, else the measured one's text, else the token-list automatic label."""
+        if self.label:
+            return self.label
+        measured = self.measured
+        if measured and (measured.get("input_label") or measured.get("output_label")):
+            return str(measured["text"])
+        return self.auto_label
 
 
 class Labeller(Protocol):

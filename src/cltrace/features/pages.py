@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cltrace.features.database import seal_store, transaction, write_meta
+from cltrace.features.database import AUTO_LABELS_TABLE, LABEL_CONTEXTS_TABLE, seal_store, transaction, write_meta
 from cltrace.features.page import Example, FeaturePage, Labeller, TokenScore
 from cltrace.features.state import BuildParams, _load_state, _save_state
 from cltrace.features.views import token_views
@@ -42,6 +42,12 @@ def _write_pages(conn: Any, feature_rows: list[tuple], example_rows: list[tuple]
     with transaction(conn):
         conn.execute("DELETE FROM features")
         conn.execute("DELETE FROM examples")
+        # measured labels came from the old pages and held-out text the store may now include
+        conn.execute(AUTO_LABELS_TABLE)
+        conn.execute(LABEL_CONTEXTS_TABLE)
+        conn.execute("DELETE FROM auto_labels")
+        conn.execute("DELETE FROM label_contexts")
+        conn.execute("DELETE FROM meta WHERE key='auto_labels'")
         conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", feature_rows)
         conn.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", example_rows)
         write_meta(conn, {"status": "complete", "finalized_tokens": tokens, "finalized": time.time()})

@@ -53,11 +53,45 @@ def _sparkline(counts: list[int], edges: list[float]) -> str:
     return f"{edge(lo)} {line} {edges[min(hi, len(edges) - 1)]:.3g}"
 
 
+def _score(value: float | None, fmt: str) -> str:
+    return "not measured" if value is None else format(value, fmt)
+
+
+def _tok_list(items: list[dict], key: str, fmt: str) -> str:
+    return "  ".join(f"{_printable(d['text'])!r} {format(d[key], fmt)}" for d in items) or "-"
+
+
+def measured_lines(measured: dict) -> list[str]:
+    """The measured label of a page as text: its parts, scores, and the evidence behind each."""
+    ie, oe = measured.get("input_evidence", {}), measured.get("output_evidence", {})
+    held = ie.get("heldout", {})
+    mark = {True: "unclear", False: "confident"}
+    lines = [
+        f"  input label:  {measured['input_label'] or '-'}  [{mark[measured['input_unclear']]}; held-out balanced "
+        f"accuracy {_score(measured['input_score'], '.3f')}, {held.get('positives', 0)} active tokens, "
+        f"TPR {_score(held.get('tpr'), '.2f')}, FPR random {_score(held.get('fpr_random'), '.3f')}, "
+        f"FPR nearby {_score(held.get('fpr_near'), '.2f')}]",
+        f"  output label: {measured['output_label'] or '-'}  [{mark[measured['output_unclear']]}; steering z "
+        f"{_score(measured['output_score'], '.2f')}]",
+    ]
+    if ie.get("description"):
+        lines.append(f"  description:  {ie['description']}  [from the describer, not scored]")
+    if oe.get("effect"):
+        lines.append(f"    direct effect (z): {_tok_list(oe['effect'][:6], 'z', '.1f')}")
+    if oe.get("data"):
+        lines.append(f"    next in data (share): {_tok_list(oe['data'], 'share', '.2f')}")
+    for s in oe.get("steer", []):
+        lines.append(f"    steered z {s['z']:+.2f} at {s['context'][-60:]}  raised: {_tok_list(s['raised'][:3], 'z', '.1f')}")
+    return lines
+
+
 def format_page(page: FeaturePage, n_top: int = 10, n_samples: int = 2, activations: bool = True) -> str:
     """The page as text: label, statistics, what it says, what drives it, and its contexts."""
     lines = [f"feature {page.name}  {page.display_label}"]
-    if page.label:
-        lines.append(f"  auto label: {page.auto_label}")
+    if page.measured:
+        lines.extend(measured_lines(page.measured))
+    if page.label or page.measured:
+        lines.append(f"  token-list label: {page.auto_label}")
     lines.append(
         f"  density {100 * page.density:.4f}% ({page.count:,} of {page.tokens_analysed:,} tokens)  "
         f"max {page.max_act:.3f}  mean {page.mean_act:.3f}"

@@ -24,6 +24,10 @@ Schema (version :data:`SCHEMA_VERSION`):
     Labels a person wrote; kept apart so a rebuild never overwrites them.
 ``example_seals(layer, feature, sha256)``
     The digest of each feature's ``examples`` rows (see below).
+``auto_labels(layer, feature, input_label, input_score, ..., output_evidence, updated)``
+    Labels measured from evidence (`cltrace.features.labels`), with their scores and evidence as
+    JSON; ``label_contexts(ctx_id, tokens)`` the held-out contexts they were scored on. Stores made
+    before these tables read without them; a rebuild or extension empties them.
 
 Every write goes through one SQLite transaction in WAL mode, so a killed process leaves the
 database as it was at the last commit.
@@ -31,7 +35,8 @@ database as it was at the last commit.
 Damage. SQLite checks its own structure but keeps no checksum of what rows hold, so a flipped bit
 in an activation or a token's text would read as a different page. A finished build therefore
 seals the store (:func:`seal_store`): the meta key ``seal`` records sha256 digests of the meta
-keys readers use and of the ``vocab``, ``contexts``, ``features`` and ``labels`` tables,
+keys readers use and of the ``vocab``, ``contexts``, ``features`` and ``labels`` tables (and of
+``auto_labels`` and ``label_contexts`` where the store has them),
 ``example_seals`` one digest per feature, and ``PRAGMA application_id`` is set to
 :data:`APPLICATION_ID`. Opening a store runs ``PRAGMA quick_check`` (the b-tree structure) and,
 for a sealed complete store, checks the table digests, once per process while the file is unchanged,
@@ -57,6 +62,7 @@ import numpy as np
 from cltrace.errors import CltraceError, first_line, is_int
 from cltrace.features.database import (
     APPLICATION_ID,
+    OPTIONAL_TABLES,
     REBUILD,
     SCHEMA_VERSION,
     SEALED_TABLES,
@@ -65,11 +71,13 @@ from cltrace.features.database import (
     _rows_digest,
     _table_digest,
     connect,
+    has_table,
     read_meta,
     seal_store,
     transaction,
     write_meta,
 )
+from cltrace.features.labels import FeatureLabel, LabelConfig, label_rows, labels_for, measured_page
 from cltrace.features.page import Example, FeaturePage, Labeller, TokenLabeller, TokenScore
 
 #: Stores checked in this process (quick_check and, if sealed, the digests), by `_identity`.
@@ -186,8 +194,20 @@ class FeatureStore:
             for table in SEALED_TABLES:
                 if seal[table] != _table_digest(self.conn, table):
                     raise self._damaged(f"its {table} table does not match its seal")
+            self._check_optional_tables(seal)
         except sqlite3.Error as exc:
             raise self._damaged(first_line(exc)) from None
+
+    def _check_optional_tables(self, seal: dict[str, Any]) -> None:
+        """The tables a store may lack (measured labels): sealed where present, unless empty."""
+        for table in OPTIONAL_TABLES:
+            if not has_table(self.conn, table):
+                continue
+            if table in seal:
+                if seal[table] != _table_digest(self.conn, table):
+                    raise self._damaged(f"its {table} table does not match its seal")
+            elif self.conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                raise self._damaged(f"its {table} table is not covered by its seal")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -308,6 +328,7 @@ class FeatureStore:
             top=top,
             samples=samples,
             tokens_analysed=int(self.meta.get("tokens", 0)),
+            measured=measured_page(self, layer, feature),
         )
 
     # -- labels ------------------------------------------------------------------------------------
@@ -333,6 +354,18 @@ class FeatureStore:
             if isinstance(seal, dict):  # keep a sealed store's labels digest current
                 write_meta(self.conn, {"seal": {**seal, "labels": _table_digest(self.conn, "labels")}})
 
+    def labels_for(
+        self, keys: Iterable[tuple[int, int]], config: LabelConfig | None = None
+    ) -> dict[tuple[int, int], FeatureLabel]:
+        """The label of each feature of `keys`: a person's, else the measured one (see
+        `cltrace.features.labels`), else the token-list automatic label, marked unclear."""
+        try:
+            return labels_for(self, keys, config)
+        except sqlite3.Error as exc:
+            raise self._damaged(first_line(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise self._damaged(f"its measured labels do not decode: {type(exc).__name__}") from None
+
     def labels(self) -> dict[tuple[int, int], str]:
         """Every label a person set."""
         try:
@@ -348,15 +381,16 @@ class FeatureStore:
             return self._search(pattern, limit)
         except sqlite3.Error as exc:
             raise self._damaged(first_line(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise self._damaged(f"its measured labels do not decode: {type(exc).__name__}") from None
 
     def _search(self, pattern: str, limit: int) -> list[tuple[int, int, str]]:
-        rows = self.conn.execute(
-            "SELECT f.layer, f.feature, COALESCE(l.label, f.auto_label) AS shown FROM features f "
-            "LEFT JOIN labels l ON l.layer=f.layer AND l.feature=f.feature "
-            "WHERE shown LIKE ? ESCAPE '\\' ORDER BY f.layer, f.feature LIMIT ?",
-            (pattern, limit),
+        # a measured label is searched by its parts and shown as its display text
+        found = label_rows(
+            self, "WHERE COALESCE(l.label, NULLIF(TRIM(a.input_label || ' ' || a.output_label), ''), f.auto_label) "
+            "LIKE ? ESCAPE '\\' ORDER BY f.layer, f.feature LIMIT ?", (pattern, limit),
         )
-        return [(int(l), int(f), s) for l, f, s in rows]
+        return [(label.layer, label.feature, label.text()) for label in found]
 
     def stats(self) -> dict[str, Any]:
         """Summary: model, transcoder, tokens analysed, build status, dead/alive features, mean density."""

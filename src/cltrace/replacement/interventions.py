@@ -193,10 +193,10 @@ class _Pass:
         pre = tc.encode_layer_pre(l, xt)  # [B, T, F]
         computed = tc.activation.at_layer(pre, l)  # [B, T, F]
         n_p = min(P, T)
-        orig = run.activations[:n_p, l].to(computed.dtype)  # [p, F]
+        orig = run.activations[..., :n_p, l, :].to(computed.dtype)  # [p, F], or [B, p, F] for a batch of runs
         # Where the residual stream is bitwise the prompt's, the features are the prompt's: take
         # them as recorded, so rounding in a differently shaped product cannot show as a change.
-        same = (xt[:, :n_p] == run.resid_mid[:n_p, l].to(xt.dtype)).all(-1, keepdim=True)  # [B, p, 1]
+        same = (xt[:, :n_p] == run.resid_mid[..., :n_p, l, :].to(xt.dtype)).all(-1, keepdim=True)  # [B, p, 1]
         computed[:, :n_p] = torch.where(same, orig, computed[:, :n_p])
         current = computed.clone()
         lo, hi = self.layers
@@ -219,7 +219,7 @@ class _Pass:
         else:
             self.deltas.append(None)
         base = output.clone()
-        base[:, :n_p] = run.mlp_out[:n_p, l].to(output.dtype)
+        base[:, :n_p] = run.mlp_out[..., :n_p, l, :].to(output.dtype)
         change = torch.zeros_like(base, dtype=tc.W_enc.dtype)
         for entry in self.deltas:
             if entry is None:
@@ -229,7 +229,7 @@ class _Pass:
             if 0 <= j < vecs.shape[1]:
                 change = change + d_s @ vecs[:, j].to(d_s.dtype)  # [B, T, d]
         if tc.W_skip is not None:
-            moved = xt[:, :n_p] - run.resid_mid[:n_p, l].to(xt.dtype)  # [B, p, d]
+            moved = xt[:, :n_p] - run.resid_mid[..., :n_p, l, :].to(xt.dtype)  # [B, p, d]
             change[:, :n_p] = change[:, :n_p] + tc.skip_layer(l, moved)
         return base + change.to(base.dtype)
 
@@ -362,6 +362,33 @@ def _raw_logits_of_run(rm: ReplacementModel, run: ReplacementRun) -> torch.Tenso
     return rm.frozen(run).logits[0, -1].float()
 
 
+@torch.no_grad()
+def intervene_prompts(
+    replacement: ReplacementModel,
+    run: ReplacementRun,
+    plans: Sequence[Sequence[Intervention]],
+    mode: Mode = "iterative",
+    freeze_attention: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each set of interventions plans[b] on its own prompt, row b of a batch of runs
+    (`ReplacementModel.run_batch`), all in one batched pass: the model's logits at the last
+    position before and after, each [B, vocab]. Same semantics as `intervene_batch`, without
+    generation; many short prompts go far faster this way than one by one."""
+    if mode not in MODES:
+        raise CltraceError(f"intervention mode must be one of {', '.join(MODES)}, got {mode!r}")
+    rm, tc = replacement, replacement.transcoder
+    ids = run.input_ids.to(rm.model.device)
+    if ids.dim() != 2 or len(plans) != ids.shape[0]:
+        raise CltraceError(f"intervene_prompts needs a batched run and one plan per prompt: {len(plans)} plans, "
+                           f"runs of shape {tuple(ids.shape)}")
+    plans = [list(plan) for plan in plans]
+    for plan in plans:
+        check_interventions(plan, tc.n_layers, tc.n_features, run.n_pos)
+    runner = _Pass(rm, run, plans, mode, (0, tc.n_layers - 1), keep=False)
+    raw = runner.forward(ids, frozen=freeze_attention)  # [B, P, vocab]
+    return run.logits[:, -1].float(), rm.model.finalize_logits(raw[:, -1].float())
+
+
 def intervene(
     replacement: ReplacementModel,
     prompt: str | torch.Tensor,
@@ -390,6 +417,7 @@ __all__ = [
     "check_interventions",
     "intervene",
     "intervene_batch",
+    "intervene_prompts",
     "parse_intervention",
     "parse_positions",
 ]

@@ -41,7 +41,7 @@ class ReplacementRun:
 
     @property
     def n_pos(self) -> int:
-        return self.input_ids.shape[0]
+        return self.input_ids.shape[-1]
 
 
 @dataclass
@@ -90,16 +90,31 @@ class ReplacementModel:
     def run(self, prompt: str | torch.Tensor) -> ReplacementRun:
         """Run the model on a prompt and the transcoder on every layer, recording the frozen constants."""
         ids = self.input_ids(prompt).to(self.model.device)
+        return self._record(ids[None], batched=False)
+
+    @torch.no_grad()
+    def run_batch(self, ids: torch.Tensor) -> ReplacementRun:
+        """The runs of several prompts of one length, ids [batch, pos], in one forward pass: every
+        tensor of the result has the batch first ([batch, pos, ...]), the frozen constants too
+        (`intervene_prompts` takes it)."""
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise CltraceError(f"run_batch takes token ids [batch, pos] with pos >= 1, got shape {tuple(ids.shape)}")
+        return self._record(self.model.check_length(ids.long()).to(self.model.device), batched=True)
+
+    def _record(self, ids: torch.Tensor, batched: bool) -> ReplacementRun:
+        """The run of ids [batch, pos]; with `batched` False, of its one row, the batch dimension dropped."""
         state = FreezeState("record")
         with freeze(self.model.model, self._norms, state), self._slots() as slots:
-            logits = self.model.model(input_ids=ids[None], use_cache=False).logits[0]  # [pos, vocab]
-        resid_mid = torch.stack(slots.resid_mid, dim=2)[0]  # [pos, layer, d_model]
-        mlp_out = torch.stack(slots.mlp_out, dim=2)[0]  # [pos, layer, d_model]
+            logits = self.model.model(input_ids=ids, use_cache=False).logits  # [batch, pos, vocab]
+        resid_mid = torch.stack(slots.resid_mid, dim=2)  # [batch, pos, layer, d_model]
+        mlp_out = torch.stack(slots.mlp_out, dim=2)  # [batch, pos, layer, d_model]
+        if not batched:
+            ids, logits, resid_mid, mlp_out = ids[0], logits[0], resid_mid[0], mlp_out[0]
         tc = self.transcoder
         x = resid_mid.to(tc.W_enc.dtype)
-        pre = tc.encode_pre(x)  # [pos, layer, n_features]
-        acts = tc.activation(pre)  # [pos, layer, n_features]
-        recon = tc.decode(acts, x).to(mlp_out.dtype)  # [pos, layer, d_model]
+        pre = tc.encode_pre(x)  # [(batch,) pos, layer, n_features]
+        acts = tc.activation(pre)  # [(batch,) pos, layer, n_features]
+        recon = tc.decode(acts, x).to(mlp_out.dtype)  # [(batch,) pos, layer, d_model]
         return ReplacementRun(ids, logits, resid_mid, mlp_out, pre, acts, recon, mlp_out - recon, state)
 
     def frozen(
