@@ -80,19 +80,24 @@ def test_circuit_and_random_ablations_match_direct_interventions(traced) -> None
     tokens = circuit.target["tokens"]
     ids = torch.tensor(graph.metadata["input_ids"])
     members = [m for sn in circuit.supernodes for m in sn.members]
+    up = [m for sn in circuit.supernodes if sn.effect > 0 for m in sn.members]
+    assert 0 < len(up) < len(members)  # the test sees supernodes of both signs
     whole = intervene(rm, ids, [Intervention.at(l, f, p, value=0.0) for l, f, p in members])
     p_whole, _ = p_and_value(whole, tokens)
+    assert v["whole_circuit_ablation"]["p_after"] == pytest.approx(p_whole, rel=1e-5, abs=1e-7)
+    part = intervene(rm, ids, [Intervention.at(l, f, p, value=0.0) for l, f, p in up])
+    p_part, _ = p_and_value(part, tokens)
     c = v["circuit_ablation"]
-    assert c["p_after"] == pytest.approx(p_whole, rel=1e-5, abs=1e-7) and c["n_features"] == len(members)
-    assert c["relative_drop"] == pytest.approx((c["p_before"] - p_whole) / c["p_before"], rel=1e-4, abs=1e-7)
+    assert c["p_after"] == pytest.approx(p_part, rel=1e-5, abs=1e-7) and c["n_features"] == len(up)
+    assert c["relative_drop"] == pytest.approx((c["p_before"] - p_part) / c["p_before"], rel=1e-4, abs=1e-7)
     run = rm.run(ids)
     gen = torch.Generator().manual_seed(5)
     r = v["random_ablation"]
-    assert r["draws"] == 3 and r["n_features"] == len(members)
+    assert r["draws"] == 3 and r["n_features"] == len(up)
     drops = []
     for d in range(3):
-        picks = matched_random(run, members, gen)
-        assert not set(picks) & set(members) and all(p >= 1 for _, _, p in picks)
+        picks = matched_random(run, up, gen, exclude=members)
+        assert len(picks) == len(up) and not set(picks) & set(members) and all(p >= 1 for _, _, p in picks)
         res = intervene(rm, ids, [Intervention.at(l, f, p, value=0.0) for l, f, p in picks])
         p_after, _ = p_and_value(res, tokens)
         assert r["p_after"][d] == pytest.approx(p_after, rel=1e-5, abs=1e-7)

@@ -6,7 +6,11 @@ the graph, to first order, its own members held so that a path through two of th
 (`cltrace.graph.effects`). Positive pushes the target up: removing it should lower the target.
 
 The circuit is the smallest set of supernodes, taken by decreasing |effect|, whose |effects| make up
-`min_coverage` of all supernodes', at most `max_supernodes` of them. Its edges are signed and in
+`min_coverage` of all supernodes' (its **coverage**), at most `max_supernodes` of them: the strongest
+pushing the target up and the strongest pushing it down. Beside it, the graph's own prediction of
+what removing the circuit's up-pushing supernodes together does: the target's value drops by their
+joint effect E (to first order, each path counted once), and its probability follows with the other
+logits held, p' = p·e^−E / (1 − p + p·e^−E) (**predicted_drop** = 1 − p'/p). Its edges are signed and in
 the target's units: edge A → B is the part of A's effect that reaches the target through B, B being
 the first circuit supernode on the way (A's arrival at B's members through nodes outside the
 circuit, times the target's sensitivity to B's members); edge A → out the part of A's effect whose
@@ -19,6 +23,7 @@ goes through A first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -122,11 +127,15 @@ class Circuit:
     outputs: list[dict[str, Any]]
     edges: list[dict[str, Any]]
     coverage: float
-    """The share of all supernodes' |effect| that the circuit's make up."""
+    """The share of all supernodes' summed |effect| that the circuit's make up."""
     n_candidates: int = 0
     """How many supernodes it was chosen from."""
     n_needed: int = 0
-    """How many supernodes reach min_coverage (more than the circuit holds where the cap cut it)."""
+    """How many supernodes, taken by |effect|, reach min_coverage (more than the circuit holds where
+    the cap cut it)."""
+    predicted_drop: float | None = None
+    """The share of the target's probability that removing the up-pushing supernodes takes away, as
+    the graph predicts (see the module docstring)."""
     graph: str = "graph.safetensors"
     validation: dict[str, Any] | None = None
 
@@ -149,6 +158,7 @@ class Circuit:
         return {
             "version": CIRCUIT_VERSION, "prompt": self.prompt, "tokens": list(self.tokens), "target": dict(self.target),
             "graph": self.graph, "coverage": self.coverage, "n_candidates": self.n_candidates, "n_needed": self.n_needed,
+            "predicted_drop": self.predicted_drop,
             "supernodes": [sn.to_dict() for sn in self.supernodes], "inputs": list(self.inputs),
             "outputs": list(self.outputs), "edges": list(self.edges), "validation": self.validation,
         }
@@ -165,8 +175,8 @@ class Circuit:
                 str(d.get("prompt") or ""), [str(t) for t in d.get("tokens") or []], dict(d["target"]),
                 [CircuitNode.from_dict(s) for s in d["supernodes"]], list(d.get("inputs") or []),
                 list(d.get("outputs") or []), list(d.get("edges") or []), float(d.get("coverage") or 0.0),
-                int(d.get("n_candidates") or 0), int(d.get("n_needed") or 0), str(d.get("graph") or "graph.safetensors"),
-                d.get("validation"),
+                int(d.get("n_candidates") or 0), int(d.get("n_needed") or 0), None if d.get("predicted_drop") is None else float(d["predicted_drop"]),
+                str(d.get("graph") or "graph.safetensors"), d.get("validation"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CltraceError(f"circuit is malformed ({exc}); it needs target and supernodes") from None
@@ -288,14 +298,10 @@ def build_circuit(
         raise CltraceError(f"supernode name {reserved[0]!r} is kept for the circuit's tokens and output; rename it")
     kept = [(sn, g) for sn, g in zip(supernodes, member_nodes(graph, supernodes)) if g]
     effects, sens = sweeps.joint_effects(tnode, [g for _, g in kept])  # [G], [node, G]
-    size = effects.abs()
-    order = torch.argsort(size, descending=True, stable=True)
-    order = order[size[order] > 0]
-    total = float(size.sum())
-    share = (torch.cumsum(size[order], 0) / total) if total > 0 else torch.zeros(0, dtype=torch.float64)
-    n_needed = min(int(torch.searchsorted(share, torch.tensor([min_coverage - 1e-12], dtype=share.dtype))) + 1,
-                   len(order)) if len(order) else 0
-    chosen = order[: min(n_needed, max_supernodes)].tolist()
+    info = _target_info(graph, tnode, target)
+    chosen, coverage, n_needed = select(effects, max_supernodes, min_coverage)
+    up = [m for i in chosen if float(effects[i]) > 0 for m in kept[i][1]]
+    predicted_drop = carried_share(float(info["probability"]), float(sweeps.joint_effects(tnode, [up])[0][0]))
     nodes = graph.nodes
     act = nodes.activation.tolist()
     circuit_nodes = []
@@ -310,12 +316,35 @@ def build_circuit(
                                          **labels))
     edges, inputs = _circuit_edges(graph, sweeps, tnode, [kept[i][1] for i in chosen], sens[:, chosen],
                                    [sn.id for sn in circuit_nodes], min_edge_share, max_token_edges, tokens)
-    info = _target_info(graph, tnode, target)
     return Circuit(
         str(graph.metadata.get("prompt") or ""), tokens, info, circuit_nodes, inputs,
-        [{"id": "out", "label": str(info.get("label", ""))}], edges,
-        float(share[len(chosen) - 1]) if chosen else 0.0, len(kept), n_needed, graph_file,
+        [{"id": "out", "label": str(info.get("label", ""))}], edges, coverage, len(kept), n_needed, predicted_drop,
+        graph_file,
     )
+
+
+def carried_share(p: float, effect: float) -> float:
+    """1 − p'/p: the share of probability `p` lost when the target's value drops by `effect`, the
+    other logits held (p' = p·e^−E / (1 − p + p·e^−E))."""
+    if p <= 0:
+        return 0.0
+    kept = math.exp(-min(effect, 700.0))
+    return 1.0 - kept / (1.0 - p + p * kept)
+
+
+def select(effects: torch.Tensor, max_supernodes: int, min_coverage: float) -> tuple[list[int], float, int]:
+    """(chosen indices, their share of the summed |effects|, how many reach min_coverage): the
+    supernodes by decreasing |effect| (those with none left out), at most max_supernodes."""
+    size = effects.abs()
+    order = torch.argsort(size, descending=True, stable=True)
+    order = order[size[order] > 0]
+    total = float(size.sum())
+    if not len(order) or total <= 0:
+        return [], 0.0, 0
+    share = torch.cumsum(size[order], 0) / total
+    n_needed = min(int(torch.searchsorted(share, torch.tensor([min_coverage - 1e-12], dtype=share.dtype))) + 1, len(order))
+    k = min(n_needed, max_supernodes)
+    return order[:k].tolist(), float(share[k - 1]), n_needed
 
 
 def _circuit_edges(graph: Graph, sweeps: Sweeps, tnode: int, groups: list[list[int]], sens: torch.Tensor,
@@ -351,4 +380,5 @@ def _circuit_edges(graph: Graph, sweeps: Sweeps, tnode: int, groups: list[list[i
     return edges, inputs
 
 
-__all__ = ["CIRCUIT_VERSION", "Circuit", "CircuitNode", "LabelInfo", "build_circuit", "member_nodes"]
+__all__ = ["CIRCUIT_VERSION", "Circuit", "CircuitNode", "LabelInfo", "build_circuit", "carried_share", "member_nodes",
+           "select"]

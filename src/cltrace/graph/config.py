@@ -86,7 +86,7 @@ class GroupingConfig:
     is at least this: higher keeps more, smaller supernodes."""
 
     max_layer_gap: int = dataclasses.field(default=3, metadata={"min": 0})
-    """Two groups merge only when their nearest members are at most this many layers apart."""
+    """Two groups merge only when all their members are at most this many layers apart."""
 
     output_weight: float = dataclasses.field(default=0.6, metadata={"min": 0.0, "max": 1.0})
     """The weight of output similarity (where each feature's effect on the target flows) against
@@ -100,7 +100,7 @@ class CircuitConfig:
     max_supernodes: int = dataclasses.field(default=12, metadata={"min": 1})
     """At most this many supernodes in the circuit."""
 
-    min_coverage: float = dataclasses.field(default=0.7, metadata={"min": 0.0, "max": 1.0})
+    min_coverage: float = dataclasses.field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     """The circuit is the smallest set of supernodes whose |signed effects| on the target make up this
     share of all supernodes' (at most max_supernodes of them)."""
 

@@ -16,11 +16,13 @@ output. Summed over every path this gives:
   pre-activation those nodes make through the paths that avoid the held nodes.
 
 Both are exact sweeps over the edges in layer order (a feature's edges go to higher layers and the
-logits only), one column per question, never a dense N × N matrix.
+logits only), one column per question: one sparse matrix product per layer, never a dense N × N
+matrix.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -54,12 +56,14 @@ class Sweeps:
                                "effects need a layered attribution graph (not one with merged supernodes)")
         self.activation = nodes.activation.to(torch.float64)  # [node]
         self.levels = sorted(set(level[src].tolist()))
-        order = torch.argsort(level[src], stable=True)
-        self.src, self.tgt = src[order], tgt[order]  # [edge] by source level
-        self.weight = graph.edge_weight[order].to(torch.float64)  # [edge]
-        bounds = torch.searchsorted(level[src][order], torch.tensor(self.levels + [10**9]))
-        self.slices = {lv: (int(bounds[i]), int(bounds[i + 1])) for i, lv in enumerate(self.levels)}
-        self.level = level
+        weight = graph.edge_weight.to(torch.float64)
+        # Per source level: the edges as sparse matrices, [source, target] (backward) and [target, source].
+        self.down: dict[int, torch.Tensor] = {}
+        self.up: dict[int, torch.Tensor] = {}
+        for lv in self.levels:
+            m = level[src] == lv
+            self.down[lv] = _csr(src[m], tgt[m], weight[m], self.n)
+            self.up[lv] = _csr(tgt[m], src[m], weight[m], self.n)
         features = self.is_feature & (self.activation != 0)
         self.features_at = {lv: (features & (level == lv)).nonzero(as_tuple=True)[0] for lv in self.levels if lv >= 0}
 
@@ -77,9 +81,7 @@ class Sweeps:
         u = seed.to(torch.float64).clone()  # [node, K] ∂target/∂pre-activation
         effect = torch.zeros_like(u)  # [node, K]
         for lv in reversed(self.levels):
-            a, b = self.slices[lv]
-            s, t = self.src[a:b], self.tgt[a:b]
-            effect.index_add_(0, s, self.weight[a:b, None] * u[t])
+            effect += self.down[lv] @ u
             if lv >= 0:
                 nodes = self.features_at[lv]
                 u[nodes] = self._relay(effect, nodes, held)
@@ -96,9 +98,7 @@ class Sweeps:
             if lv >= 0:
                 nodes = self.features_at[lv]
                 frac[nodes] = inject[nodes].to(torch.float64) + self._relay(arrival, nodes, held)
-            a, b = self.slices[lv]
-            s, t = self.src[a:b], self.tgt[a:b]
-            arrival.index_add_(0, t, self.weight[a:b, None] * frac[s])
+            arrival += self.up[lv] @ frac
         return arrival
 
     def _check(self, values: torch.Tensor, held: torch.Tensor | None) -> None:
@@ -142,6 +142,14 @@ class Sweeps:
             if len(members):
                 held[torch.as_tensor(list(members), dtype=torch.long), k] = True
         return held
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """An [n, n] sparse CSR matrix with `values` at (rows, cols), duplicates summed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta": only the products below are used
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n)).coalesce()
+        return coo.to_sparse_csr()
 
 
 __all__ = ["Sweeps"]

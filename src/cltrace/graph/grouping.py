@@ -11,8 +11,8 @@ target the same way, and both their effect and their input come through the same
 
 The similarity of two features is a weighted mean of the cosines of their output and input roles.
 Groups merge bottom-up (agglomerative, average linkage) while the best pair's similarity is at least
-a threshold, and only where their nearest layers are close and their summed effects do not have
-opposite signs. Each group becomes a `Supernode` whose name says what its members are (from
+a threshold, and only where all their members are at nearby layers and push the target
+the same way (a supernode's members never have effects of opposite signs). Each group becomes a `Supernode` whose name says what its members are (from
 `label_of(layer, feature)` where labels are known, else their layers) and where they sit.
 """
 
@@ -81,19 +81,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def agglomerate(sim: torch.Tensor, layers: torch.Tensor, effects: torch.Tensor, threshold: float,
                 max_layer_gap: int) -> list[list[int]]:
     """Average-linkage clusters of items with similarity `sim` [n, n]: merge the most similar pair of
-    clusters while that similarity is >= `threshold`, their nearest `layers` [n] are at most
-    `max_layer_gap` apart and their summed `effects` [n] do not have opposite signs."""
+    clusters while that similarity is >= `threshold`, all their members' `layers` [n] are at most
+    `max_layer_gap` apart and no two of their members' `effects` [n] have opposite signs."""
     n = sim.shape[0]
     s = sim.to(torch.float64).clone()
     s.fill_diagonal_(-torch.inf)
     members = [[i] for i in range(n)]
     size = torch.ones(n, dtype=torch.float64)
     lo, hi = layers.to(torch.int64).clone(), layers.to(torch.int64).clone()
-    eff = effects.to(torch.float64).clone()
+    sign = torch.sign(effects.to(torch.float64))  # [n] each cluster's sign (0: none yet)
     alive = torch.ones(n, dtype=torch.bool)
     while int(alive.sum()) > 1:
-        gap = torch.clamp(torch.maximum(lo[:, None] - hi[None, :], lo[None, :] - hi[:, None]), min=0)  # [n, n]
-        ok = alive[:, None] & alive[None, :] & (gap <= max_layer_gap) & (eff[:, None] * eff[None, :] >= 0)
+        gap = torch.maximum(hi[:, None], hi[None, :]) - torch.minimum(lo[:, None], lo[None, :])  # [n, n] merged span
+        ok = alive[:, None] & alive[None, :] & (gap <= max_layer_gap) & (sign[:, None] * sign[None, :] >= 0)
         masked = torch.where(ok, s, torch.full_like(s, -torch.inf))
         best = int(masked.argmax())
         i, j = divmod(best, n)
@@ -104,7 +104,8 @@ def agglomerate(sim: torch.Tensor, layers: torch.Tensor, effects: torch.Tensor, 
         s[i, i] = -torch.inf
         s[j], s[:, j] = -torch.inf, -torch.inf
         size[i] += size[j]
-        lo[i], hi[i], eff[i] = min(lo[i], lo[j]), max(hi[i], hi[j]), eff[i] + eff[j]
+        lo[i], hi[i] = min(lo[i], lo[j]), max(hi[i], hi[j])
+        sign[i] = sign[i] if sign[i] != 0 else sign[j]
         members[i] += members[j]
         alive[j] = False
     return [sorted(members[i]) for i in alive.nonzero(as_tuple=True)[0].tolist()]

@@ -14,9 +14,11 @@ prediction, minus the supernode's effect. A supernode whose label names tokens i
 steered (members multiplied by `steer_factor`): it passes when the named tokens' logits, minus the
 mean logit, go up.
 
-The circuit as a whole is ablated, and compared with ablating as many random active features
-(position 0 left out), each matched to one circuit member by activation: one of the 3 unused
-features of nearest activation, picked at random (`n_random` seeded draws).
+The circuit's supernodes that push the target up, the part that the circuit says carries it, are
+ablated together and compared with ablating as many random active features (position 0 left out),
+each matched to one of their members by activation: one of the 3 unused features of nearest
+activation, picked at random (`n_random` seeded draws). The whole circuit, the supernodes that push
+the target down included, is ablated too.
 """
 
 from __future__ import annotations
@@ -59,15 +61,15 @@ def ablation(members: Sequence[tuple[int, int, int]]) -> list[Intervention]:
     return [Intervention.at(l, f, p, value=0.0) for l, f, p in members]
 
 
-def matched_random(run: ReplacementRun, members: Sequence[tuple[int, int, int]], generator: torch.Generator
-                   ) -> list[tuple[int, int, int]]:
-    """For each member in turn (by its activation), an unused active feature outside `members` and
-    position 0, picked at random among the NEAREST of closest activation."""
+def matched_random(run: ReplacementRun, members: Sequence[tuple[int, int, int]], generator: torch.Generator,
+                   exclude: Sequence[tuple[int, int, int]] = ()) -> list[tuple[int, int, int]]:
+    """For each member in turn (by its activation), an unused active feature outside `members`,
+    `exclude` and position 0, picked at random among the NEAREST of closest activation."""
     pos, layer, feat = (run.activations[1:] != 0).nonzero(as_tuple=True)  # [n] each
     pos = pos + 1
     pool_act = run.activations[pos, layer, feat].double()  # [n]
     keys = list(zip(layer.tolist(), feat.tolist(), pos.tolist()))
-    taken = set(members)
+    taken = set(members) | set(exclude)
     free = torch.tensor([k not in taken for k in keys], dtype=torch.bool)
     chosen = []
     for l, f, p in members:
@@ -135,31 +137,33 @@ def validate_circuit(
         raise CltraceError(f"n_random must be at least 1, got {n_random}")
     run = replacement.run(torch.tensor(ids, dtype=torch.long))
     tokens, coefs = [int(t) for t in circuit.target["tokens"]], [float(c) for c in circuit.target["coefs"]]
+    up = [m for sn in circuit.supernodes if sn.effect > 0 for m in sn.members]
     members = [m for sn in circuit.supernodes for m in sn.members]
     generator = torch.Generator().manual_seed(int(seed))
-    random_sets = [matched_random(run, members, generator) for _ in range(n_random)]
-    ablations = [ablation(sn.members) for sn in circuit.supernodes] + [ablation(members)]
+    random_sets = [matched_random(run, up, generator, exclude=members) for _ in range(n_random)]
+    ablations = [ablation(sn.members) for sn in circuit.supernodes] + [ablation(up), ablation(members)]
     steered = [(sn, _token_ids(replacement, sn.output_tokens)) for sn in circuit.supernodes]
     steered = [(sn, t) for sn, t in steered if t]
     steers = [[Intervention.at(l, f, p, factor=steer_factor) for l, f, p in sn.members] for sn, _ in steered]
     actual = _run_all(replacement, run, ablations + [ablation(r) for r in random_sets] + steers, frozen=False)
     predicted = _run_all(replacement, run, ablations, frozen=True)
     k = len(circuit.supernodes)
+    measured = [_measure(r, tokens, coefs) for r in actual]
+    expected = [_measure(r, tokens, coefs) for r in predicted]
     for i, sn in enumerate(circuit.supernodes):
-        act, pred = _measure(actual[i], tokens, coefs), _measure(predicted[i], tokens, coefs)
+        act, pred = measured[i], expected[i]
         sn.validation = {"ablate": {
             "predicted": pred["p_after"] - pred["p_before"], "actual": act["p_after"] - act["p_before"],
             "p_before": act["p_before"], "p_after": act["p_after"], "p_predicted": pred["p_after"],
             "value_predicted": pred["value_change"], "value_actual": act["value_change"], "value_graph": -sn.effect,
         }, "steer": None}
-    for (sn, token_ids), res in zip(steered, actual[k + 1 + n_random :]):
+    for (sn, token_ids), res in zip(steered, actual[k + 2 + n_random :]):
         change = [_value(res.raw_logits_after, [t], [1.0]) - _value(res.raw_logits_before, [t], [1.0]) for t in token_ids]
         mean_change = sum(change) / len(change)
         sn.validation["steer"] = {"tokens": [replacement.model.decode_token(t) for t in token_ids],
                                   "factor": steer_factor, "logit_change": mean_change, "passed": mean_change > 0}
-    circuit.validation = _summary(circuit, _measure(actual[k], tokens, coefs), _measure(predicted[k], tokens, coefs),
-                                  [_measure(r, tokens, coefs) for r in actual[k + 1 : k + 1 + n_random]],
-                                  len(members), n_random, seed)
+    circuit.validation = _summary(circuit, measured[k : k + 2], expected[k : k + 2], measured[k + 2 : k + 2 + n_random],
+                                  len(up), n_random, seed)
     return circuit.validation
 
 
@@ -167,17 +171,24 @@ def _relative_drop(m: dict[str, float]) -> float:
     return (m["p_before"] - m["p_after"]) / m["p_before"] if m["p_before"] > 0 else 0.0
 
 
-def _summary(circuit: Circuit, whole: dict[str, float], whole_pred: dict[str, float], randoms: list[dict[str, float]],
-             n_features: int, n_random: int, seed: int) -> dict[str, Any]:
-    drop = _relative_drop(whole)
+def _ablated(m: dict[str, float], pred: dict[str, float], n_features: int) -> dict[str, Any]:
+    return {"p_before": m["p_before"], "p_after": m["p_after"], "relative_drop": _relative_drop(m),
+            "p_predicted": pred["p_after"], "value_actual": m["value_change"], "value_predicted": pred["value_change"],
+            "n_features": n_features}
+
+
+def _summary(circuit: Circuit, parts: list[dict[str, float]], parts_pred: list[dict[str, float]],
+             randoms: list[dict[str, float]], n_up: int, n_random: int, seed: int) -> dict[str, Any]:
+    """The circuit's validation: its up-pushing part and the whole ablated, the random controls."""
+    drop = _relative_drop(parts[0])
     random_drops = [_relative_drop(r) for r in randoms]
-    random_mean = sum(random_drops) / len(random_drops)
+    random_mean = sum(random_drops) / len(random_drops) if random_drops else 0.0
     abl = [sn.validation["ablate"] for sn in circuit.supernodes if sn.validation]
     return {
-        "circuit_ablation": {"p_before": whole["p_before"], "p_after": whole["p_after"], "relative_drop": drop,
-                             "p_predicted": whole_pred["p_after"], "value_actual": whole["value_change"],
-                             "value_predicted": whole_pred["value_change"], "n_features": n_features},
-        "random_ablation": {"n_features": n_features, "draws": n_random, "seed": seed, "relative_drop_mean": random_mean,
+        "circuit_ablation": {**_ablated(parts[0], parts_pred[0], n_up),
+                             "supernodes": [sn.id for sn in circuit.supernodes if sn.effect > 0]},
+        "whole_circuit_ablation": _ablated(parts[1], parts_pred[1], sum(len(sn.members) for sn in circuit.supernodes)),
+        "random_ablation": {"n_features": n_up, "draws": n_random, "seed": seed, "relative_drop_mean": random_mean,
                             "relative_drops": random_drops, "p_after": [r["p_after"] for r in randoms]},
         "ratio": drop / random_mean if random_mean > 0 else None,
         "pearson_r": pearson([a["predicted"] for a in abl], [a["actual"] for a in abl]),
