@@ -25,30 +25,42 @@ def _columns(circuit: Circuit) -> dict[int, int]:
     return {p: c for c, p in enumerate(used)}
 
 
+def _rows(nodes: list[CircuitNode]) -> list[list[CircuitNode]]:
+    """The boxes of one column in rows, bottom to top: a box joins the row below when its mean layer is
+    less than 4 layers above that row's first box (so that their boxes would overlap)."""
+    rows: list[list[CircuitNode]] = []
+    for sn in sorted(nodes, key=_mean_layer):
+        if rows and _mean_layer(sn) - _mean_layer(rows[-1][0]) < 4:
+            rows[-1].append(sn)
+        else:
+            rows.append([sn])
+    return rows
+
+
+def _mean_layer(sn: CircuitNode) -> float:
+    return sum(sn.layers) / len(sn.layers)
+
+
 def circuit_layout(circuit: Circuit, n_layers: int) -> dict[str, tuple[float, float]]:
-    """Node id → (x, y): x the column of its position (boxes of one column that would overlap spread
-    sideways), y its mean layer; inputs at -3, the output at n_layers + 3."""
-    cols = _columns(circuit)
-    xy: dict[str, tuple[float, float]] = {i["id"]: (float(cols[int(i["pos"])]), -3.0) for i in circuit.inputs}
+    """Node id → (x, y): y a supernode's mean layer (inputs at -3, the output at n_layers + 3); x its
+    position's column, each column as wide as its widest row of boxes, boxes of a row side by side."""
     by_col: dict[int, list[CircuitNode]] = {}
+    cols = _columns(circuit)
     for sn in circuit.supernodes:
         by_col.setdefault(cols[sn.pos], []).append(sn)
-    for col, nodes in by_col.items():
-        nodes.sort(key=lambda s: sum(s.layers) / len(s.layers))
-        rows: list[list[CircuitNode]] = []
-        for sn in nodes:  # a new row where the previous box is more than 4 layers below
-            y = sum(sn.layers) / len(sn.layers)
-            if rows and y - sum(rows[-1][0].layers) / len(rows[-1][0].layers) < 4:
-                rows[-1].append(sn)
-            else:
-                rows.append([sn])
-        for row in rows:
+    rows = {c: _rows(nodes) for c, nodes in by_col.items()}
+    centre, left = {}, 0.0
+    for c in range(len(cols)):
+        width = max((len(r) for r in rows.get(c, [])), default=1)
+        centre[c] = left + (width - 1) / 2
+        left += width + 0.2
+    xy: dict[str, tuple[float, float]] = {i["id"]: (centre[cols[int(i["pos"])]], -3.0) for i in circuit.inputs}
+    for c, col_rows in rows.items():
+        for row in col_rows:
             for k, sn in enumerate(row):
-                offset = (k - (len(row) - 1) / 2) * 0.45
-                xy[sn.id] = (col + offset, sum(sn.layers) / len(sn.layers) + 1.2 * k)
-    last = max(cols.values(), default=0)
+                xy[sn.id] = (centre[c] + k - (len(row) - 1) / 2, _mean_layer(sn))
     for o in circuit.outputs:
-        xy[o["id"]] = (float(last), float(n_layers) + 3.0)
+        xy[o["id"]] = (max(centre.values(), default=0.0), float(n_layers) + 3.0)
     return xy
 
 
@@ -98,8 +110,8 @@ def plot_circuit(circuit: Circuit, path: str | Path, n_layers: int, title: str |
     from matplotlib.patches import FancyArrowPatch
 
     xy = circuit_layout(circuit, n_layers)
-    n_cols = max(len(_columns(circuit)), 1)
-    fig, ax = plt.subplots(figsize=(min(22.0, max(9.0, 2.4 * n_cols)), 10.0), dpi=100)
+    xs = [x for x, _ in xy.values()] or [0.0]
+    fig, ax = plt.subplots(figsize=(min(24.0, max(9.0, 2.3 * (max(xs) - min(xs) + 1.5))), 10.0), dpi=100)
     biggest = max((abs(e["weight"]) for e in circuit.edges), default=1.0) or 1.0
     for e in sorted(circuit.edges, key=lambda e: abs(e["weight"])):
         if e["source"] not in xy or e["target"] not in xy:
@@ -118,8 +130,7 @@ def plot_circuit(circuit: Circuit, path: str | Path, n_layers: int, title: str |
     for o in circuit.outputs:
         text = f"{o['label']!r}" + (f"  p = {p:.2f}" if isinstance(p, (int, float)) else "")
         _box(ax, xy[o["id"]], text, "#e6dcf3", "#6a3d9a", size=10)
-    xs = [x for x, _ in xy.values()] or [0.0]
-    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
+    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
     ax.set_ylim(-4.5, n_layers + 4.5)
     ax.set_yticks([-3, *range(0, n_layers, 5), n_layers + 3])
     ax.set_yticklabels(["tokens", *[f"L{y}" for y in range(0, n_layers, 5)], "output"], fontsize=8)
