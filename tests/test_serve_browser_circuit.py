@@ -194,7 +194,6 @@ def test_circuit_view_rename_merge_split(browser, served: dict) -> None:
 def test_revalidate_shows_progress_then_the_new_numbers(browser, served: dict) -> None:
     """Merge two supernodes, then Re-validate: the job's stages show while it runs, then the numbers
     the server saved (each supernode's ablation, the circuit's against random features)."""
-    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
     before = on_disk(served)
     pg = open_page(browser, served["url"])
     try:

@@ -209,7 +209,6 @@ def model_client(folder: dict) -> TestClient:
 def test_revalidation_rebuilds_the_edited_circuit_as_build_and_validate_do(model_client: TestClient, folder: dict) -> None:
     """Merge two supernodes, re-validate: the saved circuit is what `build_circuit` and
     `validate_circuit` make of the edited supernodes, with the names and labels a person left."""
-    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
     from cltrace.graph.circuit import Circuit, build_circuit
     from cltrace.graph.validate import validate_circuit
 
@@ -243,7 +242,6 @@ def test_revalidation_rebuilds_the_edited_circuit_as_build_and_validate_do(model
 
 def test_an_edit_during_revalidation_is_not_overwritten(folder: dict) -> None:
     """The job saves only if circuit.json is as it read it: an edit made meanwhile wins, and the job says so."""
-    pytest.importorskip("cltrace.graph.circuit", reason="the circuit branch (graph/circuit.py) has not landed here yet")
     from cltrace.errors import CltraceError
     from cltrace.serve.circuit import revalidate
     from cltrace.serve.jobs import Job, Models

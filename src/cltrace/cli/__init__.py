@@ -12,7 +12,7 @@ import sys
 import typer
 
 # each module registers its commands on `app` when imported, in the order `--help` lists them
-from cltrace.cli import features, global_weights, graphs, interventions, pipeline, qk, tools  # noqa: F401, I001
+from cltrace.cli import circuits, features, global_weights, graphs, interventions, pipeline, qk, tools  # noqa: F401, I001
 from cltrace.cli.common import app
 from cltrace.errors import CltraceError
 

@@ -20,9 +20,25 @@ from cltrace.cli.common import (
     required,
 )
 from cltrace.fields import field_default
-from cltrace.graph.config import AttributionConfig
+from cltrace.graph.config import AttributionConfig, CircuitConfig
 
 MaxFeatureNodesOption = Annotated[int, config_option(AttributionConfig, "max_feature_nodes", "--max-feature-nodes")]
+TargetOption = Annotated[list[str] | None, typer.Option(
+    "--target", help="A single-token target (repeatable); default: the top logits. With --versus, the logit difference.")]
+VersusOption = Annotated[str | None, typer.Option(
+    "--versus", help="Explain logit(--target) − logit(this token), e.g. --target DA --versus DC.")]
+
+
+def targets_of(target: list[str] | None, versus: str | None) -> list[Any] | None:
+    """The attribution targets of --target (repeatable) and --versus (with exactly one --target)."""
+    from cltrace.errors import CltraceError
+    from cltrace.graph.targets import LogitDifference
+
+    if versus is None:
+        return list(target) if target else None
+    if not target or len(target) != 1:
+        raise CltraceError("--versus compares one target with another: give exactly one --target, e.g. --target DA --versus DC")
+    return [LogitDifference(target[0], versus)]
 
 
 @app.command()
@@ -32,9 +48,8 @@ def attribute(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the graph file.")] = None,
     old_output: OldOutputOption = None,
     model: ModelOption = None,
-    target: Annotated[
-        list[str] | None, typer.Option("--target", help="A single-token target (repeatable); default: top logits.")
-    ] = None,
+    target: TargetOption = None,
+    versus: VersusOption = None,
     max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
     batch_size: Annotated[int, config_option(AttributionConfig, "batch_size", "--batch-size")] = field_default(
         AttributionConfig, "batch_size"),
@@ -66,6 +81,7 @@ def attribute(
     output = required(deprecated(out, old_output, "--output", "-o/--out"), "-o/--out", "name the graph file to write")
     check_writable(output, "graph")  # a bad -o fails now, not after the whole graph is computed
     dev = device_given(device)
+    targets = targets_of(target, versus)
     loaded = load_model(model, device=dev)
     transcoder = resolve_transcoder(transcoder, model, model=loaded)  # 'default' -> its folder in the cache
     replacement = ReplacementModel(loaded, load_transcoder(transcoder, device=dev))
@@ -75,7 +91,6 @@ def attribute(
         from cltrace.graph.distributed import attribute_sharded as build_graph
     from cltrace.graph.attribution import estimate_attribution
 
-    targets = list(target) if target else None
     config = AttributionConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size,
                                max_memory_bytes=int(max_memory * 2**30) if max_memory is not None else None)
     limit = config.memory_limit(dev)
@@ -126,17 +141,21 @@ def trace(
     transcoder: Annotated[
         str, typer.Option("--transcoder", "-t", help="A transcoder directory, or 'default' (the default CLT, trained on first use).")
     ] = "default",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for graph.safetensors, graph.png and report.txt.")] = Path("cltrace-trace"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the graph, the circuit, their pictures and report.txt.")] = Path("cltrace-trace"),
     model: ModelOption = None,
+    target: TargetOption = None,
+    versus: VersusOption = None,
     features: Annotated[
         str, typer.Option("--features", help="Feature database for labels and contexts: 'auto' (built in the cache on first use), a .db file, or 'none'.")
     ] = "auto",
     feature_tokens: Annotated[int, typer.Option("--feature-tokens", min=1, help="Tokens the automatic feature database analyses.")] = 50_000,
     max_feature_nodes: MaxFeatureNodesOption = field_default(AttributionConfig, "max_feature_nodes"),
+    max_supernodes: Annotated[int, config_option(CircuitConfig, "max_supernodes", "--max-supernodes")] = field_default(
+        CircuitConfig, "max_supernodes"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Trace a prompt: attribution graph, pruning, scores, the strongest paths with their features, and a picture."""
+    """Trace a prompt: its circuit (labelled supernodes, signed effects, validated by intervening), the attribution graph, pictures."""
     from cltrace.features import FeatureStore
     from cltrace.model import load_model
     from cltrace.replacement import ReplacementModel
@@ -146,6 +165,7 @@ def trace(
 
     check_trace_folder(out)  # a bad --out fails now, not after the model, feature pages and graph
     dev = device_given(device)
+    targets = targets_of(target, versus)
     loaded = load_model(model, device=dev)
     tc_path = resolve_transcoder(Path(transcoder), model, model=loaded)
     tc = load_transcoder(tc_path, device=dev)
@@ -158,13 +178,15 @@ def trace(
     store = FeatureStore(db_path) if db_path is not None else None
     try:
         result = trace_prompt(replacement, prompt, out, feature_db=store, transcoder_path=str(Path(tc_path).resolve()),
-                              max_feature_nodes=max_feature_nodes, progress=not quiet)
+                              targets=targets, max_feature_nodes=max_feature_nodes, progress=not quiet,
+                              circuit=CircuitConfig(max_supernodes=max_supernodes))
     finally:
         if store is not None:
             store.close()
     typer.echo(result.report.format())
     typer.echo("")
-    typer.echo(f"wrote {result.graph_path}, {result.picture_path} and {out / 'report.txt'}")
+    typer.echo(f"wrote {out / 'circuit.json'}, {out / 'circuit.png'}, {result.graph_path}, {result.picture_path} and "
+               f"{out / 'report.txt'}")
     typer.echo(f"explore it: cltrace serve {out}")
 
 

@@ -84,6 +84,54 @@ class AttributionConfig:
 
 
 
+@dataclass
+class GroupingConfig:
+    """How a graph's feature nodes are grouped into supernodes by role (`cltrace.graph.grouping`)."""
+
+    threshold: float = dataclasses.field(default=0.5, metadata={"min": -1.0, "max": 1.0})
+    """Two groups merge while their average role similarity (a weighted mean of cosines, -1 to 1)
+    is at least this: higher keeps more, smaller supernodes."""
+
+    max_layer_gap: int = dataclasses.field(default=3, metadata={"min": 0})
+    """Two groups merge only when all their members are at most this many layers apart."""
+
+    output_weight: float = dataclasses.field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    """The weight of output similarity (where each feature's effect on the target flows) against
+    input similarity (where its activation comes from); the rest goes to inputs."""
+
+
+@dataclass
+class CircuitConfig:
+    """How the circuit is chosen from a graph's supernodes (`cltrace.graph.circuit`)."""
+
+    max_supernodes: int = dataclasses.field(default=12, metadata={"min": 1})
+    """At most this many supernodes in the circuit."""
+
+    min_coverage: float = dataclasses.field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """The circuit is the smallest set of supernodes whose |signed effects| on the target make up this
+    share of all supernodes' (at most max_supernodes of them)."""
+
+    min_edge_share: float = dataclasses.field(default=0.02, metadata={"min": 0.0, "max": 1.0})
+    """Edges weaker than this share of the circuit's strongest edge are left out."""
+
+    max_token_edges: int = dataclasses.field(default=3, metadata={"min": 0})
+    """Each supernode keeps at most this many edges from the prompt's tokens, its strongest."""
+
+
+@dataclass
+class ValidationConfig:
+    """How a circuit is checked by intervening on the model (`cltrace.graph.validate`)."""
+
+    n_random: int = dataclasses.field(default=3, metadata={"min": 1})
+    """Draws of activation-matched random active features the circuit's ablation is compared with."""
+
+    seed: int = dataclasses.field(default=0, metadata={"min": 0})
+    """Seed of the random draws."""
+
+    steer_factor: float = dataclasses.field(default=3.0, metadata={"min": 0.0})
+    """A supernode whose label names tokens is steered by multiplying its members by this."""
+
+
 def resolve_config(config: AttributionConfig | None, **overrides: object) -> AttributionConfig:
     """A validated copy of `config` (default: AttributionConfig()) with the overrides that are not None."""
     cfg = dataclasses.replace(config) if config is not None else AttributionConfig()
@@ -94,4 +142,4 @@ def resolve_config(config: AttributionConfig | None, **overrides: object) -> Att
     return cfg
 
 
-__all__ = ["AttributionConfig", "resolve_config"]
+__all__ = ["AttributionConfig", "CircuitConfig", "GroupingConfig", "ValidationConfig", "resolve_config"]

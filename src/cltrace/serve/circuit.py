@@ -30,7 +30,9 @@ from pydantic import BaseModel, Field
 
 from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
+from cltrace.graph.circuit import Circuit, build_circuit
 from cltrace.graph.graph import Graph, NodeKind
+from cltrace.graph.validate import validate_circuit
 from cltrace.replacement.supernodes import Supernode, load_supernodes, save_supernodes
 from cltrace.serve.jobs import Job, Jobs, Models
 from cltrace.serve.workspace import NotFound, Workspace
@@ -170,9 +172,6 @@ def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Pat
     labels kept) on the full graph, validated on the graph's model, saved unless edited meanwhile."""
 
     def work(job: Job, step: Callable[[str], None]) -> None:
-        from cltrace.graph.circuit import Circuit, build_circuit
-        from cltrace.graph.validate import validate_circuit
-
         def stage(name: str) -> None:
             step(name)
             job.done, job.total = STAGES.index(name), len(STAGES)

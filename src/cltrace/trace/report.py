@@ -54,12 +54,16 @@ class TraceReport:
     """Every feature on those paths, in order of first appearance."""
     path_nodes: list[list[int]] = field(default_factory=list)
     """The same paths as node indices into the pruned graph."""
+    circuit_text: str = ""
+    """The circuit, as `cltrace.trace.circuit.format_circuit` writes it (shown first)."""
 
     def format(self) -> str:
-        """The report as terminal text."""
+        """The report as terminal text: the circuit first, then the full graph's paths."""
         lines = [f"prompt: {self.prompt!r}"]
         preds = ", ".join(f"{t!r} {100 * p:.1f}%" if p is not None else repr(t) for t, p in self.targets[:5])
         lines.append(f"top predictions: {preds}")
+        if self.circuit_text:
+            lines += ["", self.circuit_text, ""]
         s = self.scores
         if s:
             lines.append(
