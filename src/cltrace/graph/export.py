@@ -28,7 +28,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from cltrace.atomic import atomic_write_text, check_writable
@@ -41,7 +41,9 @@ from cltrace.graph.prune import (
     node_influence,
     prune,
 )
-from cltrace.replacement.supernodes import Supernode
+
+if TYPE_CHECKING:  # reading and exporting graphs stays free of the model stack
+    from cltrace.replacement.supernodes import Supernode
 
 NEURONPEDIA_SCHEMA_VERSION = 1
 
@@ -222,11 +224,11 @@ def _supernode_groups(nodes: list[dict[str, Any]], supernodes: Sequence[Supernod
     kept = {d["node_id"] for d in nodes}
     groups = []
     for sn in supernodes:
-        if isinstance(sn, Supernode):
+        if isinstance(sn, tuple):
+            name, ids = str(sn[0]), [str(i) for i in sn[1]]
+        else:
             name = sn.name
             ids = [i for l, f, p in sn.members for i in ([f"{l}_{f}_{p}"] if p is not None else features.get((l, f), []))]
-        else:
-            name, ids = str(sn[0]), [str(i) for i in sn[1]]
         members = list(dict.fromkeys(i for i in ids if i in kept))
         if members:
             groups.append([name, *members])
