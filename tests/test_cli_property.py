@@ -77,6 +77,7 @@ MEANINGFUL = {
                   "batch_tokens=99999999999999999999", "n_features"],
     "target": ["A", "AB", "", "☃"],
     "layers": ["0-1", "1-0", "x", "0-99", "-1-2"],
+    "layer": ["0", "1", "99", "-1"], "head": ["0", "1", "99", "-1"],
     "feature": ["0:1", "2:7", "9:9", "-1:0", "a:b", "0:99999999999999999999", "0", ""],
     "graph": ["acronym.safetensors", "garbage.bin", "features.db", "dir"],
     "db": ["features.db", "garbage.bin", "dir", "missing.db", "acronym.safetensors"],

@@ -384,6 +384,7 @@ def test_a_thousand_bad_requests_per_route(fuzz_root: Path, one_thread: None) ->
     """At least PER_ROUTE requests to each route, mostly bad: no 5xx, every foreign Host and every
     state-changing foreign Origin 403, and no file changed but what the accepted requests wrote."""
     app = create_app(fuzz_root, loader=lambda _metadata: replacement())
+    app.state.jobs.max_jobs = 100_000  # remember every job, so that each new graph is traced to the job that wrote it
     server, _ = start_in_thread(app)
     address = server.servers[0].sockets[0].getsockname()[:2]
     before = digests(fuzz_root.parent)
