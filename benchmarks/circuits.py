@@ -14,7 +14,11 @@ activation-matched random active features, 3 seeded draws). It prints per prompt
   its ratio to the mean drop from the random features (bar: >= 10);
 * Pearson r between predicted (replacement model) and actual changes of the target's probability
   over every supernode ablation (bar: >= 0.8);
-* the time of the whole pipeline for a 10-token prompt, feature labels already built (bar: < 60 s).
+* the time of the whole pipeline for a 10-token prompt, feature labels already built (bar: < 60 s);
+* the labels of the circuits' features: the mean held-out balanced accuracy of their input labels
+  (bar: >= 0.75), and the share of the output labels measured (each supernode's strongest members
+  are steered when its circuit is found) that pass their steering test (bar: >= 70%), with their
+  distributions and how many are unclear.
 
     .venv/bin/python benchmarks/circuits.py [--transcoder default] [--prompts N] [--features auto|none|DB]
     .venv/bin/python benchmarks/circuits.py --tiny      # a random CLT on three prompts, seconds (the test)
@@ -39,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "circuits.jsonl"
-BARS = {"within_12": 0.8, "relative_drop": 0.5, "ratio_to_random": 10.0, "pearson_r": 0.8, "time_10_tokens_s": 60.0}
+BARS = {"within_12": 0.8, "relative_drop": 0.5, "ratio_to_random": 10.0, "pearson_r": 0.8, "time_10_tokens_s": 60.0,
+        "input_label_score": 0.75, "output_label_pass": 0.7}
 
 
 def load_prompts(path: Path) -> list[dict[str, Any]]:
@@ -116,6 +121,7 @@ def quartiles(values: list[float]) -> list[float] | None:
 
 def summarize(rows: list[dict[str, Any]], max_supernodes: int) -> dict[str, Any]:
     """The figures over all prompts, each beside its bar."""
+    from cltrace.features.labels import LabelConfig
     from cltrace.graph.validate import pearson
 
     valid = [r for r in rows if r["validation"]]
@@ -128,6 +134,7 @@ def summarize(rows: list[dict[str, Any]], max_supernodes: int) -> dict[str, Any]
             pred.append(a["predicted"]), real.append(a["actual"])
             graph_v.append(a["value_graph"]), real_v.append(a["value_actual"])
     ten = [r["timing"]["total_s"] for r in rows if r["n_tokens"] == 10]
+    min_z = LabelConfig().min_steer_z
     mean_drop, mean_random = mean(drops), mean(randoms)
     labels = [f for r in rows for f in r["label_fields"]]
     in_scores = [f["input_score"] for f in labels if f["input_score"] is not None]
@@ -139,6 +146,8 @@ def summarize(rows: list[dict[str, Any]], max_supernodes: int) -> dict[str, Any]
         "ratio_to_random": mean_drop / mean_random if mean_drop is not None and mean_random and mean_random > 0 else None,
         "pearson_r": pearson(pred, real),
         "time_10_tokens_s": ten[0] if ten else None,
+        "input_label_score": mean(in_scores),
+        "output_label_pass": mean([float(z >= min_z) for z in out_scores]),
     }
     return {
         "n_prompts": len(rows), **figures,
@@ -152,8 +161,10 @@ def summarize(rows: list[dict[str, Any]], max_supernodes: int) -> dict[str, Any]
         "relative_drop_quartiles": quartiles(drops),
         "time_quartiles_s": quartiles([r["timing"]["total_s"] for r in rows]),
         "labels": {"n_circuit_features_labelled": len(labels), "n_unclear": sum(f["unclear"] for f in labels),
-                   "input_score_mean": mean(in_scores), "input_score_quartiles": quartiles(in_scores),
-                   "output_score_quartiles": quartiles(out_scores),
+                   "n_input_scored": len(in_scores), "input_score_quartiles": quartiles(in_scores),
+                   "n_input_confident": sum(x >= LabelConfig().min_input_score for x in in_scores),
+                   "n_output_steered": len(out_scores), "output_score_quartiles": quartiles(out_scores),
+                   "min_steer_z": min_z,
                    "steered_supernodes": len(steer), "steer_pass_share": mean([float(p) for p in steer])},
     }
 

@@ -33,11 +33,16 @@ from cltrace.errors import CltraceError
 from cltrace.features import FeatureStore, build_feature_store
 from cltrace.features.label_data import in_training_half
 from cltrace.features.labeller import describe_features, label_inputs, measure_outputs
-from cltrace.features.labels import FeatureLabel, LabelConfig
+from cltrace.features.labels import FeatureLabel, LabelConfig, read_evidence
 from cltrace.features.patterns import Sites, Vocab, balanced_accuracy, choose_pattern, context_sites, describe, matches
 from cltrace.features.show import format_page
+from cltrace.graph.attribution import attribute
+from cltrace.graph.config import AttributionConfig, CircuitConfig
+from cltrace.graph.prune import prune
 from cltrace.model.hooks import mlp_hooks
 from cltrace.replacement import ReplacementModel
+from cltrace.trace.circuit import find_circuit
+from cltrace.trace.labels import Labels
 
 N_CTX = 48
 CHARS = ["<bos>", *[chr(c) for c in range(32, 127)]]  # char_tokenizer's vocabulary
@@ -351,3 +356,29 @@ def test_a_store_that_used_up_its_text_asks_for_more(planted: dict, tmp_path: Pa
                         tokenize=tokenize, bos_id=0, progress=False, top_k=5, first_position=1)
     with FeatureStore(db) as store, pytest.raises(CltraceError, match="pass a larger text source"):
         label_inputs(store, planted["loaded"], planted["tc"], docs, progress=False, tokenize=tokenize, bos_id=0)
+
+
+def test_a_circuit_measures_the_output_labels_of_its_strongest_members(planted: dict, tmp_path: Path) -> None:
+    """Tracing steers the strongest members of the circuit's supernodes where the store has no output
+    label yet: the planted '(' feature comes out saying 'Q', and its supernode is steered on 'Q'."""
+    db = tmp_path / "inputs-only.db"
+    docs = documents(200)
+    build_feature_store(planted["loaded"], planted["tc"], docs, 2500, db, n_ctx=N_CTX, batch_size=8, tokenize=tokenize,
+                        bos_id=0, progress=False, top_k=10, first_position=1)
+    rm = planted["rm"]
+    graph = attribute(rm, "the Data Unit (", targets=["Q"], config=AttributionConfig(progress=False))
+    pruned, _ = prune(graph)
+    with FeatureStore(db) as store:
+        label_inputs(store, planted["loaded"], planted["tc"], docs, progress=False, tokenize=tokenize, bos_id=0)
+        unmeasured = find_circuit(rm, graph, pruned, Labels(store), config=CircuitConfig(label_members=0)).circuit
+        assert "steer" not in read_evidence(store, *ON_OPEN)[1]
+        circuit = find_circuit(rm, graph, pruned, Labels(store)).circuit
+        assert "steer" in read_evidence(store, *ON_OPEN)[1]
+    pos = len("the Data Unit (")  # the BOS token comes first
+    opened = [sn for sn in circuit.supernodes if sn.members[0][:2] == ON_OPEN and sn.members[0][2] == pos]
+    assert len(opened) == 1 and opened[0].effect > 0
+    node = opened[0]
+    assert node.output_tokens == ["Q"] and "says 'Q'" in node.name and node.label_scores["output"] >= LabelConfig().min_steer_z
+    assert node.validation is not None and node.validation["steer"]["tokens"] == ["Q"] and node.validation["steer"]["passed"]
+    before = next(sn for sn in unmeasured.supernodes if sn.id == node.id)
+    assert before.output_tokens == [] and before.validation is not None and before.validation["steer"] is None

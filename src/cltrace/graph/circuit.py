@@ -58,7 +58,7 @@ class CircuitNode:
     name: str
     """What a person reads (editable; any text)."""
     members: list[tuple[int, int, int]]
-    """(layer, feature, pos) of each member."""
+    """(layer, feature, pos) of each member, the largest contribution to the supernode's effect first."""
     effect: float
     """Signed effect on the target, in the target's units (positive: pushes it up)."""
     activation: float = 0.0
@@ -259,6 +259,26 @@ def _label_fields(label_info: LabelInfo | None, members: list[tuple[int, int, in
     }
 
 
+def _labelled(node: CircuitNode, label_info: LabelInfo | None, names: Mapping[str, str] | None,
+              tokens: list[str]) -> CircuitNode:
+    """`node` with its label fields from its members' labels and the name to show: a person's
+    (`names`), else its label's, else its layers and position."""
+    labels = _label_fields(label_info, node.members, list(range(len(node.members))))
+    node.name = (names or {}).get(node.id) or labels.pop("name", "") or _default_name(node.members, tokens)
+    labels.pop("name", None)
+    for key, value in labels.items():
+        setattr(node, key, value)
+    return node
+
+
+def relabel(circuit: Circuit, label_info: LabelInfo, names: Mapping[str, str] | None = None) -> Circuit:
+    """Refresh the label fields and shown names of `circuit`'s supernodes from `label_info` (after
+    more labels were measured); names in `names` (id → name) are kept."""
+    for node in circuit.supernodes:
+        _labelled(node, label_info, names, circuit.tokens)
+    return circuit
+
+
 def _default_name(members: list[tuple[int, int, int]], tokens: list[str]) -> str:
     layers = sorted({m[0] for m in members})
     where = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
@@ -307,13 +327,10 @@ def build_circuit(
     circuit_nodes = []
     for i in chosen:
         sn, g = kept[i]
+        g = sorted(g, key=lambda m: -abs(float(sens[m, i]) * act[m]))  # strongest contribution first
         members = [(int(nodes.layer[m]), int(nodes.feature[m]), int(nodes.pos[m])) for m in g]
-        lead = sorted(range(len(g)), key=lambda j: -abs(float(sens[g[j], i]) * act[g[j]]))
-        labels = _label_fields(label_info, members, lead)
-        shown = (names or {}).get(sn.name) or labels.pop("name", "") or _default_name(members, tokens)
-        labels.pop("name", None)
-        circuit_nodes.append(CircuitNode(sn.name, shown, members, float(effects[i]), float(sum(act[m] for m in g)),
-                                         **labels))
+        node = CircuitNode(sn.name, sn.name, members, float(effects[i]), float(sum(act[m] for m in g)))
+        circuit_nodes.append(_labelled(node, label_info, names, tokens))
     edges, inputs = _circuit_edges(graph, sweeps, tnode, [kept[i][1] for i in chosen], sens[:, chosen],
                                    [sn.id for sn in circuit_nodes], min_edge_share, max_token_edges, tokens)
     return Circuit(
@@ -381,4 +398,4 @@ def _circuit_edges(graph: Graph, sweeps: Sweeps, tnode: int, groups: list[list[i
 
 
 __all__ = ["CIRCUIT_VERSION", "Circuit", "CircuitNode", "LabelInfo", "build_circuit", "carried_share", "member_nodes",
-           "select"]
+           "relabel", "select"]

@@ -117,6 +117,10 @@ class CircuitConfig:
     max_token_edges: int = dataclasses.field(default=3, metadata={"min": 0})
     """Each supernode keeps at most this many edges from the prompt's tokens, its strongest."""
 
+    label_members: int = dataclasses.field(default=2, metadata={"min": 0})
+    """For each circuit supernode, this many of its members (the strongest first) have their output
+    labels measured by steering, where the feature store has none yet, before it is validated."""
+
 
 @dataclass
 class ValidationConfig:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltrace.graph.circuit import Circuit, build_circuit
+from cltrace.graph.circuit import Circuit, build_circuit, relabel
 from cltrace.graph.config import CircuitConfig, GroupingConfig, ValidationConfig
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import group_features
@@ -70,6 +70,12 @@ def find_circuit(
                             min_edge_share=config.min_edge_share, max_token_edges=config.max_token_edges, target=target,
                             names=names, label_info=labels.info)
     timing["circuit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if replacement is not None and config.label_members > 0:
+        leads = [m[:2] for sn in circuit.supernodes for m in sn.members[: config.label_members]]
+        if labels.measure_outputs(replacement, leads):
+            relabel(circuit, labels.info, names)
+    timing["output_labels_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if replacement is not None and circuit.supernodes:
         validate_circuit(replacement, graph, circuit, n_random=validation.n_random, seed=validation.seed,

@@ -8,8 +8,14 @@ Grouping takes `Labels.text` (a name, None where unknown or unclear) and the cir
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
+
+from cltrace.errors import CltraceError
+from cltrace.features.labeller import measure_outputs
+
+log = logging.getLogger(__name__)
 
 Key = tuple[int, int]
 
@@ -51,6 +57,22 @@ class Labels:
             self.cache.update({k: _from_feature_label(found[k]) if k in found else None for k in missing})
         else:
             self.cache.update({k: _from_page(self.store.page(*k)) for k in missing})
+
+    def measure_outputs(self, replacement: Any, keys: Iterable[Key], progress: bool = False) -> int:
+        """Measure by steering, and keep in the store, the output labels of `keys` that it has not
+        measured yet (a store of measured labels only); how many were asked for. A store that
+        cannot be written is left as it is, with a warning."""
+        keys = sorted({(int(l), int(f)) for l, f in keys})
+        if not self.measured or not keys:
+            return 0
+        try:
+            measure_outputs(self.store, replacement, keys, progress=progress)
+        except CltraceError as exc:
+            log.warning("output labels not measured: %s", exc)
+            return 0
+        for key in keys:
+            self.cache.pop(key, None)
+        return len(keys)
 
     def info(self, layer: int, feature: int) -> dict[str, Any] | None:
         """The label fields of a feature (text, input_label, output_label, scores, output_tokens,

@@ -23,7 +23,8 @@ import torch
 from cltrace.atomic import atomic_write_text, check_writable
 from cltrace.cache import cache_dir
 from cltrace.device import place
-from cltrace.features import build_feature_store
+from cltrace.features import FeatureStore, build_feature_store
+from cltrace.features.labeller import label_inputs
 from cltrace.fingerprint import transcoder_fingerprint
 from cltrace.graph.attribution import attribute
 from cltrace.graph.config import CircuitConfig
@@ -79,11 +80,16 @@ def feature_db_path(transcoder: Any) -> Path:
 
 def ensure_feature_db(loaded: Any, transcoder: Any, n_tokens: int, progress: bool = True) -> Path:
     """The automatic feature database of `transcoder`, built (or resumed, or extended to `n_tokens`)
-    over the default corpus first when needed."""
+    over the default corpus first when needed, with the measured input label of every feature."""
     path = feature_db_path(transcoder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return build_feature_store(loaded, transcoder, "default", n_tokens, path, resume=True, progress=progress,
-                               autocast_bf16=True)
+    build_feature_store(loaded, transcoder, "default", n_tokens, path, resume=True, progress=progress,
+                        autocast_bf16=True)
+    with FeatureStore(path) as store:
+        if "auto_labels" not in store.meta:  # measured input labels: once per store
+            log.info("labelling every feature from measured evidence (once)")
+            label_inputs(store, loaded, transcoder, "default", progress=progress, autocast_bf16=True)
+    return path
 
 
 def check_trace_folder(folder: str | Path) -> Path:
