@@ -35,7 +35,8 @@ def test_circuits_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert result["tiny"] is True and result["summary"]["n_prompts"] == 2
-    assert set(result["summary"]["passes"]) == {"within_12", "relative_drop", "ratio_to_random", "pearson_r", "time_10_tokens_s"}
+    assert set(result["summary"]["passes"]) == {"within_12", "relative_drop", "ratio_to_random", "pearson_r", "time_10_tokens_s",
+                                                "input_label_score", "output_label_pass"}
     for row in result["prompts"]:
         assert row["n_circuit"] >= 1 and row["validation"]["circuit_ablation"]["p_before"] > 0
         assert row["timing"]["total_s"] > 0
