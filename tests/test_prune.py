@@ -68,6 +68,22 @@ def test_hand_scores():
     assert comp == pytest.approx((3.1875 - 0.25 * 0.625) / 3.1875, abs=1e-6)
 
 
+def test_scores_without_the_bos_error_nodes_equal_those_of_the_graph_without_their_edges():
+    """circuit-tracer zeroes position 0's error vectors: scoring with them left out is scoring the
+    graph that never had their edges; error nodes elsewhere still count."""
+    g = hand_graph()
+    assert graph_scores(g, bos_errors=False) == pytest.approx(graph_scores(g))  # its error node is at position 1
+    g.nodes.pos[ERR] = 0
+    g.nodes.pos[A] = 0  # a second error-free node at 0 keeps its edges
+    edges = [(s, t, w) for s, t, w in zip(g.edge_source.tolist(), g.edge_target.tolist(), g.edge_weight.tolist()) if s != ERR]
+    without = Graph.from_edges(g.nodes, edges, dict(g.metadata))
+    assert graph_scores(g, bos_errors=False) == pytest.approx(graph_scores(without))
+    assert graph_scores(without) == pytest.approx((1.0, 1.0)) and graph_scores(g)[0] < 1.0
+    _, res = prune(g)
+    assert (res.replacement_score_no_bos, res.completeness_score_no_bos) == pytest.approx((1.0, 1.0))
+    assert res.as_dict()["replacement_score_no_bos"] == pytest.approx(1.0)
+
+
 def test_hand_prune_defaults():
     g = hand_graph()
     pruned, res = prune(g)

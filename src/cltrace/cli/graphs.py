@@ -131,7 +131,8 @@ def _echo_scores(targets: list[dict[str, Any]], result: Any) -> None:
     )
     typer.echo(
         f"replacement score {result.replacement_score:.3f}, completeness score {result.completeness_score:.3f} "
-        f"(pruned: {result.pruned_replacement_score:.3f}, {result.pruned_completeness_score:.3f})"
+        f"(pruned: {result.pruned_replacement_score:.3f}, {result.pruned_completeness_score:.3f}; without the BOS error "
+        f"nodes, as circuit-tracer scores: {result.replacement_score_no_bos:.3f}, {result.completeness_score_no_bos:.3f})"
     )
 
 

@@ -20,6 +20,9 @@ Semantics follow circuit-tracer (and the "Circuit Tracing" paper), on COO edges:
   token plus error nodes. Completeness score: Σ_n (1 − Σ_{s error} A[n, s]) · (influence[n] + w[n])
   / Σ_n (influence[n] + w[n]), the influence-weighted share of each node's input that comes from
   non-error nodes (nodes with no inputs count as complete).
+* Both scores are also given with the error nodes at position 0 (the BOS token) left out, as
+  circuit-tracer computes them (it zeroes the first position's error vectors), so that they compare
+  with published figures: ``replacement_score_no_bos``, ``completeness_score_no_bos``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class PruneResult:
     completeness_score: float  # of the unpruned graph
     pruned_replacement_score: float  # of the pruned graph
     pruned_completeness_score: float  # of the pruned graph
+    replacement_score_no_bos: float  # of the unpruned graph, position 0's error nodes left out (circuit-tracer's)
+    completeness_score_no_bos: float  # likewise
     n_nodes_before: int
     n_nodes_after: int
     n_edges_before: int
@@ -59,7 +64,7 @@ class PruneResult:
         """The scalar fields, JSON-ready (NaN written as None)."""
         out = {}
         for name in ("replacement_score", "completeness_score", "pruned_replacement_score",
-                     "pruned_completeness_score", "n_nodes_before", "n_nodes_after", "n_edges_before",
+                     "pruned_completeness_score", "replacement_score_no_bos", "completeness_score_no_bos", "n_nodes_before", "n_nodes_after", "n_edges_before",
                      "n_edges_after", "node_threshold", "edge_threshold"):
             v = getattr(self, name)
             out[name] = None if isinstance(v, float) and not math.isfinite(v) else v
@@ -149,14 +154,21 @@ def cumulative_scores(influence: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def graph_scores(graph: Graph, _influence: torch.Tensor | None = None) -> tuple[float, float]:
-    """(replacement score, completeness score) of `graph`; NaN where undefined (no influence)."""
+def graph_scores(graph: Graph, _influence: torch.Tensor | None = None, bos_errors: bool = True) -> tuple[float, float]:
+    """(replacement score, completeness score) of `graph`; NaN where undefined (no influence).
+
+    `bos_errors=False` leaves out the error nodes at position 0 (their edges dropped before the
+    rows are normalised), as circuit-tracer, which zeroes the first position's error vectors, scores."""
     n = graph.n_nodes
     w = logit_weights(graph)
-    a = normalize_edges(graph.edge_target, graph.edge_weight, n)
-    infl = propagate_influence(graph.edge_target, graph.edge_source, a, w) if _influence is None else _influence
     kind = graph.nodes.kind
     is_err = kind == int(NodeKind.ERROR)
+    keep = None if bos_errors else ~(is_err & (graph.nodes.pos == 0))[graph.edge_source]  # [edge]
+    a = normalize_edges(graph.edge_target, graph.edge_weight, n, edge_mask=keep)
+    infl = (propagate_influence(graph.edge_target, graph.edge_source, a, w)
+            if _influence is None or not bos_errors else _influence)
+    if not bos_errors:
+        is_err = is_err & (graph.nodes.pos != 0)
     i_tok = float(infl[kind == int(NodeKind.EMBEDDING)].sum())
     i_err = float(infl[is_err].sum())
     replacement = i_tok / (i_tok + i_err) if i_tok + i_err > 0 else math.nan
@@ -223,10 +235,12 @@ def prune(graph: Graph, node_threshold: float = DEFAULT_NODE_THRESHOLD,
     pruned = graph.subgraph(node_mask, edge_mask)
     pruned.nodes.influence = cum[node_mask].clone()
     p_rep, p_comp = graph_scores(pruned)
+    ct_rep, ct_comp = graph_scores(graph, bos_errors=False)
     result = PruneResult(
         node_mask=node_mask, edge_mask=edge_mask, node_influence=infl.to(torch.float32), cumulative_scores=cum,
         replacement_score=rep, completeness_score=comp,
         pruned_replacement_score=p_rep, pruned_completeness_score=p_comp,
+        replacement_score_no_bos=ct_rep, completeness_score_no_bos=ct_comp,
         n_nodes_before=graph.n_nodes, n_nodes_after=pruned.n_nodes,
         n_edges_before=graph.n_edges, n_edges_after=pruned.n_edges,
         node_threshold=float(node_threshold), edge_threshold=float(edge_threshold),

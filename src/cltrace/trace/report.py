@@ -68,8 +68,9 @@ class TraceReport:
         if s:
             lines.append(
                 f"graph: {self.counts.get('nodes_before', 0):,} nodes -> {self.counts.get('nodes_after', 0):,} after "
-                f"pruning; replacement score {s.get('replacement_score', float('nan')):.3f}, completeness "
-                f"{s.get('completeness_score', float('nan')):.3f}"
+                f"pruning; replacement score {_score(s, 'replacement_score')}, completeness "
+                f"{_score(s, 'completeness_score')} ({_score(s, 'replacement_score_no_bos')} and "
+                f"{_score(s, 'completeness_score_no_bos')} without the BOS error nodes, as circuit-tracer scores)"
             )
         if self.paths:
             top = self.targets[0][0] if self.targets else "the top logit"
@@ -93,6 +94,12 @@ class TraceReport:
 
 
 @torch.no_grad()
+def _score(scores: dict, key: str) -> str:
+    """A score of the graph's metadata as text ("n/a" where missing or undefined)."""
+    value = scores.get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) and value == value else "n/a"
+
+
 def promoted_tokens(loaded: Any, transcoder: Any, layer: int, features: list[int], n: int = 5) -> list[list[str]]:
     """For each feature of `layer`, the `n` tokens whose logits its decoder raises most: its decoder
     vectors summed over the layers it writes to, times the final norm's weight and the unembedding
