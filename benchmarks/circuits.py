@@ -92,6 +92,8 @@ def run_prompt(rm: Any, item: dict[str, Any], labels: Any, args: argparse.Namesp
         "n_feature_nodes": int((graph.nodes.kind == int(NodeKind.FEATURE)).sum()), "n_pruned_features": int(feats.sum()),
         "n_supernodes": circuit.n_candidates, "n_needed": circuit.n_needed, "n_circuit": len(circuit.supernodes),
         "coverage": circuit.coverage, "replacement_score": pruning.replacement_score,
+        "replacement_score_no_bos": pruning.replacement_score_no_bos, "completeness_score": pruning.completeness_score,
+        "completeness_score_no_bos": pruning.completeness_score_no_bos,
         "validation": v, "supernodes": [{"id": sn.id, "name": sn.name, "effect": sn.effect, "n_members": len(sn.members),
                                          "unclear": sn.unclear, "label_scores": sn.label_scores,
                                          "validation": sn.validation} for sn in circuit.supernodes],
@@ -156,6 +158,8 @@ def summarize(rows: list[dict[str, Any]], max_supernodes: int) -> dict[str, Any]
         "mean_random_relative_drop": mean_random,
         "median_n_needed": sorted(r["n_needed"] for r in rows)[len(rows) // 2] if rows else None,
         "mean_coverage": mean([r["coverage"] for r in rows]),
+        **{f"mean_{k}": mean([r[k] for r in rows if r[k] is not None and r[k] == r[k]])
+           for k in ("replacement_score", "replacement_score_no_bos", "completeness_score", "completeness_score_no_bos")},
         "n_supernode_ablations": len(pred),
         "pearson_r_value_graph_vs_real": pearson(graph_v, real_v),
         "relative_drop_quartiles": quartiles(drops),
