@@ -13,7 +13,7 @@ import torch
 from helpers.circuits import random_graph, role_graph, simulate
 
 from cltrace.errors import CltraceError
-from cltrace.graph.circuit import Circuit, build_circuit, member_nodes
+from cltrace.graph.circuit import Circuit, build_circuit, core_members, member_nodes
 from cltrace.graph.effects import Sweeps
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import agglomerate, group_features, group_name, slug
@@ -124,6 +124,27 @@ def test_circuit_takes_the_supernodes_with_the_largest_signed_effects() -> None:
         assert c.predicted_drop == pytest.approx(1 - math.exp(-drop) / (1 - p + p * math.exp(-drop)))
     capped = build_circuit(g, sns, min_coverage=1.0, max_supernodes=2)
     assert len(capped.supernodes) == 2 and capped.n_needed == 5 and capped.n_candidates == 5
+
+
+def test_a_circuit_supernode_keeps_its_core_members() -> None:
+    """With core_share < 1 each supernode keeps its strongest members, by contribution to its joint
+    effect, up to that share of the summed contribution; its effect is then the core's own."""
+    assert core_members([5, 6, 7], [0.1, -0.6, 0.3], 0.5) == [6]
+    assert core_members([5, 6, 7], [0.1, -0.6, 0.3], 0.7) == [6, 7]
+    assert core_members([5, 6, 7], [0.1, -0.6, 0.3], 1.0) == [6, 7, 5]
+    g, roles = role_graph()
+    sns = [Supernode(name, [(int(g.nodes.layer[i]), int(g.nodes.feature[i]), int(g.nodes.pos[i])) for i in members])
+           for name, members in roles.items()]
+    full = build_circuit(g, sns, min_coverage=1.0)
+    cored = build_circuit(g, sns, min_coverage=1.0, core_share=0.5)
+    assert [sn.id for sn in cored.supernodes] == [sn.id for sn in full.supernodes]  # chosen on whole supernodes
+    index = {(int(g.nodes.layer[i]), int(g.nodes.feature[i]), int(g.nodes.pos[i])): i for i in range(g.n_nodes)}
+    for whole, core in zip(full.supernodes, cored.supernodes):
+        assert set(core.members) <= set(whole.members) and core.members == whole.members[: len(core.members)]
+        assert core.effect == pytest.approx(naive_effect(g, [index[m] for m in core.members]), abs=1e-9)
+    assert len(cored.node("det").members) == 1 and len(cored.node("say").members) == 1
+    with pytest.raises(CltraceError, match="core_share"):
+        build_circuit(g, sns, core_share=0.0)
 
 
 def test_circuit_edges_carry_each_supernode_effect_to_the_target() -> None:

@@ -38,7 +38,6 @@ from cltrace.features.patterns import Sites, Vocab, balanced_accuracy, choose_pa
 from cltrace.features.show import format_page
 from cltrace.graph.attribution import attribute
 from cltrace.graph.config import AttributionConfig, CircuitConfig
-from cltrace.graph.prune import prune
 from cltrace.model.hooks import mlp_hooks
 from cltrace.replacement import ReplacementModel
 from cltrace.trace.circuit import find_circuit
@@ -367,12 +366,11 @@ def test_a_circuit_measures_the_output_labels_of_its_strongest_members(planted: 
                         bos_id=0, progress=False, top_k=10, first_position=1)
     rm = planted["rm"]
     graph = attribute(rm, "the Data Unit (", targets=["Q"], config=AttributionConfig(progress=False))
-    pruned, _ = prune(graph)
     with FeatureStore(db) as store:
         label_inputs(store, planted["loaded"], planted["tc"], docs, progress=False, tokenize=tokenize, bos_id=0)
-        unmeasured = find_circuit(rm, graph, pruned, Labels(store), config=CircuitConfig(label_members=0)).circuit
+        unmeasured = find_circuit(rm, graph, Labels(store), config=CircuitConfig(label_members=0)).circuit
         assert "steer" not in read_evidence(store, *ON_OPEN)[1]
-        circuit = find_circuit(rm, graph, pruned, Labels(store)).circuit
+        circuit = find_circuit(rm, graph, Labels(store)).circuit
         assert "steer" in read_evidence(store, *ON_OPEN)[1]
     pos = len("the Data Unit (")  # the BOS token comes first
     opened = [sn for sn in circuit.supernodes if sn.members[0][:2] == ON_OPEN and sn.members[0][2] == pos]

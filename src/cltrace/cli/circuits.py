@@ -49,7 +49,8 @@ def supernodes_auto(
     threshold: Annotated[float, config_option(GroupingConfig, "threshold", "--threshold")] = field_default(GroupingConfig, "threshold"),
     max_layer_gap: Annotated[int, config_option(GroupingConfig, "max_layer_gap", "--max-layer-gap")] = field_default(
         GroupingConfig, "max_layer_gap"),
-    node_threshold: Annotated[float, typer.Option("--node-threshold", min=0.0, max=1.0, help="Pruning: share of influence kept in nodes.")] = 0.8,
+    node_threshold: Annotated[float, config_option(GroupingConfig, "node_threshold", "--node-threshold")] = field_default(
+        GroupingConfig, "node_threshold"),
 ) -> None:
     """Group the pruned graph's features into supernodes by role (same position, nearby layers, similar effects and inputs)."""
     from cltrace.graph.graph import Graph
@@ -183,7 +184,6 @@ def circuit(
 
     from cltrace.graph.circuit import Circuit
     from cltrace.graph.graph import Graph
-    from cltrace.graph.prune import prune
     from cltrace.replacement.supernodes import load_supernodes
     from cltrace.trace.circuit import (
         CIRCUIT_FILE,
@@ -196,15 +196,13 @@ def circuit(
 
     path, folder = _trace_graph(graph)
     full = Graph.load(path)
-    pruned, _ = prune(full, **{k: v for k, v in (full.metadata.get("scores") or {}).items()
-                               if k in ("node_threshold", "edge_threshold")})
     given = supernodes or (folder / SUPERNODES_FILE if (folder / SUPERNODES_FILE).is_file() else None)
     groups = list(load_supernodes(given).values()) if given is not None else None
     names = Circuit.load(folder / CIRCUIT_FILE).names() if (folder / CIRCUIT_FILE).is_file() else None  # kept
     replacement = _replacement(full, transcoder, model)
     labels, store = _open_labels(db)
     try:
-        found = find_circuit(replacement, full, pruned, labels, supernodes=groups, names=names,
+        found = find_circuit(replacement, full, labels, supernodes=groups, names=names,
                              config=dataclasses.replace(CircuitConfig(), max_supernodes=max_supernodes))
     finally:
         if store is not None:

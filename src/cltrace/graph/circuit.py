@@ -292,6 +292,7 @@ def build_circuit(
     *,
     max_supernodes: int = _DEFAULTS.max_supernodes,
     min_coverage: float = _DEFAULTS.min_coverage,
+    core_share: float = _DEFAULTS.core_share,
     min_edge_share: float = _DEFAULTS.min_edge_share,
     max_token_edges: int = _DEFAULTS.max_token_edges,
     target: int = 0,
@@ -310,6 +311,8 @@ def build_circuit(
         raise CltraceError(f"max_supernodes must be at least 1, got {max_supernodes}")
     if not 0.0 <= min_coverage <= 1.0:
         raise CltraceError(f"min_coverage must be between 0 and 1, got {min_coverage}")
+    if not 0.0 < core_share <= 1.0:
+        raise CltraceError(f"core_share must be above 0 and at most 1, got {core_share}")
     sweeps = Sweeps(graph)
     tnode = target_node(graph, target)
     tokens = [str(t) for t in graph.metadata.get("tokens") or []]
@@ -320,24 +323,38 @@ def build_circuit(
     effects, sens = sweeps.joint_effects(tnode, [g for _, g in kept])  # [G], [node, G]
     info = _target_info(graph, tnode, target)
     chosen, coverage, n_needed = select(effects, max_supernodes, min_coverage)
-    up = [m for i in chosen if float(effects[i]) > 0 for m in kept[i][1]]
+    act = graph.nodes.activation.tolist()
+    cores = [core_members(kept[i][1], [float(sens[m, i]) * act[m] for m in kept[i][1]], core_share) for i in chosen]
+    core_effects, core_sens = sweeps.joint_effects(tnode, cores) if cores else (effects[:0], sens[:, :0])
+    up = [m for c, g in enumerate(cores) if float(core_effects[c]) > 0 for m in g]
     predicted_drop = carried_share(float(info["probability"]), float(sweeps.joint_effects(tnode, [up])[0][0]))
     nodes = graph.nodes
-    act = nodes.activation.tolist()
     circuit_nodes = []
-    for i in chosen:
-        sn, g = kept[i]
-        g = sorted(g, key=lambda m: -abs(float(sens[m, i]) * act[m]))  # strongest contribution first
+    for c, g in enumerate(cores):
         members = [(int(nodes.layer[m]), int(nodes.feature[m]), int(nodes.pos[m])) for m in g]
-        node = CircuitNode(sn.name, sn.name, members, float(effects[i]), float(sum(act[m] for m in g)))
+        node = CircuitNode(kept[chosen[c]][0].name, "", members, float(core_effects[c]), float(sum(act[m] for m in g)))
         circuit_nodes.append(_labelled(node, label_info, names, tokens))
-    edges, inputs = _circuit_edges(graph, sweeps, tnode, [kept[i][1] for i in chosen], sens[:, chosen],
+    edges, inputs = _circuit_edges(graph, sweeps, tnode, cores, core_sens,
                                    [sn.id for sn in circuit_nodes], min_edge_share, max_token_edges, tokens)
     return Circuit(
         str(graph.metadata.get("prompt") or ""), tokens, info, circuit_nodes, inputs,
         [{"id": "out", "label": str(info.get("label", ""))}], edges, coverage, len(kept), n_needed, predicted_drop,
         graph_file,
     )
+
+
+def core_members(members: Sequence[int], contributions: Sequence[float], core_share: float) -> list[int]:
+    """The strongest of `members` (by |contribution| to their group's joint effect, the largest
+    first) that make up `core_share` of their summed |contribution|: the group's core."""
+    order = sorted(range(len(members)), key=lambda j: -abs(contributions[j]))
+    total = sum(abs(c) for c in contributions)
+    core, running = [], 0.0
+    for j in order:
+        if core and running >= core_share * total - 1e-12:
+            break
+        core.append(members[j])
+        running += abs(contributions[j])
+    return core
 
 
 def carried_share(p: float, effect: float) -> float:
@@ -397,5 +414,5 @@ def _circuit_edges(graph: Graph, sweeps: Sweeps, tnode: int, groups: list[list[i
     return edges, inputs
 
 
-__all__ = ["CIRCUIT_VERSION", "Circuit", "CircuitNode", "LabelInfo", "build_circuit", "carried_share", "member_nodes",
+__all__ = ["CIRCUIT_VERSION", "Circuit", "CircuitNode", "LabelInfo", "build_circuit", "carried_share", "core_members", "member_nodes",
            "relabel", "select"]

@@ -88,6 +88,10 @@ class AttributionConfig:
 class GroupingConfig:
     """How a graph's feature nodes are grouped into supernodes by role (`cltrace.graph.grouping`)."""
 
+    node_threshold: float = dataclasses.field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    """The features grouped (the circuit's candidates) are those of the graph pruned to this share
+    of the influence on the logits (pruning's node threshold; the full graph's picture keeps 0.8)."""
+
     threshold: float = dataclasses.field(default=0.5, metadata={"min": -1.0, "max": 1.0})
     """Two groups merge while their average role similarity (a weighted mean of cosines, -1 to 1)
     is at least this: higher keeps more, smaller supernodes."""
@@ -110,6 +114,10 @@ class CircuitConfig:
     min_coverage: float = dataclasses.field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     """The circuit is the smallest set of supernodes whose |signed effects| on the target make up this
     share of all supernodes' (at most max_supernodes of them)."""
+
+    core_share: float = dataclasses.field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    """Each circuit supernode keeps only its core: its strongest members (by their contribution to
+    its effect) that make up this share of their summed |contribution| (1: every member)."""
 
     min_edge_share: float = dataclasses.field(default=0.02, metadata={"min": 0.0, "max": 1.0})
     """Edges weaker than this share of the circuit's strongest edge are left out."""

@@ -185,7 +185,7 @@ def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Pat
         rm = models.replacement(graph.metadata)
         stage("building the circuit")
         circuit = build_circuit(graph, edited.as_supernodes(), max_supernodes=len(edited.supernodes), min_coverage=1.0,
-                                names=edited.names(), graph_file=graph_path.name, target=_target_index(graph, edited.target))
+                                core_share=1.0, names=edited.names(), graph_file=graph_path.name, target=_target_index(graph, edited.target))
         # how the circuit was first chosen among all supernodes: the person's edits kept its features
         circuit.coverage, circuit.n_candidates, circuit.n_needed = edited.coverage, edited.n_candidates, edited.n_needed
         labels = {sn.id: sn for sn in edited.supernodes}

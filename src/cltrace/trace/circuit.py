@@ -17,6 +17,7 @@ from cltrace.graph.circuit import Circuit, build_circuit, relabel
 from cltrace.graph.config import CircuitConfig, GroupingConfig, ValidationConfig
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import group_features
+from cltrace.graph.prune import prune
 from cltrace.graph.validate import validate_circuit
 from cltrace.replacement import ReplacementModel
 from cltrace.replacement.supernodes import Supernode, save_supernodes
@@ -40,7 +41,6 @@ class CircuitResult:
 def find_circuit(
     replacement: ReplacementModel | None,
     graph: Graph,
-    pruned: Graph,
     labels: Labels | None = None,
     *,
     grouping: GroupingConfig | None = None,
@@ -50,23 +50,28 @@ def find_circuit(
     names: dict[str, str] | None = None,
     target: int = 0,
 ) -> CircuitResult:
-    """Supernodes of `pruned` (or the given `supernodes`), the circuit among them with effects on
-    `graph`, validated on `replacement` (None: not validated)."""
+    """Supernodes of `graph` pruned to `grouping.node_threshold` (or the given `supernodes`), the
+    circuit among them with effects on `graph` itself, validated on `replacement` (None: not validated)."""
     grouping, config, validation = grouping or GroupingConfig(), config or CircuitConfig(), validation or ValidationConfig()
     labels = labels or Labels()
     timing: dict[str, float] = {}
     t = time.perf_counter()
-    nodes = pruned.nodes
-    feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0]
-    labels.load(zip(nodes.layer[feats].tolist(), nodes.feature[feats].tolist()))
+    candidates = prune(graph, node_threshold=grouping.node_threshold)[0] if supernodes is None else None
+    if candidates is not None:
+        nodes = candidates.nodes
+        feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0]
+        labels.load(zip(nodes.layer[feats].tolist(), nodes.feature[feats].tolist()))
+    else:
+        labels.load((l, f) for sn in supernodes or [] for l, f, _ in sn.members)
     timing["labels_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if supernodes is None:
-        supernodes = group_features(pruned, label_of=labels.text, max_layer_gap=grouping.max_layer_gap,
+    if candidates is not None:
+        supernodes = group_features(candidates, label_of=labels.text, max_layer_gap=grouping.max_layer_gap,
                                     threshold=grouping.threshold, output_weight=grouping.output_weight, target=target)
     timing["supernodes_s"] = time.perf_counter() - t
     t = time.perf_counter()
     circuit = build_circuit(graph, supernodes, max_supernodes=config.max_supernodes, min_coverage=config.min_coverage,
+                            core_share=config.core_share,
                             min_edge_share=config.min_edge_share, max_token_edges=config.max_token_edges, target=target,
                             names=names, label_info=labels.info)
     timing["circuit_s"] = time.perf_counter() - t
