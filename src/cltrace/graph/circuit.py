@@ -348,7 +348,8 @@ def core_members(members: Sequence[int], contributions: Sequence[float], core_sh
     first) that make up `core_share` of their summed |contribution|: the group's core."""
     order = sorted(range(len(members)), key=lambda j: -abs(contributions[j]))
     total = sum(abs(c) for c in contributions)
-    core, running = [], 0.0
+    core: list[int] = []
+    running = 0.0
     for j in order:
         if core and running >= core_share * total - 1e-12:
             break

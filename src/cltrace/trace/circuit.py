@@ -56,18 +56,15 @@ def find_circuit(
     labels = labels or Labels()
     timing: dict[str, float] = {}
     t = time.perf_counter()
-    candidates = prune(graph, node_threshold=grouping.node_threshold)[0] if supernodes is None else None
-    if candidates is not None:
+    if supernodes is None:
+        candidates, _ = prune(graph, node_threshold=grouping.node_threshold)
         nodes = candidates.nodes
         feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0]
         labels.load(zip(nodes.layer[feats].tolist(), nodes.feature[feats].tolist()))
-    else:
-        labels.load((l, f) for sn in supernodes or [] for l, f, _ in sn.members)
-    timing["labels_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if candidates is not None:
         supernodes = group_features(candidates, label_of=labels.text, max_layer_gap=grouping.max_layer_gap,
                                     threshold=grouping.threshold, output_weight=grouping.output_weight, target=target)
+    else:
+        labels.load((l, f) for sn in supernodes for l, f, _ in sn.members)
     timing["supernodes_s"] = time.perf_counter() - t
     t = time.perf_counter()
     circuit = build_circuit(graph, supernodes, max_supernodes=config.max_supernodes, min_coverage=config.min_coverage,
