@@ -64,7 +64,7 @@ def mean(values: list[float]) -> float | None:
 def run_prompt(rm: Any, item: dict[str, Any], labels: Any, args: argparse.Namespace, index: int) -> dict[str, Any]:
     """The pipeline on one prompt, timed, and what its circuit shows."""
     from cltrace.graph.attribution import attribute
-    from cltrace.graph.config import AttributionConfig
+    from cltrace.graph.config import AttributionConfig, GroupingConfig
     from cltrace.graph.graph import NodeKind
     from cltrace.graph.prune import prune
     from cltrace.graph.targets import LogitDifference
@@ -79,7 +79,10 @@ def run_prompt(rm: Any, item: dict[str, Any], labels: Any, args: argparse.Namesp
     graph = attribute(rm, item["prompt"], targets=[target], config=config)
     t_graph = time.perf_counter() - t0
     pruned, pruning = prune(graph)
-    found = find_circuit(rm, graph, labels)
+    # A random CLT's features carry little of the influence next to its error nodes: the graph pruned
+    # to 0.6 may keep none of them, so --tiny groups those of the graph pruned to 0.8.
+    grouping = GroupingConfig(node_threshold=0.8) if args.tiny else None
+    found = find_circuit(rm, graph, labels, grouping=grouping)
     total = time.perf_counter() - t0 - found.timing.get("output_labels_s", 0.0)  # labels already built: not counted
     circuit = found.circuit
     t = time.perf_counter()

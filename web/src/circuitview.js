@@ -232,6 +232,7 @@ export class CircuitView {
       return;
     }
     this.job = await followJob(this.job, api.job, (j) => {
+      if (j.status === "done") return; // "validated" shows once the new circuit is loaded, with its numbers
       this.job = j;
       this._renderPanel();
     });
