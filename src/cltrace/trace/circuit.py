@@ -17,7 +17,7 @@ from cltrace.graph.circuit import Circuit, build_circuit, relabel
 from cltrace.graph.config import CircuitConfig, GroupingConfig, ValidationConfig
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import group_features
-from cltrace.graph.prune import prune
+from cltrace.graph.prune import prune_masks
 from cltrace.graph.validate import validate_circuit
 from cltrace.replacement import ReplacementModel
 from cltrace.replacement.supernodes import Supernode, save_supernodes
@@ -57,7 +57,8 @@ def find_circuit(
     timing: dict[str, float] = {}
     t = time.perf_counter()
     if supernodes is None:
-        candidates, _ = prune(graph, node_threshold=grouping.node_threshold)
+        node_mask, edge_mask, _ = prune_masks(graph, node_threshold=grouping.node_threshold)  # no scores needed
+        candidates = graph.subgraph(node_mask, edge_mask)
         nodes = candidates.nodes
         feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0]
         labels.load(zip(nodes.layer[feats].tolist(), nodes.feature[feats].tolist()))
