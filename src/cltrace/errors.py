@@ -6,7 +6,13 @@ line prints its message as a single line and exits with status 2, never a stack 
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeGuard, TypeVar
+
+T = TypeVar("T")
 
 
 class CltraceError(Exception):
@@ -25,4 +31,20 @@ def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-__all__ = ["CltraceError", "first_line", "is_int"]
+def load_json_file(path: str | os.PathLike, what: str, missing_hint: str, parse: Callable[[Any], T]) -> T:
+    """`parse` of the JSON in a `what` file (e.g. "circuit"), every failure one CltraceError line
+    naming the file: missing (then `missing_hint`), unreadable, not JSON, or refused by `parse`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CltraceError(f"{what} file '{path}' does not exist; {missing_hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CltraceError(f"cannot read {what} file '{path}': {first_line(exc)}") from None
+    try:
+        return parse(data)
+    except CltraceError as exc:
+        raise CltraceError(f"{what} file '{path}': {exc}") from None
+
+
+__all__ = ["CltraceError", "first_line", "is_int", "load_json_file"]

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from cltrace.atomic import atomic_write_text
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, load_json_file
 from cltrace.graph.config import CircuitConfig
 from cltrace.graph.effects import Sweeps
 from cltrace.graph.graph import Graph, NodeKind
@@ -187,17 +187,8 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
-        path = Path(path)
-        if not path.is_file():
-            raise CltraceError(f"circuit file '{path}' does not exist; run `cltrace trace` or `cltrace circuit` first")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CltraceError(f"cannot read circuit file '{path}': {str(exc).splitlines()[0]}") from None
-        try:
-            return cls.from_dict(data)
-        except CltraceError as exc:
-            raise CltraceError(f"circuit file '{path}': {exc}") from None
+        """Read circuit.json; one-line CltraceError where it is missing, unreadable or malformed."""
+        return load_json_file(path, "circuit", "run `cltrace trace` or `cltrace circuit` first", cls.from_dict)
 
 
 def member_nodes(graph: Graph, supernodes: Sequence[Supernode]) -> list[list[int]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cltrace.atomic import atomic_write_text
-from cltrace.errors import CltraceError
+from cltrace.errors import CltraceError, load_json_file
 from cltrace.notation import NAME
 from cltrace.replacement.intervention import Intervention
 
@@ -121,17 +121,7 @@ def supernodes_from_json(data: Any) -> dict[str, Supernode]:
 
 def load_supernodes(path: str | os.PathLike) -> dict[str, Supernode]:
     """Read supernodes from a JSON file (see the module docstring); one-line CltraceError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CltraceError(f"supernodes file '{path}' does not exist; check the path")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CltraceError(f"cannot read supernodes file '{path}': {str(exc).splitlines()[0]}") from None
-    try:
-        return supernodes_from_json(data)
-    except CltraceError as exc:
-        raise CltraceError(f"supernodes file '{path}': {exc}") from None
+    return load_json_file(path, "supernodes", "check the path", supernodes_from_json)
 
 
 def save_supernodes(path: str | os.PathLike, supernodes: Mapping[str, Supernode] | Iterable[Supernode]) -> Path:
