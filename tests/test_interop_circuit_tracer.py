@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.browser import ARTIFACTS_ROOT, CHROMIUM, NEEDS_CHROMIUM
 from helpers.cli import run_cli
 from helpers.serve import ACRONYM, replacement
 
@@ -43,8 +44,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = REPO / "test-artifacts" / "interop"
+ARTIFACTS = ARTIFACTS_ROOT / "interop"
 #: CDN scripts of the page and what replaces each (None: left out, see the module docstring).
 CDN = {
     "https://transformer-circuits.pub/2025/attribution-graphs/static_js/lib/hotserver-client-ws.js": None,
@@ -57,7 +57,7 @@ CDN = {
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed: run `make setup`"),
+    NEEDS_CHROMIUM,
 ]
 
 

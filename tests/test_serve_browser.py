@@ -15,11 +15,10 @@ re-pointed at 127.0.0.1 (DNS rebinding, Chromium's --host-resolver-rules) gets 4
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from helpers.browser import ARTIFACTS_ROOT, CHROMIUM, NEEDS_EXPLORER
 from helpers.cli import run_cli
 from helpers.serve import ACRONYM, build_folder, replacement
 
@@ -28,15 +27,10 @@ from cltrace.graph.graph import Graph
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from cltrace.serve.app import BUILD_HINT, assets_built, create_app, free_port, start_in_thread  # noqa: E402
+from cltrace.serve.app import create_app, free_port, start_in_thread  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "serve"
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed: run `make setup`"),
-    pytest.mark.skipif(not assets_built(), reason=BUILD_HINT),
-]
+ARTIFACTS = ARTIFACTS_ROOT / "serve"
+pytestmark = NEEDS_EXPLORER
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ shows is checked against the library (head loadings, QK attribution) run by hand
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.browser import CHROMIUM, NEEDS_EXPLORER
 from helpers.serve import build_folder, replacement
 
 from cltrace.graph.graph import Graph
@@ -18,14 +17,9 @@ from cltrace.graph.qk import qk_attribution
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from cltrace.serve.app import BUILD_HINT, assets_built, create_app, start_in_thread  # noqa: E402
+from cltrace.serve.app import create_app, start_in_thread  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed: run `make setup`"),
-    pytest.mark.skipif(not assets_built(), reason=BUILD_HINT),
-]
+pytestmark = NEEDS_EXPLORER
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,17 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from helpers.browser import ARTIFACTS_ROOT, CHROMIUM, NEEDS_EXPLORER
 from helpers.serve import build_trace_folder, replacement
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from cltrace.serve.app import BUILD_HINT, assets_built, create_app, start_in_thread  # noqa: E402
+from cltrace.serve.app import create_app, start_in_thread  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "serve"
-
-pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed: run `make setup`"),
-    pytest.mark.skipif(not assets_built(), reason=BUILD_HINT),
-]
+ARTIFACTS = ARTIFACTS_ROOT / "serve"
+pytestmark = NEEDS_EXPLORER
 
 
 @pytest.fixture(scope="module")
