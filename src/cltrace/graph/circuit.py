@@ -227,19 +227,18 @@ def _target_info(graph: Graph, tnode: int, target: int) -> dict[str, Any]:
     return info
 
 
-def _label_fields(label_info: LabelInfo | None, members: list[tuple[int, int, int]], order: list[int]) -> dict[str, Any]:
-    """The label fields of a supernode: those of its first member (by `order`) with a clear label,
-    else of its first member with any."""
+def _label_fields(label_info: LabelInfo | None, members: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """The label fields of a supernode: those of its first member (members come strongest first)
+    with a clear label, else of its first member with any."""
     if label_info is None:
         return {}
-    looked_up = [(i, label_info(members[i][0], members[i][1])) for i in order]
-    infos = [(i, d) for i, d in looked_up if d]
+    infos = [d for d in (label_info(layer, feature) for layer, feature, _ in members) if d]
     if not infos:
         return {}
-    clear = [d for _, d in infos if not d.get("unclear")]
-    d = clear[0] if clear else infos[0][1]
+    clear = [d for d in infos if not d.get("unclear")]
+    d = clear[0] if clear else infos[0]
     tokens: list[str] = []
-    for _, other in infos[:3]:
+    for other in infos[:3]:
         if not other.get("unclear"):
             tokens += [t for t in other.get("output_tokens") or [] if t not in tokens]
     return {
@@ -254,7 +253,7 @@ def _labelled(node: CircuitNode, label_info: LabelInfo | None, names: Mapping[st
               tokens: list[str]) -> CircuitNode:
     """`node` with its label fields from its members' labels and the name to show: a person's
     (`names`), else its label's, else its layers and position."""
-    labels = _label_fields(label_info, node.members, list(range(len(node.members))))
+    labels = _label_fields(label_info, node.members)
     node.name = (names or {}).get(node.id) or labels.pop("name", "") or _default_name(node.members, tokens)
     labels.pop("name", None)
     for key, value in labels.items():
