@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from circuits import load_prompts, mean, real_replacement  # noqa: E402
+from circuits import load_prompts, mean, real_replacement, target_of  # noqa: E402
 from common import write_result  # noqa: E402
 
 from cltrace.graph.attribution import attribute  # noqa: E402
@@ -32,7 +32,6 @@ from cltrace.graph.config import AttributionConfig  # noqa: E402
 from cltrace.graph.graph import Graph  # noqa: E402
 from cltrace.graph.grouping import group_features  # noqa: E402
 from cltrace.graph.prune import prune  # noqa: E402
-from cltrace.graph.targets import LogitDifference  # noqa: E402
 from cltrace.graph.validate import pearson, validate_circuit  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "circuits_tuning.jsonl"
@@ -46,8 +45,7 @@ def graph_of(rm: Any, item: dict[str, Any], cache: Path | None, index: int) -> G
     path = cache / f"tuning_{index:02d}.safetensors" if cache is not None else None
     if path is not None and path.is_file():
         return Graph.load(path)
-    target = LogitDifference(item["target"], item["versus"]) if item.get("versus") else item["target"]
-    graph = attribute(rm, item["prompt"], targets=[target], config=AttributionConfig(progress=False))
+    graph = attribute(rm, item["prompt"], targets=[target_of(item)], config=AttributionConfig(progress=False))
     if path is not None:
         graph.save(path)
     return graph

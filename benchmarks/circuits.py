@@ -57,6 +57,13 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
     return items
 
 
+def target_of(item: dict[str, Any]) -> Any:
+    """A prompt's target: its token, or the logit difference with its ``versus`` token."""
+    from cltrace.graph.targets import LogitDifference
+
+    return LogitDifference(item["target"], item["versus"]) if item.get("versus") else item["target"]
+
+
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -67,11 +74,10 @@ def run_prompt(rm: Any, item: dict[str, Any], labels: Any, args: argparse.Namesp
     from cltrace.graph.config import AttributionConfig, GroupingConfig
     from cltrace.graph.graph import NodeKind
     from cltrace.graph.prune import prune
-    from cltrace.graph.targets import LogitDifference
     from cltrace.trace.circuit import find_circuit
     from cltrace.trace.circuit_plot import plot_circuit
 
-    target = LogitDifference(item["target"], item["versus"]) if item.get("versus") else item["target"]
+    target = target_of(item)
     t0 = time.perf_counter()
     config = AttributionConfig(progress=False)
     if args.max_feature_nodes is not None:
