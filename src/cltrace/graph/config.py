@@ -83,6 +83,23 @@ class AttributionConfig:
         return available_memory_bytes()
 
 
+@dataclass
+class PromptSetConfig:
+    """Which prompts of a prompt set are attributed for its mean scores (`cltrace.graph.prompt_scores`)."""
+
+    max_prompts: int = dataclasses.field(default=16, metadata={"min": 1})
+    """Attribute at most this many prompts, the file's first (each costs a full attribution graph)."""
+
+    max_prompt_tokens: int = dataclasses.field(default=64, metadata={"min": 2})
+    """A prompt of more tokens than this (BOS included) is refused before any graph is computed: a
+    graph's time grows with its length."""
+
+    def validate(self) -> None:
+        """Raise CltraceError naming the first impossible value."""
+        out_of_bounds = check_bounds(self)
+        if out_of_bounds is not None:
+            raise CltraceError(f"prompt set config: {out_of_bounds}")
+
 
 @dataclass
 class GroupingConfig:
@@ -154,4 +171,4 @@ def resolve_config(config: AttributionConfig | None, **overrides: object) -> Att
     return cfg
 
 
-__all__ = ["AttributionConfig", "CircuitConfig", "GroupingConfig", "ValidationConfig", "resolve_config"]
+__all__ = ["AttributionConfig", "CircuitConfig", "GroupingConfig", "PromptSetConfig", "ValidationConfig", "resolve_config"]

@@ -23,6 +23,8 @@ Semantics follow circuit-tracer (and the "Circuit Tracing" paper), on COO edges:
 * Both scores are also given with the error nodes at position 0 (the BOS token) left out, as
   circuit-tracer computes them (it zeroes the first position's error vectors), so that they compare
   with published figures: ``replacement_score_no_bos``, ``completeness_score_no_bos``.
+* Over a prompt set, the mean and median of both scores in both definitions, unpruned:
+  `cltrace.graph.prompt_scores` (what `cltrace eval` reports).
 """
 
 from __future__ import annotations
