@@ -82,6 +82,7 @@ MEANINGFUL = {
     "graph": ["acronym.safetensors", "garbage.bin", "features.db", "dir"],
     "db": ["features.db", "garbage.bin", "dir", "missing.db", "acronym.safetensors"],
     "features": ["features.db", "auto", "none", "garbage.bin", "dir"],
+    "prompts": ["default", "none", "prompts.jsonl", "corpus.txt", "garbage.bin", "empty.txt", "dir", "missing"],
     "source": ["corpus.txt", "default", "missing.txt", "dir", "garbage.bin", "hf:", "empty.txt"],
     "config": ["config.json", "garbage.bin", "dir", "corpus.txt"],
     "store": ["dir", "clt", "missing"],
@@ -99,6 +100,7 @@ MEANINGFUL = {
     "edge_threshold": ["0.9", "-0.1"], "feature_tokens": ["100", "0"], "generate": ["2", "513"], "samples": ["1", "-1"],
     "limit": ["5", "0"], "top_k": ["3", "0"], "max_memory": ["0.05", "4"], "heldout_fraction": ["0.5", "1", "-0.1"],
     "shard_contexts": ["4", "0"], "feature_parallel": ["1", "-1"], "dist_timeout": ["0.5", "60"],
+    "max_prompts": ["2", "0"], "max_prompt_tokens": ["3", "64", "1"],
     # choices
     "mode": ["iterative", "constrained"], "to": ["native", "circuit-tracer"], "format": ["neuronpedia"],
     "dtype": ["bfloat16", "float16"], "compute_dtype": ["float32", "bfloat16"], "text_column": ["text", "nope"],
@@ -160,6 +162,7 @@ def pristine(base: Path) -> Path:
     (folder / "corpus.txt").write_text("The National Digital Analytics Group (NDAG) met today.\n" * 20)
     (folder / "garbage.bin").write_bytes(bytes(range(256)) * 4)
     (folder / "empty.txt").write_text("")
+    (folder / "prompts.jsonl").write_text('{"prompt": "AB(C"}\n{"prompt": "The National D"}\n')
     (folder / "config.json").write_text('{"kind": "clt", "n_features": "many", "lr": -1}')
     (folder / "dir").mkdir()
     return folder

@@ -20,11 +20,14 @@ from cltrace.cli.common import (
     SourceOption,
     TranscoderOption,
     app,
+    config_option,
     deprecated,
     device_given,
     dtype_given,
     transcoder_given,
 )
+from cltrace.fields import field_default
+from cltrace.graph.config import PromptSetConfig
 
 
 @app.command()
@@ -152,6 +155,10 @@ def harvest(
     )
 
 
+PROMPTS_HELP = ("Prompts whose attribution graphs are scored (replacement and completeness): 'default' (the committed "
+                "set), a JSON Lines file with one {\"prompt\": ...} object per line, or 'none' (no graphs).")
+
+
 @app.command(name="eval")
 def eval_command(
     old_transcoder: OldTranscoderArgument = None,
@@ -160,16 +167,25 @@ def eval_command(
     source: Annotated[str, typer.Option("--source", "-s", help="Text source; its held-out split is used.")] = "default",
     tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, help="Held-out tokens to evaluate on.")] = 4096,
     n_ctx: NCtxOption = 128,
+    prompts: Annotated[str, typer.Option("--prompts", help=PROMPTS_HELP)] = "default",
+    max_prompts: Annotated[int, config_option(PromptSetConfig, "max_prompts", "--max-prompts")] = field_default(
+        PromptSetConfig, "max_prompts"),
+    max_prompt_tokens: Annotated[int, config_option(PromptSetConfig, "max_prompt_tokens", "--max-prompt-tokens")] = (
+        field_default(PromptSetConfig, "max_prompt_tokens")),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON to this file.")] = None,
     old_json: Annotated[Path | None, typer.Option("--json", hidden=True)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text."""
+    """NMSE, L0, dead features and spliced-in KL / top-1 agreement of a transcoder on held-out text, and the mean
+    replacement and completeness scores of attribution graphs over a prompt set."""
     import json
 
     from cltrace.atomic import atomic_write_text, check_writable
     from cltrace.eval import evaluate, format_table
+    from cltrace.graph.prompt_scores import encode_prompts, format_prompt_scores, load_prompts, prompt_set_scores
     from cltrace.model import load_model
+    from cltrace.replacement import ReplacementModel
     from cltrace.train.default import resolve_transcoder
     from cltrace.transcoder import load_transcoder
 
@@ -178,10 +194,20 @@ def eval_command(
     json_out = deprecated(out, old_json, "--json", "-o/--out")
     if json_out is not None:
         check_writable(json_out, "evaluation JSON")  # a bad -o fails now, not after the evaluation
+    # a bad prompts file or prompt fails now too, not after the held-out evaluation
+    prompt_set = None if prompts == "none" else load_prompts(None if prompts == "default" else prompts)
+    set_config = PromptSetConfig(max_prompts=max_prompts, max_prompt_tokens=max_prompt_tokens)
     tc = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
     loaded = load_model(model, device=dev)
+    if prompt_set is not None:
+        encode_prompts(loaded, prompt_set, set_config)
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
     typer.echo(format_table(result))
+    if prompt_set is not None:
+        graphs = prompt_set_scores(ReplacementModel(loaded, tc), prompt_set, set_config, progress=not quiet)
+        result["graphs"] = {"prompts_file": prompts, **graphs}
+        typer.echo("")
+        typer.echo(format_prompt_scores(graphs))
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(result, indent=2) + "\n", "evaluation JSON")
         typer.echo(f"wrote {json_out}")
