@@ -18,6 +18,7 @@ from cltrace.transcoder import (
     make_activation,
     make_transcoder,
 )
+from cltrace.transcoder.sparse_decode import decode_sparse_matmul
 
 L, D, F = 4, 6, 10
 
@@ -129,7 +130,7 @@ def test_training_decodes_match_decode_values_and_gradients() -> None:
         torch.testing.assert_close(dense, reference, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_dense, g_ref, rtol=1e-12, atol=1e-12)
         values = acts[rows, layers, features]
-        sparse = tc.decode_sparse_matmul(rows, layers, features, values, 6, x)
+        sparse = decode_sparse_matmul(tc, rows, layers, features, values, 6, x).recon
         (g_values,) = torch.autograd.grad((sparse * grad).sum(), values)
         torch.testing.assert_close(sparse, reference, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_values, g_ref[rows, layers, features], rtol=1e-12, atol=1e-12)

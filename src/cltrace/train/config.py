@@ -19,6 +19,7 @@ from cltrace.errors import CltraceError, is_int
 from cltrace.notation import NotationError, split_setting
 
 DECODES = ("sparse", "dense")
+OPTIMIZERS = ("adam", "lazy_adam")
 TRAIN_DTYPES = ("float32", "bfloat16", "float64")
 HARVEST_DTYPES = ("float32", "bfloat16")
 
@@ -103,6 +104,10 @@ class TrainConfig:
     """Compute dtype of the model while harvesting: "float32" or "bfloat16" (autocast; faster, with a few percent of noise on the activations)."""
     decode: str = "sparse"
     """"sparse" (decode only the active features; default) or "dense" (the naive full decoder product)."""
+    optimizer: str = "adam"
+    """"adam", or "lazy_adam": Adam that updates only the decoder rows of the features in a step's support
+    (the rest keep their weights and moments), for wide transcoders; needs decode "sparse" and one process,
+    and holds the decoder norms of the pre-activation loss constant (that loss then trains the encoder)."""
 
     # -- bookkeeping -------------------------------------------------------------------------------
     checkpoint_every: int = 100
@@ -184,6 +189,9 @@ class TrainConfig:
         require(self.harvest_dtype in HARVEST_DTYPES,
                 f"harvest_dtype must be one of {', '.join(HARVEST_DTYPES)}, got {self.harvest_dtype!r}")
         require(self.decode in DECODES, f"decode must be 'sparse' or 'dense', got {self.decode!r}")
+        require(self.optimizer in OPTIMIZERS, f"optimizer must be 'adam' or 'lazy_adam', got {self.optimizer!r}")
+        require(self.optimizer != "lazy_adam" or self.decode == "sparse",
+                "optimizer 'lazy_adam' needs decode 'sparse' (the dense decode gives every decoder row a gradient)")
 
     # -- JSON ---------------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ from cltrace.train.checkpoint import (
 )
 from cltrace.train.losses import loss_terms
 from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, make_transcoder
+from cltrace.transcoder.sparse_decode import decode_sparse_matmul
 from cltrace.transcoder.transcoder import skip_all
 
 
@@ -149,8 +150,9 @@ def sharded_loss(
         rows, layers, features = tc.activation.support(pre, with_grad=True).nonzero(as_tuple=True)
         values = acts[rows, layers, features]  # [n]
         with torch.autocast(x.device.type, enabled=False):
-            partial = tc.decode_sparse_matmul(rows, layers, features, values, N)  # [N, L, d], local b_dec is zero
-        sparsity_sum = torch.tanh(sparsity_c * norms[layers, features] * values).sum()
+            # [N, L, d] (local b_dec is zero), [n]
+            partial, entry_norms = decode_sparse_matmul(tc, rows, layers, features, values, N, decoder_norms=norms)
+        sparsity_sum = torch.tanh(sparsity_c * entry_norms * values).sum()
         compute = shard.b_dec.dtype
     elif decode == "dense":
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else shard.b_dec.dtype

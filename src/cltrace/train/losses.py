@@ -14,6 +14,11 @@ pre-activation, θ the JumpReLU threshold (0 for ReLU; TopK has no pre-activatio
 Two decode paths give the same loss and gradients: "sparse" decodes only the support of the
 activation (active features plus the zeros inside the JumpReLU estimator's window, through which
 the threshold still gets gradient), "dense" multiplies the full activation matrix by the decoder.
+
+With `row_grads` (the sparse path for a lazy optimiser), each decoder's gradient is a sparse
+tensor over the rows of the features in the support, and the decoder norms of the pre-activation
+loss are held constant: that loss then trains the encoder and thresholds only, since its gradient
+would otherwise reach every feature's decoder on every step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.transcoder import Transcoder
+from cltrace.transcoder.sparse_decode import decode_sparse_matmul
 
 
 def transcoder_loss(
@@ -32,6 +38,7 @@ def transcoder_loss(
     sparsity_c: float,
     preact_lambda: float,
     decode: str = "sparse",
+    row_grads: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Loss terms of a batch x, y [N, L, d] (normalised).
 
@@ -44,14 +51,21 @@ def transcoder_loss(
     N = x.shape[0]
     pre = tc.encode_pre(x)  # [N, L, F]
     acts = tc.activation(pre)  # [N, L, F]
-    norms = tc.decoder_norms()  # [L, F]
+    if row_grads and decode != "sparse":
+        raise CltraceError("row-sparse decoder gradients need the sparse decode; set decode to 'sparse'")
+    if row_grads:
+        with torch.no_grad():
+            norms = tc.decoder_norms()  # [L, F], constants of the pre-activation loss
+    else:
+        norms = tc.decoder_norms()  # [L, F]
     if decode == "sparse":
         support = tc.activation.support(pre, with_grad=True)  # [N, L, F]
         rows, layers, features = support.nonzero(as_tuple=True)
         values = acts[rows, layers, features]  # [n]
         with torch.autocast(x.device.type, enabled=False):  # sparse kernels run in the weights' dtype
-            recon = tc.decode_sparse_matmul(rows, layers, features, values, N, x)  # [N, L, d]
-        sparsity_sum = torch.tanh(sparsity_c * norms[layers, features] * values).sum()
+            recon, entry_norms = decode_sparse_matmul(tc, rows, layers, features, values, N, x, row_grads=row_grads,
+                                                     decoder_norms=norms)
+        sparsity_sum = torch.tanh(sparsity_c * entry_norms * values).sum()
     elif decode == "dense":
         compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else tc.b_dec.dtype
         with torch.autocast(x.device.type, enabled=False):

@@ -54,6 +54,7 @@ from cltrace.train.distributed import (
     remove_stale,
 )
 from cltrace.train.losses import transcoder_loss
+from cltrace.train.optimizer import LazyAdam, clip_grad_norm
 from cltrace.train.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -163,9 +164,14 @@ class Trainer:
                 params = self.shards.parameters()
             else:
                 params = list(self.tc.parameters())
-            # fused: one kernel for all parameters, much faster than the per-tensor loop on a large
-            # decoder.
-            self.opt = torch.optim.Adam(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), fused=True)
+            betas = (config.adam_beta1, config.adam_beta2)
+            if config.optimizer == "lazy_adam":
+                if self.shards is not None:
+                    raise CltraceError("optimizer 'lazy_adam' trains in one process; run without torchrun or use 'adam'")
+                self.opt: torch.optim.Optimizer = LazyAdam(params, lr=config.lr, betas=betas)
+            else:
+                # fused: one kernel for all parameters, much faster than the per-tensor loop on a large decoder
+                self.opt = torch.optim.Adam(params, lr=config.lr, betas=betas, fused=True)
             self.step = 0
             self.tokens = 0
             self.buffer_start: dict[str, Any] | None = None  # data position of the current buffer's start
@@ -388,7 +394,8 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             if self.shards is None:
-                terms = transcoder_loss(self._whole(), xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode)
+                terms = transcoder_loss(self._whole(), xb, yb, lam, cfg.sparsity_c, cfg.preact_lambda, decode=cfg.decode,
+                                        row_grads=cfg.optimizer == "lazy_adam")
             else:  # this rank's features on its data group's part of the batch; terms of the whole batch
                 terms = self.shards.loss(self.shards.batch_part(xb), self.shards.batch_part(yb), lam, cfg.sparsity_c,
                                          cfg.preact_lambda, cfg.decode)
@@ -401,10 +408,7 @@ class Trainer:
             gnorm = self.shards.sync_and_clip(cfg.grad_clip)
         else:
             params = [p for p in self._whole().parameters() if p.grad is not None]
-            if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            gnorm = clip_grad_norm(params, cfg.grad_clip)
         # The loss and the gradient norm are checked together, before Adam moves a weight: one wait for
         # the device per step instead of two.
         bad_loss, bad_grad = torch.stack([loss_bad.to(gnorm.device), ~torch.isfinite(gnorm)]).tolist()

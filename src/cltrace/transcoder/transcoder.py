@@ -25,7 +25,7 @@ from torch import nn
 from cltrace.errors import CltraceError
 from cltrace.transcoder.activation import Activation, make_activation
 from cltrace.transcoder.config import DTYPES, TranscoderConfig
-from cltrace.transcoder.kernels import DenseCltDecode, SparseMatmul
+from cltrace.transcoder.kernels import DenseCltDecode
 
 THRESHOLD_INIT = 0.03
 
@@ -190,32 +190,6 @@ class Transcoder(nn.Module):
         """`decode(acts, x)` for acts [N, L, F] with the products in `compute_dtype` and the sums in
         the weights' dtype: the training loss's dense path."""
         raise NotImplementedError
-
-    def decode_sparse_matmul(
-        self,
-        rows: torch.Tensor,
-        layers: torch.Tensor,
-        features: torch.Tensor,
-        values: torch.Tensor,
-        n_rows: int,
-        x: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`decode_sparse`'s reconstruction [n_rows, L, d] and gradients, for training.
-
-        Each source layer's decode is one sparse-dense product (see `SparseMatmul`) instead of a
-        gather of every active feature's decoder rows, which needs n_active x L x d memory. Entries
-        must be in row-major order (as `nonzero` gives them).
-        """
-        values = values.to(self.b_dec.dtype)
-        outs = []  # per source layer l: [n_rows, n_out(l)·d]
-        for l in range(self.n_layers):
-            at = (layers == l).nonzero().squeeze(1)
-            r, f, v = rows.index_select(0, at), features.index_select(0, at), values.index_select(0, at)
-            crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
-            crow[1:] = torch.bincount(r, minlength=n_rows).cumsum(0)
-            weight = self.W_dec[l].reshape(self.n_features, -1)  # [F, n_out(l)·d]
-            outs.append(SparseMatmul.apply(v, weight, crow, f, r, n_rows))
-        return self._add_skip(self._place(outs, n_rows) + self.b_dec, x)
 
     def _place(self, outs: list[torch.Tensor], n_rows: int) -> torch.Tensor:
         """[n_rows, L, d] from each source layer's decoded output [n_rows, n_out(l)·d]."""
