@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def best_of(fn: Callable[[], Any], repeats: int, warmup: bool = False) -> float:
+    """The fastest of `repeats` timed calls of `fn` in seconds (the least disturbed on a shared machine),
+    after one untimed call where `warmup`."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def write_result(name: str, figures: dict[str, Any], directory: Path = RESULTS) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,16 +30,7 @@ from cltrace.train.losses import transcoder_loss
 from cltrace.transcoder import Transcoder, TranscoderConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from common import best_of, write_result
 
 
 def main() -> None:
