@@ -134,6 +134,8 @@ def test_errors():
     g = hand_graph()
     with pytest.raises(CltraceError):
         prune(g, node_threshold=1.5)
+    with pytest.raises(CltraceError, match="one value per node"):
+        prune_masks(g, influence=torch.zeros(g.n_nodes + 1))
     g.nodes.kind = torch.where(g.nodes.kind == int(L), torch.tensor(int(T), dtype=torch.int8), g.nodes.kind)
     with pytest.raises(CltraceError, match="no logit nodes"):
         prune(g)
@@ -262,6 +264,9 @@ def test_prune_matches_dense_reference(g, nt, et):
     if float(node_influence(g).sum()) == 0:
         return  # nothing reaches the logits: thresholds are undefined
     node_mask, edge_mask, infl = prune_masks(g, nt, et)
+    # the influence of a pruning at another threshold, given back, gives the same masks
+    reused = prune_masks(g, nt, et, influence=prune(g, 0.8)[1].node_influence)
+    assert torch.equal(reused[0], node_mask) and torch.equal(reused[1], edge_mask)
     ref_nodes, ref_edges, ref_infl, ambiguous = _dense_reference(g, nt, et)
     assert torch.allclose(infl.to(torch.float64), ref_infl, rtol=1e-4, atol=1e-6)
     if ambiguous:

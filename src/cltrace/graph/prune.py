@@ -186,8 +186,12 @@ def graph_scores(graph: Graph, _influence: torch.Tensor | None = None, bos_error
 # ---------------------------------------------------------------------- pruning
 
 def prune_masks(graph: Graph, node_threshold: float = DEFAULT_NODE_THRESHOLD,
-                edge_threshold: float = DEFAULT_EDGE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(node_mask, edge_mask, node_influence) of circuit-tracer's pruning, on the input graph."""
+                edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
+                influence: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(node_mask, edge_mask, node_influence) of circuit-tracer's pruning, on the input graph.
+
+    `influence` [node]: the graph's node influence where already computed (`PruneResult.node_influence`
+    of a pruning at another threshold), which saves propagating it again."""
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= float(v) <= 1.0:
             raise CltraceError(f"{name} must be between 0 and 1, got {v}")
@@ -195,7 +199,9 @@ def prune_masks(graph: Graph, node_threshold: float = DEFAULT_NODE_THRESHOLD,
     kind = graph.nodes.kind
     t, s = graph.edge_target, graph.edge_source
     w = logit_weights(graph)
-    infl = propagate_influence(t, s, normalize_edges(t, graph.edge_weight, n), w)
+    if influence is not None and influence.shape != (n,):
+        raise CltraceError(f"influence has shape {tuple(influence.shape)}, expected one value per node ({n})")
+    infl = propagate_influence(t, s, normalize_edges(t, graph.edge_weight, n), w) if influence is None else influence
 
     always = (kind == int(NodeKind.EMBEDDING)) | (kind == int(NodeKind.LOGIT))
     node_mask = (infl >= find_threshold(infl, node_threshold)) | always

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cltrace.graph.circuit import Circuit, build_circuit, relabel
 from cltrace.graph.config import CircuitConfig, GroupingConfig, ValidationConfig
 from cltrace.graph.graph import Graph, NodeKind
@@ -49,15 +51,18 @@ def find_circuit(
     supernodes: list[Supernode] | None = None,
     names: dict[str, str] | None = None,
     target: int = 0,
+    influence: torch.Tensor | None = None,
 ) -> CircuitResult:
     """Supernodes of `graph` pruned to `grouping.node_threshold` (or the given `supernodes`), the
-    circuit among them with effects on `graph` itself, validated on `replacement` (None: not validated)."""
+    circuit among them with effects on `graph` itself, validated on `replacement` (None: not validated).
+
+    `influence` [node]: `graph`'s node influence where a pruning already computed it."""
     grouping, config, validation = grouping or GroupingConfig(), config or CircuitConfig(), validation or ValidationConfig()
     labels = labels or Labels()
     timing: dict[str, float] = {}
     t = time.perf_counter()
     if supernodes is None:
-        node_mask, edge_mask, _ = prune_masks(graph, node_threshold=grouping.node_threshold)  # no scores needed
+        node_mask, edge_mask, _ = prune_masks(graph, node_threshold=grouping.node_threshold, influence=influence)
         candidates = graph.subgraph(node_mask, edge_mask)
         nodes = candidates.nodes
         feats = (nodes.kind == int(NodeKind.FEATURE)).nonzero(as_tuple=True)[0]

@@ -139,7 +139,7 @@ def trace_prompt(
     graph.metadata["scores"] = result.as_dict()
     if transcoder_path is not None:
         graph.metadata["transcoder_path"] = transcoder_path
-    found = find_circuit(replacement, graph, Labels(feature_db), config=circuit)
+    found = find_circuit(replacement, graph, Labels(feature_db), config=circuit, influence=result.node_influence)
     write_circuit(folder, found, graph.n_layers)
     graph.metadata["circuit"] = circuit_metadata(found.circuit)
     graph.save(folder / GRAPH_FILE)
