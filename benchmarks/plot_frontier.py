@@ -63,7 +63,7 @@ def main() -> int:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("features per layer")
-    ax.set_ylabel("training tokens in 30 minutes (fastest path, harvest not counted)")
+    ax.set_ylabel("tokens trained in 30 min (fastest step)")
     ax.set_title("What 30 minutes buys on this CPU", fontsize=9)
     ax = axes[1]
     for p in points:
