@@ -49,6 +49,14 @@ def best_of(fn: Callable[[], Any], repeats: int, warmup: bool = False) -> float:
     return min(times)
 
 
+def save_figure(fig: Any, name: str, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as benchmarks/results/NAME.png (laid out tightly) and return its path."""
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def write_result(name: str, figures: dict[str, Any], directory: Path = RESULTS) -> Path:
     """Write benchmarks/results/NAME.json, or DIRECTORY/NAME.json (with the machine and date), via a temp file and rename."""
     directory.mkdir(parents=True, exist_ok=True)

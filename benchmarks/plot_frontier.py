@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from common import RESULTS
+from common import RESULTS, save_figure
 
 BUDGET_S = 30 * 60
 
@@ -88,9 +88,7 @@ def main() -> int:
     ax.set_xlabel("mean L0 (held out)")
     ax.set_ylabel("mean NMSE (held out)")
     ax.set_title("Held-out NMSE against L0 (bar: ≤ 0.30 at L0 ≤ 64)", fontsize=9)
-    fig.tight_layout()
-    path = RESULTS / "frontier.png"
-    fig.savefig(path, dpi=120)
+    path = save_figure(fig, "frontier")
     for w, t, p in budget:
         print(f"{w:5d} features per layer: {t / 1000:8.0f}k tokens in 30 minutes ({p})")
     for p in points:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from common import RESULTS
+from common import RESULTS, save_figure
 
 
 def points() -> list[dict]:
@@ -69,9 +69,7 @@ def main() -> int:
     ax.set_title("CLTs on SmolLM2-135M: reconstruction against sparsity (bar: NMSE ≤ 0.35 at L0 ≤ 64)", fontsize=9)
     ax.set_xlim(0, max(p["l0"] for p in pts) * 1.45)
     ax.set_ylim(0.25, max(p["nmse"] for p in pts) + 0.05)
-    fig.tight_layout()
-    path = RESULTS / "nmse_l0.png"
-    fig.savefig(path, dpi=130)
+    path = save_figure(fig, "nmse_l0", dpi=130)
     for p in sorted(pts, key=lambda p: p["l0"]):
         print(f"L0 {p['l0']:6.1f}  NMSE {p['nmse']:.3f}  top-1 {100 * p['top1']:4.1f}%  {p['label']}"
               f"{'' if p['drawn'] else '  (~4k tokens in order)'}")
