@@ -36,12 +36,12 @@ def runs() -> list[dict]:
     """The train_wide points: label, curve, held-out NMSE / L0 / top-1 and the no-BOS replacement score."""
     points = json.loads((RESULTS / "train_wide.json").read_text())["points"]
     out = []
-    for p in points:
+    for i, p in enumerate(points):
         held = p.get("eval_more_tokens") or p
         graphs = (held.get("graphs") or {}).get("mean") or {}
         out.append({"label": f"{p['n_features']} features, {p['train_tokens'] // 1000}k tokens",
                     "curve": p["curve"], "nmse": held["nmse_mean"], "l0": held["l0_mean"], "top1": held["spliced_top1"],
-                    "replacement": graphs.get("replacement_score_no_bos")})
+                    "replacement": graphs.get("replacement_score_no_bos"), "color": f"C{i + 1}"})
     return out
 
 
@@ -67,7 +67,7 @@ def main() -> int:
     ax.set_title("What 30 minutes buys on this CPU", fontsize=9)
     ax = axes[1]
     for p in points:
-        ax.plot([c["minutes"] for c in p["curve"]], [c["nmse"] for c in p["curve"]], label=p["label"])
+        ax.plot([c["minutes"] for c in p["curve"]], [c["nmse"] for c in p["curve"]], label=p["label"], color=p["color"])
     ax.axhline(0.30, color="#999", ls="--", lw=0.8)
     ax.axvline(30, color="#999", ls="--", lw=0.8)
     ax.set_xlabel("minutes of training")
@@ -76,11 +76,11 @@ def main() -> int:
     ax.legend(fontsize=7)
     ax.set_title("NMSE against minutes (bar: 0.30 within 30 minutes)", fontsize=9)
     ax = axes[2]
-    for p in points:
-        ax.scatter(p["l0"], p["nmse"])
+    for i, p in enumerate(sorted(points, key=lambda p: p["l0"])):
+        ax.scatter(p["l0"], p["nmse"], color=p["color"])
         score = f", replacement {p['replacement']:.2f}" if p["replacement"] is not None else ""
         ax.annotate(f"{p['label']}\n(top-1 {100 * p['top1']:.0f}%{score})", (p["l0"], p["nmse"]), fontsize=7,
-                    xytext=(5, 3), textcoords="offset points")
+                    xytext=(5, 3 if i % 2 == 0 else -24), textcoords="offset points")  # alternate: neighbours overlap
     ax.axhline(0.30, color="#999", ls="--", lw=0.8)
     ax.axvline(64, color="#999", ls="--", lw=0.8)
     ax.set_xlim(0, max(70, max(p["l0"] for p in points) * 1.6))
