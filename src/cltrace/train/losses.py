@@ -53,10 +53,7 @@ def transcoder_loss(
     acts = tc.activation(pre)  # [N, L, F]
     if row_grads and decode != "sparse":
         raise CltraceError("row-sparse decoder gradients need the sparse decode; set decode to 'sparse'")
-    if row_grads:
-        with torch.no_grad():
-            norms = tc.decoder_norms()  # [L, F], constants of the pre-activation loss
-    else:
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not row_grads):  # row_grads: constants of the pre-activation loss
         norms = tc.decoder_norms()  # [L, F]
     if decode == "sparse":
         support = tc.activation.support(pre, with_grad=True)  # [N, L, F]
