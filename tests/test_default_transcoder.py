@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from helpers.train import write_text
 
 from cltrace.data.sources import FileSource
 from cltrace.errors import CltraceError
-from cltrace.train import Trainer, preset
+from cltrace.train import Trainer, TrainConfig, preset
 from cltrace.train import run as run_module
 from cltrace.train.default import config_hash, default_paths, open_transcoder, resolve_transcoder
 from cltrace.transcoder import load_transcoder
@@ -104,6 +105,18 @@ def test_interrupted_first_run_resumes(tiny_default: dict[str, Any], tmp_path: P
     uninterrupted = load_transcoder(resolve_transcoder("default", **tiny_default))
     for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values()):
         assert (a - b).abs().max() <= 1e-6, name
+
+
+def test_config_hash_names_the_settings_not_the_field_list() -> None:
+    """A field added with a default that keeps the old behaviour must not retrain the cached default;
+    changing any setting must."""
+    cfg = preset("default")
+    grown = dataclasses.make_dataclass("Grown", [("new_setting", int, dataclasses.field(default=3))], bases=(TrainConfig,))
+    assert config_hash(grown(**cfg.to_dict())) == config_hash(cfg)
+    assert config_hash(grown(**cfg.to_dict(), new_setting=4)) != config_hash(cfg)
+    for name, value in (("n_features", cfg.n_features * 2), ("lr", cfg.lr / 2), ("seed", cfg.seed + 1)):
+        assert config_hash(dataclasses.replace(cfg, **{name: value})) != config_hash(cfg), name
+    assert config_hash(preset("tiny")) != config_hash(cfg)
 
 
 def test_bad_default_preset_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -55,8 +55,12 @@ def default_preset_name() -> str:
 
 
 def config_hash(config: TrainConfig) -> str:
-    """A short hash of a config's every field (12 hex digits)."""
-    return sha256_hex(json.dumps(config.to_dict(), sort_keys=True))[:12]
+    """A short hash (12 hex digits) of the fields of `config` that differ from TrainConfig's defaults:
+    a field added later with a default that keeps the old behaviour leaves every hash, and so every
+    cached transcoder, as it was."""
+    defaults = type(config)().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if k not in defaults or v != defaults[k]}
+    return sha256_hex(json.dumps(changed, sort_keys=True))[:12]
 
 
 def default_paths(config: TrainConfig | None = None) -> tuple[Path, Path]:
