@@ -10,7 +10,10 @@ and the steering test's chance level.
    how many are unclear, the seconds.
 3. `measure_outputs` on `--features` random alive features: the steering pass rate, the z
    distribution, unclear counts (input, output, both), the seconds.
-4. Chance level of the steering test: a random CLT (30 x 32, random decoders) over the default
+4. Matched chance level: the same features with each decoder row replaced by a random direction of
+   the same norm (encoders, activations and sites unchanged), measured the same way: the z a
+   feature's output label reaches against what its own sites and strength give any direction.
+5. Chance level of the steering test: a random CLT (30 x 32, random decoders) over the default
    model, `--null` of its features measured the same way; the z a random direction's top tokens
    reach, against `LabelConfig.min_steer_z`. And the other side: a feature whose decoder says
    " Paris", steered the same way.
@@ -21,6 +24,7 @@ Prints the figures and writes benchmarks/results/labels.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import os
@@ -81,7 +85,43 @@ def _outputs(store: Any, rm: Any, keys: list[tuple[int, int]], config: Any) -> d
         "output_unclear": sum(v.output_unclear for v in labels.values()),
         "unclear": sum(v.unclear for v in labels.values()),
         "examples": {f"{l}:{f}": v.text() for (l, f), v in list(labels.items())[:12]},
+        "by_feature": {k: v.output_score for k, v in labels.items() if v.output_score is not None},
     }
+
+
+def _matched_null(store: Any, loaded: Any, tc: Any, keys: list[tuple[int, int]], config: Any,
+                  real: dict[str, Any]) -> dict[str, Any]:
+    """`keys` measured again with their decoder rows swapped for norm-matched random directions. The
+    store's examples stay valid (the encoders are the same), so the labeller's measuring step runs on
+    them directly; nothing is written to the store."""
+    import torch
+
+    from cltrace.features.labeller import _measure
+    from cltrace.replacement import ReplacementModel
+
+    null = copy.deepcopy(tc)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer, feature in keys:
+            row = null.W_dec[layer][feature]  # [targets, d_model] (CLT) or [d_model]
+            noise = torch.randn(row.shape, generator=gen, dtype=row.dtype)
+            row.copy_(noise / noise.norm(dim=-1, keepdim=True) * row.norm(dim=-1, keepdim=True))
+    t = time.perf_counter()
+    rows = _measure(store, ReplacementModel(loaded, null), keys, config, progress=True)
+    z = [r[3] for r in rows if r[3] is not None]
+    by_band = {}
+    for lo in range(0, tc.n_layers, 10):
+        band = [r[3] for r in rows if r[3] is not None and lo <= r[0] < lo + 10]
+        own = [v for (l, _), v in real["by_feature"].items() if lo <= l < lo + 10]
+        by_band[f"L{lo}-{min(lo + 9, tc.n_layers - 1)}"] = {"features": len(own), "real_median": _median(own),
+                                                               "matched_null_median": _median(band)}
+    return {"features": len(z), "seconds": round(time.perf_counter() - t, 1), "z": _quantiles(z),
+            "pass_rate": round(float(np.mean([v >= config.min_steer_z for v in z])), 3) if z else None,
+            "by_layers": by_band}
+
+
+def _median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 3) if values else None
 
 
 def _null(loaded: Any, n: int, tmp: Path, config: Any) -> dict[str, Any]:
@@ -139,6 +179,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=200, help="random features whose output labels are measured")
     parser.add_argument("--contexts", type=int, default=128, help="held-out contexts of the input labels' pass")
     parser.add_argument("--null", type=int, default=60, help="random-decoder features for the chance level (0: skip)")
+    parser.add_argument("--no-matched", dest="matched", action="store_false",
+                        help="skip re-measuring the features with norm-matched random decoder rows")
     parser.add_argument("--build-tokens", type=int, default=12_000, help="tokens of the random store built when there is none")
     parser.add_argument("--name", default="labels", help="write benchmarks/results/NAME.json")
     args = parser.parse_args()
@@ -167,8 +209,12 @@ def main() -> None:
             print(f"input labels: {summary}")
             alive = [(l, f) for l, f, c in store.conn.execute("SELECT layer, feature, count FROM features") if c > 0]
             keys = random.Random(0).sample(alive, min(args.features, len(alive)))
-            figures["outputs"] = _outputs(store, ReplacementModel(loaded, tc), keys, config)
+            outputs = _outputs(store, ReplacementModel(loaded, tc), keys, config)
+            figures["outputs"] = {k: v for k, v in outputs.items() if k != "by_feature"}
             print(f"output labels: {figures['outputs']}")
+            if args.matched:
+                figures["matched_null"] = _matched_null(store, loaded, tc, keys, config, outputs)
+                print(f"the same features with random decoder rows of the same norms: {figures['matched_null']}")
         if args.null:
             figures["null"] = _null(loaded, args.null, Path(tmp), config)
             print(f"chance level (random decoders): {figures['null']}")
