@@ -8,6 +8,7 @@ slow reference that runs one backward pass per target straight through Replaceme
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -17,7 +18,9 @@ from helpers.models import VOCAB, prompt_ids, tiny_model, tiny_tokenizer
 from helpers.transcoders import CASE_IDS, CASES, random_transcoder
 
 from cltrace.errors import CltraceError
-from cltrace.graph.attribution import AttributionConfig, attribute
+from cltrace.graph import attribution as attribution_module
+from cltrace.graph import estimate as estimate_module
+from cltrace.graph.attribution import AttributionConfig, attribute, estimate_attribution
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.targets import LogitDifference, select_targets
 from cltrace.replacement import ReplacementModel
@@ -482,16 +485,42 @@ def test_memory_refusal_is_the_default_and_comes_before_the_forward_run(monkeypa
         attribute(rm, ids, config=AttributionConfig(max_memory_bytes=params), progress=False)
 
 
-def test_decoders_gathered_on_each_pass_give_the_same_graph() -> None:
-    """Long prompts gather decoders per pass instead of caching them: the edges must not change."""
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_decoders_gathered_on_each_pass_give_the_same_graph(share: float) -> None:
+    """Long prompts gather some or all decoders per pass instead of caching them: the edges must not change."""
     rm, cached = case("qwen2", "clt")
-    gathered = attribute(
-        rm, prompt_ids(), config=AttributionConfig(max_feature_nodes=10_000, batch_size=16, decoder_cache_bytes=0),
-        progress=False,
-    )
+    with torch.enable_grad():
+        padded = attribution_module._Attribution(rm, prompt_ids(), None, AttributionConfig(progress=False)).decoder_cache_bytes
+    budget = int(share * padded)
+    config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, decoder_cache_bytes=budget)
+    with torch.enable_grad():
+        work = attribution_module._Attribution(rm, prompt_ids(), None, config)
+    kept = [g.keep for slot in work.slots if slot is not None for g in slot.groups]
+    assert work.cached_decoder_bytes <= budget and (any(kept) and not all(kept) if share else not any(kept))
+    assert not work.estimate().decoders_cached
+    gathered = attribute(rm, prompt_ids(), config=config)
     assert gathered.n_edges == cached.n_edges
     assert torch.equal(gathered.edge_source, cached.edge_source) and torch.equal(gathered.edge_target, cached.edge_target)
     torch.testing.assert_close(gathered.edge_weight, cached.edge_weight, rtol=1e-6, atol=1e-7)
+
+
+def test_a_tight_memory_limit_keeps_fewer_decoders_instead_of_refusing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept decoders are the first thing given up when the graph would not fit in the memory allowed:
+    before the rows go to bf16 for a second pass, and before the graph is refused."""
+    rm, cached = case("qwen2", "clt")
+    # Sparse edges, so that the passes (decoders included), not the edges' layout, set the peak.
+    monkeypatch.setattr(estimate_module, "_EDGE_DENSITY", 0.01)
+    config = AttributionConfig(max_feature_nodes=10_000, batch_size=16, progress=False)
+    full = estimate_attribution(rm, prompt_ids(), config=config)
+    gathered = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, decoder_cache_bytes=0))
+    assert full.decoders_cached and not gathered.decoders_cached and gathered.peak_bytes < full.peak_bytes
+    for limit in (gathered.peak_bytes, (gathered.peak_bytes + full.peak_bytes) // 2):
+        limited = dataclasses.replace(config, max_memory_bytes=limit)
+        chosen = estimate_attribution(rm, prompt_ids(), config=limited)
+        assert not chosen.decoders_cached and not chosen.recompute_rows and chosen.peak_bytes <= limit
+        squeezed = attribute(rm, prompt_ids(), config=limited)
+        same_graph(squeezed, cached, "fewer decoders kept")
+        assert not squeezed.metadata["settings"]["rows_recomputed"]
 
 
 def same_graph(got: Graph, expected: Graph, what: str) -> None:
@@ -521,12 +550,6 @@ def test_rows_recomputed_give_the_same_exact_graph(family: str, kind: str) -> No
 def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(monkeypatch) -> None:
     """A limit that fp32 rows would pass but bf16 rows fit picks the second pass up front; rows that
     outgrow their budget on the way go to bf16, and past that the work stops with one clear line."""
-    import dataclasses
-
-    from cltrace.graph import attribution as attribution_module
-    from cltrace.graph import estimate as estimate_module
-    from cltrace.graph.attribution import estimate_attribution
-
     rm, full = case("qwen2", "clt")
     # Rows in bf16 lower the peak where the rows outweigh the graph's edges (fp32 rows are held while
     # the edges are laid out); on these tiny graphs the edges weigh more, unless they are sparse.
@@ -535,7 +558,10 @@ def test_memory_limit_chooses_recomputed_rows_and_rows_outgrowing_their_budget(m
     fp32 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=False))
     bf16 = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(config, recompute_rows=True))
     assert bf16.row_bytes * 2 == fp32.row_bytes > 0 and bf16.peak_bytes < fp32.peak_bytes
-    limited = dataclasses.replace(config, max_memory_bytes=fp32.peak_bytes - 1)
+    # Below what fp32 rows take even with every decoder gathered on each pass (see the test above).
+    gathered = estimate_attribution(rm, prompt_ids(), config=dataclasses.replace(
+        config, recompute_rows=False, decoder_cache_bytes=0))
+    limited = dataclasses.replace(config, max_memory_bytes=gathered.peak_bytes - 1)
     chosen = estimate_attribution(rm, prompt_ids(), config=limited)
     assert chosen.recompute_rows and "second pass" in chosen.summary()
     graph = attribute(rm, prompt_ids(), config=limited)

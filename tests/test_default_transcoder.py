@@ -15,7 +15,7 @@ from helpers.train import write_text
 
 from cltrace.data.sources import FileSource
 from cltrace.errors import CltraceError
-from cltrace.train import Trainer, TrainConfig, preset
+from cltrace.train import TrainConfig, Trainer, preset
 from cltrace.train import run as run_module
 from cltrace.train.default import config_hash, default_paths, open_transcoder, resolve_transcoder
 from cltrace.transcoder import load_transcoder

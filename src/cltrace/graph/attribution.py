@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cltrace.errors import CltraceError
 from cltrace.graph.config import AttributionConfig, resolve_config
-from cltrace.graph.decoders import _dot_per_position, _SlotDecoders, _SlotDecoding
+from cltrace.graph.decoders import _dot_per_position, _SlotDecoders, _SlotDecoding, keep_decoders
 from cltrace.graph.edges import _EdgeAssembly
 from cltrace.graph.estimate import AttributionEstimate, _Estimating
 from cltrace.graph.graph import Graph
@@ -122,9 +122,9 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
         # consecutive ranks in that position's (layer, feature) order. Slot t's decoders form, per group
         # of positions with windows of similar widths, a [positions, width, d] block (zero rows past a
         # position's window), so that its edges come from one batched matrix product per group (a
-        # few per slot). Decoders are kept unscaled (the activations multiply the result), and either
-        # cached (short prompts) or gathered from the slot's table on each pass, so memory stays
-        # bounded on long prompts.
+        # few per slot). Decoders are kept unscaled (the activations multiply the result), and
+        # cached up to AttributionConfig.decoder_cache_bytes, the rest gathered from the slot's table
+        # on each pass, so memory stays bounded on long prompts.
         with torch.no_grad():
             by_pos = torch.argsort(positions, stable=True)  # (layer, feature) order within a position
             rank = torch.empty_like(by_pos)
@@ -137,7 +137,7 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
             for t in range(L):
                 self.slots.append(self._slot_decoders(t, layers, positions, features, rank))
             self.decoder_cache_bytes = sum(x.padded_bytes for x in self.slots if x is not None)
-            self.cache_decoders = self.decoder_cache_bytes <= cfg.decoder_cache_bytes  # cached in build()
+            self.cached_decoder_bytes = keep_decoders(self.slots, cfg.decoder_cache_bytes)  # gathered in build()
             self.embeds = self.model.model.get_input_embeddings()(self.ids[None].to(self.device)).detach()  # [1, pos, d]
             self.error = run.error.float().transpose(0, 1).contiguous()  # [layer, pos, d]
             # Row layer l's sources, its prefix of the column space: the features of layers < l
@@ -155,6 +155,7 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
         self.max_row_bytes = 0
         self.row_budget: int | None = None  # bytes the rows may take (set in build)
         self.timing: dict[str, float] = {}
+        self._fit_decoders()
 
     def _width(self, layer: int) -> int:
         """Columns in row layer `layer`'s prefix."""
@@ -322,6 +323,13 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
 
     # -- the whole computation -------------------------------------------------------------------
 
+    def _fit_decoders(self) -> None:
+        """Keep half as many decoders, as often as needed, where the graph would not fit in the memory
+        allowed: gathering them on each pass costs less than the rows' second pass or a refusal."""
+        recompute = bool(self.cfg.recompute_rows)
+        while self.limit is not None and self.cached_decoder_bytes and self.estimate(recompute).peak_bytes > self.limit:
+            self.cached_decoder_bytes = keep_decoders(self.slots, self.cached_decoder_bytes // 2)
+
     def build(self) -> Graph:
         cfg = self.cfg
         est = self.estimate()
@@ -335,12 +343,10 @@ class _Attribution(_Estimating, _SlotDecoding, _EdgeAssembly):
             # What the rows may take: the limit less all else; an fp32 start that outgrows it goes to bf16.
             self.row_budget = self.limit - (est.peak_bytes - est.row_bytes)
         self.row_dtype = torch.bfloat16 if est.recompute_rows else torch.float32
-        if self.cache_decoders:
-            with torch.no_grad():
-                for slot in self.slots:
-                    if slot is not None:
-                        for group in slot.groups:
-                            group.cached = slot.gather(group)
+        with torch.no_grad():
+            for slot in filter(None, self.slots):
+                for group in slot.groups:
+                    group.cached = slot.gather(group) if group.keep else None
         n_feature_rows = min(cfg.max_feature_nodes, self.n_act)
         n_rows = len(self.targets) + n_feature_rows
         batch = self._batch_size(n_feature_rows)  # copies in the forward

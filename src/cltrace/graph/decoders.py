@@ -21,7 +21,8 @@ class _DecoderGroup:
     positions: torch.Tensor | None  # [k] the positions, ascending (None: every position)
     index: torch.Tensor  # [k, width] row of the slot's table at each window place; padding: the last row
     target: torch.Tensor  # [k * width] flat (pos * max_rank + rank) the product goes to; padding: the last
-    cached: torch.Tensor | None = None  # [k, width, d] the gathered decoders, when they are kept
+    keep: bool = False  # whether the gathered decoders are kept between passes (see `keep_decoders`)
+    cached: torch.Tensor | None = None  # [k, width, d] the gathered decoders, while they are kept
 
 
 @dataclass
@@ -40,6 +41,23 @@ class _SlotDecoders:
 
     def gather(self, group: _DecoderGroup) -> torch.Tensor:
         return self.table[group.index]  # [k, width, d]
+
+    def uncached_bytes(self) -> int:
+        """The widest group gathered on each pass (0: every group kept)."""
+        return max((self.group_bytes(g) for g in self.groups if not g.keep), default=0)
+
+
+def keep_decoders(slots: list[_SlotDecoders | None], budget: int) -> int:
+    """Mark the position groups whose gathered decoders are kept between passes, lowest slot first
+    while they fit in `budget` bytes (a low slot serves the rows of every layer above it, so its
+    bytes save the most gathers); returns the bytes marked. The rest are gathered on each pass."""
+    used = 0
+    for slot in filter(None, slots):
+        for group in slot.groups:
+            size = slot.group_bytes(group)
+            group.keep = used + size <= budget
+            used += size if group.keep else 0
+    return used
 
 
 #: Positions whose window of decoders is over 2**-k of a slot's widest go into group k (the last

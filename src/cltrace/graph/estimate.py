@@ -176,8 +176,8 @@ class _Estimating(_AttributionState):
         passes = _COPIES_PER_ROW * batch * P * L * d * 4
         backward = 2 * batch * self.n_cols * 4 + batch * (P * self.max_rank + 1) * 4  # a pass's rows and their prefixes
         tables = sum(x.table.numel() * 4 for x in self.slots if x is not None)
-        widest = max((x.group_bytes(g) for x in self.slots if x is not None for g in x.groups), default=0)
-        decoders = tables + (self.decoder_cache_bytes if self.cache_decoders else 2 * widest)
+        widest = max((x.uncached_bytes() for x in self.slots if x is not None), default=0)
+        decoders = tables + self.cached_decoder_bytes + 2 * widest
         mean_width = (
             sum(self._width(layer) * (self.n_below[layer + 1] - self.n_below[layer]) for layer in range(L)) / self.n_act
             if self.n_act else 0.0
@@ -203,5 +203,5 @@ class _Estimating(_AttributionState):
         return AttributionEstimate(
             n_tokens=P, n_active_features=self.n_act, n_feature_rows=n_feature_rows, n_logit_rows=len(self.targets),
             n_batches=n_batches, batch_size=batch, peak_bytes=int(peak), flops=float(flops), overhead_s=0.02 * all_batches,
-            decoders_cached=self.cache_decoders, recompute_rows=bool(recompute), row_bytes=rows, device=str(self.device),
+            decoders_cached=self.cached_decoder_bytes == self.decoder_cache_bytes, recompute_rows=bool(recompute), row_bytes=rows, device=str(self.device),
         )

@@ -45,8 +45,8 @@ class _AttributionState:
     n_cols: int
     max_rank: int
     slots: list[_SlotDecoders | None]
-    decoder_cache_bytes: int
-    cache_decoders: bool
+    decoder_cache_bytes: int  # every slot's padded decoders
+    cached_decoder_bytes: int  # of them, those kept between passes
     embeds: torch.Tensor  # [1, pos, d]
     n_below: list[int]  # [L + 1]
     W_enc: torch.Tensor
