@@ -164,13 +164,13 @@ def random_dag(draw):
     w0 = draw(st.lists(st.floats(0, 1, width=32), min_size=n, max_size=n))
     src = torch.tensor([perm[s] for s, _ in chosen], dtype=torch.int64)
     tgt = torch.tensor([perm[t] for _, t in chosen], dtype=torch.int64)
-    return n, tgt, src, torch.tensor(weights, dtype=torch.float32), torch.tensor(w0, dtype=torch.float32)
+    return n, tgt, src, torch.tensor(weights, dtype=torch.float32), torch.tensor(w0, dtype=torch.float32), perm
 
 
 @settings(max_examples=150, deadline=None)
 @given(random_dag())
 def test_influence_matches_dense_inverse(dag):
-    n, tgt, src, w, w0 = dag
+    n, tgt, src, w, w0, perm = dag
     a = normalize_edges(tgt, w, n)
     got = propagate_influence(tgt, src, a, w0)
     dense = torch.zeros(n, n, dtype=torch.float64)
@@ -179,6 +179,13 @@ def test_influence_matches_dense_inverse(dag):
     eye = torch.eye(n, dtype=torch.float64)
     expected = w0.to(torch.float64) @ (torch.linalg.inv(eye - dense) - eye)
     assert torch.allclose(got.to(torch.float64), expected, rtol=1e-4, atol=1e-5)
+    # One sweep by level: the hidden order as the nodes' levels (edges in no particular order), and
+    # levels that do not layer the graph (all equal), where the steps are taken instead.
+    hidden = torch.empty(n, dtype=torch.int64)
+    hidden[torch.tensor(perm, dtype=torch.int64)] = torch.arange(n)
+    for levels in (hidden, torch.zeros(n, dtype=torch.int64)):
+        swept = propagate_influence(tgt, src, a, w0, levels=levels)
+        assert torch.allclose(swept.to(torch.float64), expected, rtol=1e-4, atol=1e-5)
 
 
 def _dense_reference(g: Graph, node_threshold: float, edge_threshold: float):

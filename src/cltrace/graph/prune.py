@@ -87,10 +87,13 @@ def normalize_edges(edge_target: torch.Tensor, edge_weight: torch.Tensor, n_node
 
 
 def propagate_influence(edge_target: torch.Tensor, edge_source: torch.Tensor, a: torch.Tensor,
-                        weights: torch.Tensor, max_iter: int | None = None) -> torch.Tensor:
+                        weights: torch.Tensor, max_iter: int | None = None,
+                        levels: torch.Tensor | None = None) -> torch.Tensor:
     """weights · (A + A² + …) for the sparse A given by (edge_target, edge_source, a).
 
-    Each step is one scatter over the edges; a DAG ends after (longest path) steps, when the
+    With `levels` [node] (the nodes' layers) on a layered graph, every edge going to a higher
+    level, one sweep from the top level down sums every path exactly: each edge once. Otherwise
+    each step is one scatter over the edges; a DAG ends after (longest path) steps, when the
     running product is exactly zero. More than `max_iter` (default n_nodes + 1) steps means a
     cycle: CltraceError.
     """
@@ -99,15 +102,32 @@ def propagate_influence(edge_target: torch.Tensor, edge_source: torch.Tensor, a:
     if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(weights).all()):
         raise CltraceError("graph has non-finite edge weights or logit probabilities (NaN/inf); re-run attribution")
     current = weights.to(a.dtype)
-    influence = torch.zeros(n, dtype=a.dtype)
     nz = a != 0
     t, s, a = edge_target[nz], edge_source[nz], a[nz]
+    if levels is not None and bool((levels[s] < levels[t]).all()):
+        return _sweep(t, s, a, current, levels[t])
+    influence = torch.zeros(n, dtype=a.dtype)
     for _ in range(max_iter):
         current = torch.zeros(n, dtype=a.dtype).index_add_(0, s, current[t] * a)
         if not bool(current.any()):
             return influence
         influence += current
     raise CltraceError("influence did not converge: the graph has a cycle; attribution graphs must be acyclic")
+
+
+def _sweep(t: torch.Tensor, s: torch.Tensor, a: torch.Tensor, weights: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """`propagate_influence` on a layered graph: edges (t, s, a) grouped by their target's level
+    [edge], the highest first, so that a node's mass is complete before it flows on."""
+    if bool((level[1:] < level[:-1]).any()):  # not already in level order (attribution sorts by target)
+        order = torch.argsort(level, stable=True)
+        t, s, a, level = t[order], s[order], a[order], level[order]
+    values, counts = torch.unique_consecutive(level, return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    mass = weights.clone()  # [node]
+    for i in range(len(ends) - 1, -1, -1):
+        lo, hi = (ends[i - 1] if i else 0), ends[i]
+        mass.index_add_(0, s[lo:hi], mass[t[lo:hi]] * a[lo:hi])
+    return mass - weights
 
 
 def logit_weights(graph: Graph) -> torch.Tensor:
@@ -124,7 +144,7 @@ def logit_weights(graph: Graph) -> torch.Tensor:
 def node_influence(graph: Graph) -> torch.Tensor:
     """[node] float32: each node's influence on the logits (probability-weighted), unpruned graph."""
     a = normalize_edges(graph.edge_target, graph.edge_weight, graph.n_nodes)
-    return propagate_influence(graph.edge_target, graph.edge_source, a, logit_weights(graph))
+    return propagate_influence(graph.edge_target, graph.edge_source, a, logit_weights(graph), levels=graph.nodes.layer)
 
 
 def find_threshold(scores: torch.Tensor, fraction: float) -> float:
@@ -167,7 +187,7 @@ def graph_scores(graph: Graph, _influence: torch.Tensor | None = None, bos_error
     is_err = kind == int(NodeKind.ERROR)
     keep = None if bos_errors else ~(is_err & (graph.nodes.pos == 0))[graph.edge_source]  # [edge]
     a = normalize_edges(graph.edge_target, graph.edge_weight, n, edge_mask=keep)
-    infl = (propagate_influence(graph.edge_target, graph.edge_source, a, w)
+    infl = (propagate_influence(graph.edge_target, graph.edge_source, a, w, levels=graph.nodes.layer)
             if _influence is None or not bos_errors else _influence)
     if not bos_errors:
         is_err = is_err & (graph.nodes.pos != 0)
@@ -201,7 +221,9 @@ def prune_masks(graph: Graph, node_threshold: float = DEFAULT_NODE_THRESHOLD,
     w = logit_weights(graph)
     if influence is not None and influence.shape != (n,):
         raise CltraceError(f"influence has shape {tuple(influence.shape)}, expected one value per node ({n})")
-    infl = propagate_influence(t, s, normalize_edges(t, graph.edge_weight, n), w) if influence is None else influence
+    levels = graph.nodes.layer
+    infl = (propagate_influence(t, s, normalize_edges(t, graph.edge_weight, n), w, levels=levels)
+            if influence is None else influence)
 
     always = (kind == int(NodeKind.EMBEDDING)) | (kind == int(NodeKind.LOGIT))
     node_mask = (infl >= find_threshold(infl, node_threshold)) | always
@@ -209,7 +231,7 @@ def prune_masks(graph: Graph, node_threshold: float = DEFAULT_NODE_THRESHOLD,
     # Edge scores on the graph restricted to the kept nodes.
     live = node_mask[t] & node_mask[s]
     a = normalize_edges(t, graph.edge_weight, n, edge_mask=live)
-    pruned_infl = propagate_influence(t, s, a, w) + w
+    pruned_infl = propagate_influence(t, s, a, w, levels=levels) + w
     edge_scores = a * pruned_infl[t]
     edge_mask = (edge_scores >= find_threshold(edge_scores, edge_threshold)) & live
 
