@@ -55,15 +55,22 @@ class Sweeps:
             raise CltraceError("graph has an edge between features that does not go to a higher layer; "
                                "effects need a layered attribution graph (not one with merged supernodes)")
         self.activation = nodes.activation.to(torch.float64)  # [node]
-        self.levels = sorted(set(level[src].tolist()))
         weight = graph.edge_weight.to(torch.float64)
-        # Per source level: the edges as sparse matrices, [source, target] (backward) and [target, source].
+        # Per source level: the edges as sparse matrices, [source, target] (backward) and [target, source],
+        # cut from the edges sorted once by their source's level.
+        by_level = level[src]  # [edge]
+        order = torch.argsort(by_level, stable=True)
+        src, tgt, weight, by_level = src[order], tgt[order], weight[order], by_level[order]
+        values, counts = torch.unique_consecutive(by_level, return_counts=True)
+        self.levels = values.tolist()
         self.down: dict[int, torch.Tensor] = {}
         self.up: dict[int, torch.Tensor] = {}
-        for lv in self.levels:
-            m = level[src] == lv
-            self.down[lv] = _csr(src[m], tgt[m], weight[m], self.n)
-            self.up[lv] = _csr(tgt[m], src[m], weight[m], self.n)
+        lo = 0
+        for lv, count in zip(self.levels, counts.tolist()):
+            cut = slice(lo, lo + count)
+            self.down[lv] = _csr(src[cut], tgt[cut], weight[cut], self.n)
+            self.up[lv] = _csr(tgt[cut], src[cut], weight[cut], self.n)
+            lo += count
         features = self.is_feature & (self.activation != 0)
         self.features_at = {lv: (features & (level == lv)).nonzero(as_tuple=True)[0] for lv in self.levels if lv >= 0}
 
@@ -148,6 +155,11 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -
     """An [n, n] sparse CSR matrix with `values` at (rows, cols), duplicates summed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta": only the products below are used
+        key = rows * n + cols  # [edge]
+        if bool((key[1:] > key[:-1]).all()):  # already in row order without duplicates (a graph's target side)
+            crow = torch.zeros(n + 1, dtype=torch.int64)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+            return torch.sparse_csr_tensor(crow, cols, values, (n, n))
         coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n)).coalesce()
         return coo.to_sparse_csr()
 
