@@ -325,6 +325,9 @@ def test_random_uses_paper_init_and_is_seeded() -> None:
     again = Transcoder.random(cfg, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(tc.state_dict().values(), again.state_dict().values()))
     assert not torch.equal(Transcoder.random(cfg, seed=8).W_enc, tc.W_enc)
+    tuned = Transcoder.random(cfg, seed=7, threshold_init=0.5, bandwidth=0.2)
+    assert torch.equal(tuned.activation.threshold, torch.full((3, 64), 0.5)) and tuned.activation.bandwidth == 0.2
+    assert torch.equal(tuned.W_enc, tc.W_enc)  # the draws do not depend on the threshold settings
     plt = PerLayerTranscoder.random(TranscoderConfig(kind="plt", n_layers=2, d_model=8, n_features=16, skip=True))
     assert isinstance(plt, PerLayerTranscoder) and not plt.W_skip.any()
     with pytest.raises(CltraceError):

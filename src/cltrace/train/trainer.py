@@ -66,7 +66,7 @@ from cltrace.train.run_dir import (
     refuse_if_too_big,
 )
 from cltrace.train.schedule import lr_at, sparsity_lambda_at
-from cltrace.transcoder import JumpReLU, Transcoder, TranscoderConfig, save_transcoder
+from cltrace.transcoder import Transcoder, TranscoderConfig, save_transcoder
 from cltrace.transcoder.fold import fold_normalisation
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,9 @@ class Trainer:
                 activation=config.activation, topk_k=config.topk_k, skip=config.skip,
                 model_id=model_id or self.fingerprint.get("model"), dtype="float64" if config.dtype == "float64" else "float32",
             )
-            self.tc: Transcoder | None = Transcoder.random(tc_config, seed=config.seed).to(dtype).to(self.device)
-            if isinstance(self.tc.activation, JumpReLU):
-                with torch.no_grad():
-                    self.tc.activation.threshold.fill_(config.threshold_init)
-                self.tc.activation.bandwidth = float(config.bandwidth)
+            self.tc: Transcoder | None = Transcoder.random(
+                tc_config, seed=config.seed, threshold_init=config.threshold_init, bandwidth=config.bandwidth,
+            ).to(dtype).to(self.device)
             # Several ranks: every rank draws the same full initial weights (so runs on any number of
             # ranks are comparable), keeps its slice of the features and drops the rest.
             self.shards = FeatureShards(self.layout, self.tc) if self.layout is not None else None

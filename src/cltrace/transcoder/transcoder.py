@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltrace.errors import CltraceError
-from cltrace.transcoder.activation import Activation, make_activation
+from cltrace.transcoder.activation import Activation, JumpReLU, make_activation
 from cltrace.transcoder.config import DTYPES, TranscoderConfig
 from cltrace.transcoder.kernels import DenseCltDecode
 
@@ -244,12 +244,15 @@ class Transcoder(nn.Module):
         seed: int = 0,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        threshold_init: float | None = None,
+        bandwidth: float | None = None,
     ) -> Transcoder:
         """A transcoder with the paper's initialisation.
 
-        Encoder U(±1/√F), decoder U(±1/√(L·d)), JumpReLU thresholds 0.03, biases and any skip
-        matrix zero. Draws come from `generator` (or one seeded with `seed`) in fp32 on the CPU,
-        so a seed gives the same weights whatever the dtype or device.
+        Encoder U(±1/√F), decoder U(±1/√(L·d)), JumpReLU thresholds `threshold_init` (None: 0.03)
+        and estimator `bandwidth` (None: JumpReLU's default), biases and any skip matrix zero. Draws
+        come from `generator` (or one seeded with `seed`) in fp32 on the CPU, so a seed gives the
+        same weights whatever the dtype or device.
         """
         target = _class_for(config)
         if cls is not Transcoder and not issubclass(target, cls):
@@ -266,6 +269,11 @@ class Transcoder(nn.Module):
             tc.W_enc.copy_(uniform(tc.W_enc.shape, 1 / math.sqrt(Fn)))
             for w in tc._decoder_parameters():
                 w.copy_(uniform(w.shape, 1 / math.sqrt(L * d)))
+            if isinstance(tc.activation, JumpReLU):
+                if threshold_init is not None:
+                    tc.activation.threshold.fill_(float(threshold_init))
+                if bandwidth is not None:
+                    tc.activation.bandwidth = float(bandwidth)
         return tc.to(device)
 
     def _decoder_parameters(self) -> list[nn.Parameter]:
