@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -56,13 +57,14 @@ def _store(args: argparse.Namespace, loaded: Any, tmp: Path) -> tuple[Path, Any,
     from cltrace.train.default import default_paths
     from cltrace.transcoder import Transcoder, TranscoderConfig, load_transcoder
 
+    # Labelling rewrites a store's measured labels: the benchmark works on a copy.
     if args.db is not None:
-        return args.db, load_transcoder(args.transcoder), f"given store {args.db}"
+        return Path(shutil.copy(args.db, tmp / "given.db")), load_transcoder(args.transcoder), f"given store {args.db}"
     folder = default_paths()[0]
     if folder.is_dir():
         tc = load_transcoder(folder)
         if feature_db_path(tc).is_file():
-            return feature_db_path(tc), tc, "the default CLT's store"
+            return Path(shutil.copy(feature_db_path(tc), tmp / "default.db")), tc, "the default CLT's store"
     tc = Transcoder.random(TranscoderConfig("clt", loaded.n_layers, loaded.d_model, 256, model_id=loaded.name), seed=0)
     path = tmp / "random.db"
     build_feature_store(loaded, tc, "default", args.build_tokens, path, n_ctx=128, batch_size=8, progress=True)
