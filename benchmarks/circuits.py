@@ -71,11 +71,11 @@ def mean(values: list[float]) -> float | None:
 def run_prompt(rm: Any, item: dict[str, Any], labels: Any, args: argparse.Namespace, index: int) -> dict[str, Any]:
     """The pipeline on one prompt, timed, and what its circuit shows."""
     from cltrace.graph.attribution import attribute
+    from cltrace.graph.circuit_plot import plot_circuit
     from cltrace.graph.config import AttributionConfig, GroupingConfig
     from cltrace.graph.graph import NodeKind
     from cltrace.graph.prune import prune
     from cltrace.trace.circuit import find_circuit
-    from cltrace.trace.circuit_plot import plot_circuit
 
     target = target_of(item)
     t0 = time.perf_counter()

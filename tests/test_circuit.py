@@ -14,11 +14,11 @@ from helpers.circuits import random_graph, role_graph, simulate
 
 from cltrace.errors import CltraceError
 from cltrace.graph.circuit import Circuit, build_circuit, core_members, member_nodes
+from cltrace.graph.circuit_plot import plot_circuit
 from cltrace.graph.effects import Sweeps
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import agglomerate, group_features, group_name, slug
 from cltrace.replacement.supernodes import Supernode, load_supernodes, save_supernodes
-from cltrace.trace.circuit_plot import plot_circuit
 
 F, E, T, L = NodeKind.FEATURE, NodeKind.ERROR, NodeKind.EMBEDDING, NodeKind.LOGIT
 

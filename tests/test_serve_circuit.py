@@ -217,6 +217,8 @@ def test_revalidation_rebuilds_the_edited_circuit_as_build_and_validate_do(model
             *edit_of(before)[2:]]
     assert put(model_client, folder, edit).status_code == 200
     edited = Circuit.from_dict(on_disk(folder))
+    picture = folder["circuit"].parent / "circuit.png"  # a trace folder's picture: drawn again with the new numbers
+    picture.write_bytes(b"the picture from before")
     r = model_client.post("/api/circuit/validate", params={"path": folder["rel"]})
     assert r.status_code == 202, r.text
     job = wait_for(model_client, r.json())
@@ -238,6 +240,7 @@ def test_revalidation_rebuilds_the_edited_circuit_as_build_and_validate_do(model
     assert after["validation"]["pearson_r"] == pytest.approx(truth_dict["validation"]["pearson_r"])
     assert not after.get("edited")
     assert after["coverage"] == before["coverage"]  # how the circuit was first chosen: kept
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n")
 
 
 def test_an_edit_during_revalidation_is_not_overwritten(folder: dict) -> None:
@@ -255,6 +258,9 @@ def test_an_edit_during_revalidation_is_not_overwritten(folder: dict) -> None:
         if stage == "validating":
             folder["circuit"].write_text(edited_meanwhile)
 
+    picture = folder["circuit"].parent / "circuit.png"
+    picture.write_bytes(b"the picture of the edited circuit")
     with pytest.raises(CltraceError, match="edited while it was being validated"):
         work(Job(id="x", prompt="p", kind="circuit"), step)
     assert folder["circuit"].read_text() == edited_meanwhile
+    assert picture.read_bytes() == b"the picture of the edited circuit"

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from cltrace.atomic import atomic_write_text
 from cltrace.errors import CltraceError
 from cltrace.graph.circuit import Circuit, build_circuit
+from cltrace.graph.circuit_plot import CIRCUIT_PICTURE, circuit_title, plot_circuit
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.validate import validate_circuit
 from cltrace.replacement.supernodes import Supernode, load_supernodes, save_supernodes
@@ -169,7 +170,8 @@ def _member(node_id: str) -> tuple[int, int, int]:
 
 def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Path) -> Callable[[Job, Callable[[str], None]], None]:
     """The work of a re-validation job: the circuit rebuilt from its supernodes (their names and
-    labels kept) on the full graph, validated on the graph's model, saved unless edited meanwhile."""
+    labels kept) on the full graph, validated on the graph's model, saved unless edited meanwhile;
+    the picture beside it (a trace folder's circuit.png) drawn again with the new numbers."""
 
     def work(job: Job, step: Callable[[str], None]) -> None:
         def stage(name: str) -> None:
@@ -200,6 +202,9 @@ def revalidate(workspace: Workspace, models: Models, graph_path: Path, path: Pat
             if path.read_text(encoding="utf-8") != text:
                 raise CltraceError("the circuit was edited while it was being validated: re-validate to include the edit")
             circuit.save(path)
+            picture = path.parent / CIRCUIT_PICTURE
+            if picture.is_file():
+                plot_circuit(circuit, picture, graph.n_layers, title=circuit_title(circuit))
         job.done = len(STAGES)
 
     return work

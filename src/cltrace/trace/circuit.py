@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cltrace.graph.circuit import Circuit, build_circuit, relabel
+from cltrace.graph.circuit_plot import CIRCUIT_PICTURE, circuit_title, plot_circuit, validation_text
 from cltrace.graph.config import CircuitConfig, GroupingConfig, ValidationConfig
 from cltrace.graph.graph import Graph, NodeKind
 from cltrace.graph.grouping import group_features
@@ -23,11 +24,9 @@ from cltrace.graph.prune import prune_masks
 from cltrace.graph.validate import validate_circuit
 from cltrace.replacement import ReplacementModel
 from cltrace.replacement.supernodes import Supernode, save_supernodes
-from cltrace.trace.circuit_plot import plot_circuit, validation_text
 from cltrace.trace.labels import Labels
 
 CIRCUIT_FILE = "circuit.json"
-CIRCUIT_PICTURE = "circuit.png"
 SUPERNODES_FILE = "supernodes.json"
 
 
@@ -107,10 +106,7 @@ def write_circuit(folder: Path, result: CircuitResult, n_layers: int) -> list[Pa
     """Write circuit.json, circuit.png and supernodes.json into `folder`; the paths written."""
     circuit = result.circuit
     paths = [circuit.save(folder / CIRCUIT_FILE), save_supernodes(folder / SUPERNODES_FILE, result.supernodes)]
-    p = circuit.target.get("probability")
-    title = f"{circuit.prompt!r} → {circuit.target.get('label', '')!r}" + (
-        f" ({100 * p:.0f}%)" if isinstance(p, (int, float)) else "")
-    paths.insert(1, plot_circuit(circuit, folder / CIRCUIT_PICTURE, n_layers, title=title))
+    paths.insert(1, plot_circuit(circuit, folder / CIRCUIT_PICTURE, n_layers, title=circuit_title(circuit)))
     return paths
 
 

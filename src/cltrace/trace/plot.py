@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from cltrace.atomic import atomic_path
+from cltrace.graph.circuit_plot import NEGATIVE, POSITIVE
 from cltrace.graph.graph import Graph, NodeKind
 
-POSITIVE = "#1f77b4"
-NEGATIVE = "#d62728"
 NODE_COLOURS = {NodeKind.FEATURE: "#ff7f0e", NodeKind.ERROR: "#7f7f7f", NodeKind.EMBEDDING: "#2ca02c",
                 NodeKind.LOGIT: "#9467bd"}
 

@@ -16,7 +16,19 @@ from typing import Any
 
 from cltrace.atomic import atomic_path
 from cltrace.graph.circuit import Circuit, CircuitNode
-from cltrace.trace.plot import NEGATIVE, POSITIVE
+
+#: Colours of what pushes the target up and down, in this picture and the full graph's.
+POSITIVE = "#1f77b4"
+NEGATIVE = "#d62728"
+#: The circuit's picture in a trace folder, beside its circuit.json.
+CIRCUIT_PICTURE = "circuit.png"
+
+
+def circuit_title(circuit: Circuit) -> str:
+    """The picture's title: the prompt, the target and its probability."""
+    p = circuit.target.get("probability")
+    return f"{circuit.prompt!r} → {circuit.target.get('label', '')!r}" + (
+        f" ({100 * p:.0f}%)" if isinstance(p, (int, float)) else "")
 
 
 def _columns(circuit: Circuit) -> dict[int, int]:
@@ -153,4 +165,5 @@ def _box(ax: Any, at: tuple[float, float], text: str, face: str, edge: str, dash
             bbox={"boxstyle": "round,pad=0.35", "fc": face, "ec": edge, "lw": 1.4, "ls": "--" if dashed else "-"})
 
 
-__all__ = ["box_text", "circuit_layout", "plot_circuit", "validation_text"]
+__all__ = ["CIRCUIT_PICTURE", "NEGATIVE", "POSITIVE", "box_text", "circuit_layout", "circuit_title", "plot_circuit",
+           "validation_text"]
