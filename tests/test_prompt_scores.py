@@ -22,6 +22,7 @@ from cltrace.graph.config import PromptSetConfig
 from cltrace.graph.prompt_scores import (
     DEFAULT_PROMPTS,
     SCORE_NAMES,
+    encode_prompts,
     format_prompt_scores,
     load_prompts,
     prompt_set_scores,
@@ -58,6 +59,12 @@ def test_the_set_scores_are_those_of_graphs_built_one_by_one(replacement: Replac
     first_two = prompt_set_scores(replacement, PROMPTS, PromptSetConfig(max_prompts=2), progress=False)
     assert (first_two["n_prompts"], first_two["n_given"]) == (2, 3)
     assert first_two["prompts"] == got["prompts"][:2]
+    # prompts a caller encoded already (`cltrace eval` checks them before its held-out pass) are not encoded again
+    encoded = encode_prompts(replacement.model, PROMPTS, PromptSetConfig(max_prompts=2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replacement.model, "encode", lambda *a, **k: pytest.fail("encoded twice"))
+        again = prompt_set_scores(replacement, PROMPTS, PromptSetConfig(max_prompts=2), progress=False, encoded=encoded)
+    assert again["prompts"] == first_two["prompts"]
 
 
 def test_both_definitions_are_reported_as_graph_scores_gives_them(replacement: ReplacementModel) -> None:

@@ -199,12 +199,12 @@ def eval_command(
     set_config = PromptSetConfig(max_prompts=max_prompts, max_prompt_tokens=max_prompt_tokens)
     tc = load_transcoder(resolve_transcoder(transcoder, model, device=dev), device=dev)
     loaded = load_model(model, device=dev)
-    if prompt_set is not None:
-        encode_prompts(loaded, prompt_set, set_config)
+    encoded = encode_prompts(loaded, prompt_set, set_config) if prompt_set is not None else None
     result = evaluate(loaded, tc, source, tokens, n_ctx=n_ctx)
     typer.echo(format_table(result))
     if prompt_set is not None:
-        graphs = prompt_set_scores(ReplacementModel(loaded, tc), prompt_set, set_config, progress=not quiet)
+        graphs = prompt_set_scores(ReplacementModel(loaded, tc), prompt_set, set_config, progress=not quiet,
+                                   encoded=encoded)
         result["graphs"] = {"prompts_file": prompts, **graphs}
         typer.echo("")
         typer.echo(format_prompt_scores(graphs))

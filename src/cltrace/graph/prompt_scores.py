@@ -97,18 +97,21 @@ def prompt_set_scores(
     config: PromptSetConfig | None = None,
     attribution: AttributionConfig | None = None,
     progress: bool = True,
+    encoded: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The replacement and completeness scores (both definitions) of the attribution graph of each
     of the first `config.max_prompts` prompts, and their mean and median over the prompts.
 
     `attribution`: how each graph is computed (None: `AttributionConfig()`, as `cltrace trace`; its
     own progress bar is off, one bar over the prompts on stderr instead where `progress`).
+    `encoded`: the prompts as `encode_prompts` gave them, where a caller checked them already.
 
     Returns a JSON-ready dict: `n_prompts` (scored), `n_given`, `prompts` (per prompt: the prompt, its
     tokens, its top target and the four scores, NaN written as None), `mean` and `median` (each
     score's, None where no prompt has it defined).
     """
-    ids = encode_prompts(replacement.model, prompts, config)  # every length checked before the first graph
+    # every length checked before the first graph
+    ids = list(encoded) if encoded is not None else encode_prompts(replacement.model, prompts, config)
     per_prompt = []
     for prompt, tokens in zip(prompts, tqdm(ids, desc="graphs", unit="prompt", file=sys.stderr, disable=not progress)):
         graph = attribute(replacement, tokens, config=attribution, progress=False)
