@@ -14,7 +14,7 @@ from cltrace.errors import CltraceError
 from cltrace.train import Trainer, optimizer, transcoder_loss
 from cltrace.train.optimizer import LazyAdam, clip_grad_norm
 from cltrace.transcoder import Transcoder, TranscoderConfig
-from cltrace.transcoder.kernels import RowNorms, SparseMatmul
+from cltrace.transcoder.kernels import SparseMatmul
 from cltrace.transcoder.sparse_decode import csr_offsets, decode_sparse_matmul
 
 
@@ -37,13 +37,14 @@ def test_sparse_product_and_row_norms_give_the_dense_gradients_as_sparse_rows(ro
     dense_a = torch.zeros(n_rows, w2.shape[0], dtype=torch.float64).index_put((rows, cols), values)  # [n_rows, F]
     expected = dense_a @ w2.flatten(1)
     crow = csr_offsets(rows, n_rows)
-    out = SparseMatmul.apply(values, w, crow, cols, rows, n_rows, True, row_dims)
+    entry_norms = w2.flatten(1).norm(dim=1).detach()[cols]  # [n] each entry's row norm, without gradient
+    out, norms = SparseMatmul.apply(values, entry_norms, w, crow, cols, rows, n_rows, True, row_dims)
     torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(norms, entry_norms)
     present = torch.unique(cols)
-    norms = RowNorms.apply(w, present, w2.flatten(1).norm(dim=1).detach()[present], row_dims)
-    grad = torch.randn_like(out)
-    ((out * grad).sum() + norms.sum()).backward()
-    (dense,) = torch.autograd.grad((expected * grad).sum() + w2.flatten(1)[present].norm(dim=1).sum(), w)
+    grad, norm_grad = torch.randn_like(out), torch.randn_like(norms)
+    ((out * grad).sum() + (norms * norm_grad).sum()).backward()
+    (dense,) = torch.autograd.grad((expected * grad).sum() + (w2.flatten(1)[cols].norm(dim=1) * norm_grad).sum(), w)
     assert w.grad.is_sparse
     torch.testing.assert_close(w.grad.to_dense(), dense)
     named = w.grad.coalesce().indices()

@@ -67,33 +67,37 @@ def _sparse_grads(ctx_needs: tuple[bool, bool], values: torch.Tensor, weight: to
 
 
 class SparseMatmul(torch.autograd.Function):
-    """out [N, M] = A @ W for a sparse A [N, F] given in CSR form (row-sorted entries) and W = `weight`
-    with its first `row_dims` dimensions flattened into F rows and the rest into M columns.
+    """(out [N, M] = A @ W, norms) for a sparse A [N, F] given in CSR form (row-sorted entries) and
+    W = `weight` with its first `row_dims` dimensions flattened into F rows and the rest into M columns.
 
     Forward and both backward products run as sparse-dense kernels (MKL on CPU), so memory stays
     O(N·M + nnz) and the cost scales with the number of active entries:
-    dW = Aᵀ @ G (COO transpose), dvalues = (G @ Wᵀ) sampled at A's pattern (sampled_addmm). With
-    `row_grads`, dW is a sparse COO tensor over the rows of W that A's columns name.
+    dW = Aᵀ @ G (COO transpose), dvalues = (G @ Wᵀ) sampled at A's pattern (sampled_addmm).
+    `norms` [n] (each entry's row norm of W) passes through for the sparsity loss. With `row_grads`,
+    dW is a sparse COO tensor over the rows of W that A's columns name, the norms' gradient
+    (w_i / ‖w_i‖ per unit) added to the same rows; otherwise the norms' gradient goes back to `norms`.
     """
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                rows: torch.Tensor, n_rows: int, row_grads: bool = False, row_dims: int = 1) -> torch.Tensor:
+    def forward(ctx: Any, values: torch.Tensor, norms: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor,
+                col: torch.Tensor, rows: torch.Tensor, n_rows: int, row_grads: bool = False,
+                row_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         w2 = weight.flatten(0, row_dims - 1).flatten(1)  # [F, M]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = torch.sparse.mm(_csr(values, crow, col, n_rows, w2.shape[0]), w2)
-        ctx.save_for_backward(values, weight, crow, col, rows)
+        ctx.save_for_backward(values, norms, weight, crow, col, rows)
         ctx.row_grads, ctx.row_dims = row_grads, row_dims
-        return out
+        return out, norms.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        values, weight, crow, col, rows = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    def backward(ctx: Any, grad: torch.Tensor, grad_norms: torch.Tensor) -> tuple:
+        values, norms, weight, crow, col, rows = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        norm_grads = (norms, grad_norms) if ctx.row_grads else None
         grad_values, grad_weight = _sparse_grads(needs, values, weight, crow, col, rows, grad.contiguous(), ctx.row_grads,
-                                                 ctx.row_dims)
-        return grad_values, grad_weight, None, None, None, None, None, None
+                                                 ctx.row_dims, norm_grads=norm_grads)
+        return grad_values, None if ctx.row_grads else grad_norms, grad_weight, None, None, None, None, None, None
 
 
 class SparseLayout(NamedTuple):
@@ -152,25 +156,6 @@ class SparseCltDecode(torch.autograd.Function):
         return (grad_values, None if ctx.row_grads else grad_norms, None, None, None, *grad_ws)
 
 
-class RowNorms(torch.autograd.Function):
-    """The norms [U] of rows `index` [U] (sorted, no duplicates, flat over the first `row_dims`
-    dimensions) of `weight`, given as `norms` [U] (already computed, without gradient), with the
-    gradient of `weight` as a sparse COO tensor over those rows: ∂‖w_i‖/∂w_i = w_i / ‖w_i‖."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, index: torch.Tensor, norms: torch.Tensor, row_dims: int = 1) -> torch.Tensor:
-        ctx.save_for_backward(weight, index, norms)
-        ctx.row_dims = row_dims
-        return norms.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        weight, index, norms = ctx.saved_tensors
-        w = weight.flatten(0, ctx.row_dims - 1).index_select(0, index)  # [U, ...]
-        scale = (grad / norms.clamp_min(1e-30)).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
-        return _sparse_rows(index, w * scale, weight.shape, ctx.row_dims), None, None, None
-
-
 class DenseCltDecode(torch.autograd.Function):
     """recon_flat [N, L·d] = Σ_l acts_l @ W_dec[l] placed at target layers l..L-1 (columns l·d onward).
 
@@ -208,4 +193,4 @@ class DenseCltDecode(torch.autograd.Function):
         return (grad_acts, None, *grad_ws)
 
 
-__all__ = ["DenseCltDecode", "RowNorms", "SparseCltDecode", "SparseLayout", "SparseMatmul"]
+__all__ = ["DenseCltDecode", "SparseCltDecode", "SparseLayout", "SparseMatmul"]

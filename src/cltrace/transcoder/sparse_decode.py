@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from cltrace.transcoder.kernels import RowNorms, SparseCltDecode, SparseLayout, SparseMatmul
+from cltrace.transcoder.kernels import SparseCltDecode, SparseLayout, SparseMatmul
 from cltrace.transcoder.transcoder import PerLayerTranscoder, Transcoder
 
 
@@ -74,13 +74,10 @@ def _plt_decode(tc: PerLayerTranscoder, rows: torch.Tensor, layers: torch.Tensor
     L, Fn = tc.n_layers, tc.n_features
     out_rows = rows * L + layers  # [n], sorted like the entries
     flat = layers * Fn + features  # [n], the entry's row of W_dec viewed as [L·F, d]
-    if row_grads:  # rows of W_dec [L, F, d] named by (layer, feature): 2 row dimensions
-        present, inverse = torch.unique(flat, sorted=True, return_inverse=True)  # [U], [n]
-        norms = RowNorms.apply(tc.W_dec, present, all_norms.reshape(-1).index_select(0, present), 2).index_select(0, inverse)
-    else:
-        norms = all_norms.reshape(-1).index_select(0, flat)  # [n]
+    norms = all_norms.reshape(-1).index_select(0, flat)  # [n]
     crow = csr_offsets(out_rows, n_rows * L)
-    out = SparseMatmul.apply(values, tc.W_dec, crow, flat, out_rows, n_rows * L, row_grads, 2)  # [n_rows·L, d]
+    # rows of W_dec [L, F, d] named by (layer, feature): 2 row dimensions
+    out, norms = SparseMatmul.apply(values, norms, tc.W_dec, crow, flat, out_rows, n_rows * L, row_grads, 2)  # [n_rows·L, d]
     return out.view(n_rows, L, tc.d_model), norms
 
 
