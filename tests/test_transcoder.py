@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cltrace.errors import CltraceError
+from cltrace.train.config import TrainConfig
 from cltrace.transcoder import (
     CrossLayerTranscoder,
     JumpReLU,
@@ -340,6 +341,21 @@ def test_input_shape_and_skip_errors() -> None:
         tc.encode(torch.zeros(2, L, D + 1))
     with pytest.raises(CltraceError, match="skip path"):
         tc.decode(torch.zeros(2, L, F))
+
+
+@pytest.mark.parametrize("what", ["transcoder config", "train config"])
+def test_configs_read_from_files_refuse_bad_mappings_alike(what: str) -> None:
+    """Both configs a file holds are read by one rule: a JSON object, known keys, the required ones there."""
+    cls, good = (TranscoderConfig, config("clt").to_dict()) if what == "transcoder config" else (TrainConfig, TrainConfig().to_dict())
+    assert cls.from_dict(good).to_dict() == good
+    with pytest.raises(CltraceError, match=rf"^{what} must be a JSON object, got list$"):
+        cls.from_dict([1])  # type: ignore[arg-type]
+    with pytest.raises(CltraceError, match=rf"^{what}: unknown key\(s\) 'a\\nb', zz; known keys: [a-z_]+, "):
+        cls.from_dict({**good, "zz": 1, "a\nb": 2})
+    required = [k for k in ("kind", "n_layers") if cls is TranscoderConfig]
+    if required:
+        with pytest.raises(CltraceError, match=rf"^{what}: missing key\(s\) kind, n_layers$"):
+            cls.from_dict({k: v for k, v in good.items() if k not in required})
 
 
 def test_config_round_trips_through_dict() -> None:

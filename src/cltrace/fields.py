@@ -10,7 +10,11 @@ import dataclasses
 import functools
 import inspect
 import textwrap
-from typing import Any
+from typing import Any, TypeVar
+
+from cltrace.errors import CltraceError
+
+T = TypeVar("T")
 
 
 def _field(cls: type, name: str) -> dataclasses.Field[Any]:
@@ -69,3 +73,30 @@ def field_help(cls: type, name: str) -> str:
 
 
 __all__ = ["check_bounds", "field_bounds", "field_default", "field_help"]
+
+
+def show_keys(keys: list[str]) -> str:
+    """Keys for a message: plain where printable, quoted otherwise (a damaged file's keys may hold newlines)."""
+    return ", ".join(k if k.isprintable() else repr(k) for k in keys)
+
+
+def check_keys(cls: type, keys: Any, what: str) -> None:
+    """CltraceError naming `what` where `keys` holds a name that is not a field of dataclass `cls`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(keys) - set(names))
+    if unknown:
+        raise CltraceError(f"{what}: unknown key(s) {show_keys(unknown)}; known keys: {', '.join(names)}")
+
+
+def from_mapping(cls: type[T], data: Any, what: str) -> T:
+    """`cls(**data)` for a config dataclass read from a file: a JSON object with known keys only and
+    every field that has no default; a one-line CltraceError naming `what` otherwise (the dataclass's
+    own checks judge the values)."""
+    if not isinstance(data, dict):
+        raise CltraceError(f"{what} must be a JSON object, got {type(data).__name__}")
+    check_keys(cls, data, what)
+    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise CltraceError(f"{what}: missing key(s) {', '.join(missing)}")
+    return cls(**data)

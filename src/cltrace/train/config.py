@@ -16,6 +16,7 @@ from typing import Any
 
 from cltrace.data.harvest import FIRST_POSITION
 from cltrace.errors import CltraceError, is_int
+from cltrace.fields import check_keys, from_mapping
 from cltrace.notation import NotationError, split_setting
 
 DECODES = ("sparse", "dense")
@@ -201,13 +202,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build a config, rejecting unknown keys (and, through validation, impossible values)."""
-        if not isinstance(data, dict):
-            raise CltraceError(f"train config must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise CltraceError(f"train config: unknown key(s) {_show_keys(unknown)}; known keys: {', '.join(names)}")
-        return cls(**data)
+        return from_mapping(cls, data, "train config")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -245,11 +240,8 @@ class TrainConfig:
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with some fields replaced (unknown names and impossible values rejected)."""
+        check_keys(TrainConfig, overrides, "train config")
         data = self.to_dict()
-        names = set(data)
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise CltraceError(f"train config: unknown key(s) {_show_keys(unknown)}; known keys: {', '.join(sorted(names))}")
         data.update(overrides)
         return TrainConfig(**data)
 
@@ -268,11 +260,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, float) and value.is_integer() and "." not in raw and "e" not in raw.lower():
         value = int(value)
     return key, value
-
-
-def _show_keys(keys: list[str]) -> str:
-    """Keys for a message: plain where printable, quoted otherwise (a damaged file's keys may hold newlines)."""
-    return ", ".join(k if k.isprintable() else repr(k) for k in keys)
 
 
 # Presets -----------------------------------------------------------------------------------------

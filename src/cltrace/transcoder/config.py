@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from cltrace.errors import CltraceError, is_int
+from cltrace.fields import from_mapping
 from cltrace.transcoder.activation import ACTIVATIONS
 
 KINDS = ("clt", "plt")
@@ -113,19 +114,7 @@ class TranscoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
         """Build a config from `to_dict`'s output, rejecting unknown keys and impossible values."""
-        if not isinstance(data, dict):
-            raise CltraceError(f"transcoder config must be a mapping, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise CltraceError(
-                f"transcoder config: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(names)}"
-            )
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise CltraceError(f"transcoder config: missing key(s) {', '.join(missing)}")
-        return cls(**data)
+        return from_mapping(cls, data, "transcoder config")
 
 
 __all__ = ["DTYPES", "INPUT_HOOKS", "KINDS", "OUTPUT_HOOKS", "TranscoderConfig"]
