@@ -7,9 +7,10 @@ The transcoder lives in the user's cache at
     cache_dir()/runs/default-<hash>/           its run folder: config, metrics, curves, eval.json,
                                                and the checkpoint while it trains
 
-where <hash> is a short hash of the preset's config, so changing the preset (or choosing another
-one with $CLTRACE_DEFAULT_PRESET, e.g. `tiny` for tests and the impatient) never reuses a
-transcoder trained with other settings. If it is missing it is trained with the preset, saying how
+where <hash> is a short hash of the preset's settings (those that differ from TrainConfig's
+defaults), so changing the preset (or choosing another one with $CLTRACE_DEFAULT_PRESET, e.g. `tiny`
+for tests and the impatient) never reuses a transcoder trained with other settings, while a new
+setting whose default keeps the old behaviour reuses it. If it is missing it is trained with the preset, saying how
 long that will take first; a run stopped halfway resumes from its last checkpoint.
 """
 
