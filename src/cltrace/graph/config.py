@@ -41,9 +41,9 @@ class AttributionConfig:
 
     decoder_cache_bytes: int = 1 << 30
     """Keep the active features' decoders, padded per group of positions and slot, up to this many
-    bytes, lowest slots first; the rest are gathered from a table of the active ones on each pass
-    (a third of the time of a 10-token graph on a CPU when none are kept). Fewer are kept where the
-    graph would not fit in the memory allowed otherwise."""
+    bytes, lowest slots first; the rest are gathered from a table of the active ones on each pass,
+    which costs time on a CPU. Fewer are kept where the graph would not fit in the memory allowed
+    otherwise."""
 
     pass_memory_bytes: int = 2 << 30
     """The batched frozen forward and one backward pass are kept under about this many bytes: on long
