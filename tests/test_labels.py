@@ -31,6 +31,7 @@ from helpers.labels import (
 from cltrace.data.packing import PackConfig, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.features import FeatureStore, build_feature_store
+from cltrace.features.heldout import heldout_stream, selection_pass
 from cltrace.features.label_data import in_training_half
 from cltrace.features.labeller import describe_features, label_inputs, measure_outputs
 from cltrace.features.labels import FeatureLabel, LabelConfig, read_evidence
@@ -175,6 +176,39 @@ def test_the_heldout_score_matches_a_brute_force_count(planted: dict) -> None:
             near = [m for act, m in seen.values() if act <= 0]
             want = balanced_accuracy(tp / p, fp / n, float(np.mean(near)) if near else None)
             assert page.measured["input_score"] == pytest.approx(want, abs=1e-4), key
+
+
+def test_patterns_are_chosen_on_the_even_heldout_contexts_and_scored_on_the_odd_ones(planted: dict) -> None:
+    """The held-out stream splits by context parity: the two parts interleave the whole stream and share
+    no context; the selection pass's active tokens are those of a plain encoding of the even contexts;
+    the contexts kept as the label test's are the odd ones."""
+    loaded, tc = planted["loaded"], planted["tc"]
+    docs = documents(200)
+    run = {"tokenize": tokenize, "bos_id": 0}
+    with FeatureStore(planted["db"]) as store:
+        stored = torch.from_numpy(np.stack([np.frombuffer(b, dtype="<i4") for (b,) in store.conn.execute(
+            "SELECT tokens FROM label_contexts ORDER BY ctx_id")]).astype(np.int64))  # [C, T]
+        whole = torch.cat(list(heldout_stream(store, loaded, docs, 2 * len(stored) + 2, 8, **run)[0]))  # [C', T]
+        assert torch.equal(stored, whole[1::2][: len(stored)])
+        even, odd = (torch.cat(list(heldout_stream(store, loaded, docs, 32, 8, part=p, **run)[0])) for p in (0, 1))
+        assert torch.equal(even, whole[0::2][:32]) and torch.equal(odd, whole[1::2][:32]) and len(odd) > 0
+        vocab = Vocab(CHARS)
+        floor = np.zeros((3, tc.n_features))
+        for layer, feature, max_act in store.conn.execute("SELECT layer, feature, max_act FROM features"):
+            floor[layer, feature] = LabelConfig().active_fraction * max_act
+        chosen_on = selection_pass(store, loaded, tc, docs, vocab, floor, 32, 8, progress=False, **run)
+    grabbed: dict[int, torch.Tensor] = {}
+    with mlp_hooks(loaded, lambda l, x: grabbed.__setitem__(l, x), lambda l, y: None), torch.no_grad():
+        loaded.model(input_ids=even)
+    acts = tc.encode(torch.stack([grabbed[l] for l in range(3)], dim=2)).detach()[:, 1:].reshape(-1, 3, tc.n_features)
+    kept = np.ones(acts.shape[0], dtype=bool)  # the store analyses every position after BOS here (first_position 1)
+    assert len(chosen_on.sites) == int(kept.sum())
+    assert np.array_equal(chosen_on.sites.cur, even[:, 1:].reshape(-1).numpy())
+    for key in (ON_OPEN, ON_CAPITAL, NOISE):
+        a = acts[:, key[0], key[1]].numpy()
+        want = np.nonzero((a > 0) & (a >= floor[key]))[0]
+        assert np.array_equal(chosen_on.active.get(key, np.zeros(0, dtype=np.int64)), want), key
+        assert len(want) > 0 or key == NOISE
 
 
 def test_steering_passes_for_the_planted_output_and_fails_for_random_decoders(planted: dict) -> None:

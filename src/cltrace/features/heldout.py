@@ -1,6 +1,8 @@
-"""The held-out pass: run the model and the transcoder once over contexts the feature store never
-saw, and count, for every feature at once, how often its chosen pattern matches where it is
-active and where it is not; keep the held-out places where each feature fires most (steering sites).
+"""The held-out passes: run the model and the transcoder over contexts the feature store never
+saw. The even contexts are text labels may be chosen on (`selection_pass`: where each feature is
+active); the odd ones are the test (`heldout_counts`: for every feature at once, how often its
+chosen pattern matches where it is active and where it is not, and the held-out places where it
+fires most, the steering sites).
 
 The contexts come from the store's own text source, packed as the store packs them, starting where
 the store's build stopped (its saved data position), so none of them is one the store analysed.
@@ -20,7 +22,7 @@ from cltrace.data.packing import PackPosition, model_packing, pack_batches
 from cltrace.errors import CltraceError
 from cltrace.features.build import _describe_source
 from cltrace.features.label_data import progress_bar
-from cltrace.features.patterns import Atom, Pattern, Vocab, atom_matches, context_sites
+from cltrace.features.patterns import Atom, Pattern, Sites, Vocab, atom_matches, context_sites
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,10 @@ class _Compiled:
 
 
 def heldout_stream(store: Any, loaded: Any, source: Any, n_contexts: int, batch_size: int,
-                   tokenize: Any = None, bos_id: int | None = None) -> tuple[Any, Any]:
+                   tokenize: Any = None, bos_id: int | None = None, part: int | None = None) -> tuple[Any, Any]:
     """(batches of `n_contexts` contexts of `source` packed like the store's, the start position):
-    after the store's saved position when `source` is the store's own text source."""
+    after the store's saved position when `source` is the store's own text source. `part` 0 or 1:
+    only the even or the odd contexts of the stream (up to `n_contexts` of them)."""
     params = store.meta["params"]
     tokenize, pack = model_packing(loaded, int(params["n_ctx"]), batch_size, tokenize=tokenize, bos_id=bos_id,
                                    split="train", heldout_fraction=0.0)
@@ -84,11 +87,17 @@ def heldout_stream(store: Any, loaded: Any, source: Any, n_contexts: int, batch_
         log.warning("held-out contexts come from a source other than the store's (%s): from its start", params.get("source"))
 
     def batches() -> Any:
-        done = 0
+        done = seen = 0
         try:
             for batch in pack_batches(source, tokenize, pack, start=start):
-                yield batch.tokens[: n_contexts - done]
-                done += batch.tokens.shape[0]
+                tokens = batch.tokens  # [B, n_ctx]
+                if part is not None:  # contexts of one parity, counted over the whole stream
+                    tokens = tokens[(seen + torch.arange(tokens.shape[0])) % 2 == part]
+                seen += batch.tokens.shape[0]
+                if tokens.shape[0] == 0:
+                    continue
+                yield tokens[: n_contexts - done]
+                done += tokens.shape[0]
                 if done >= n_contexts:
                     return
         except CltraceError as exc:
@@ -103,17 +112,17 @@ def heldout_stream(store: Any, loaded: Any, source: Any, n_contexts: int, batch_
 def heldout_counts(
     store: Any, loaded: Any, tc: Any, source: Any, patterns: dict[tuple[int, int], Pattern | None], vocab: Vocab,
     thresholds: np.ndarray, n_contexts: int = 128, batch_size: int = 8, n_sites: int = 8, progress: bool = True,
-    tokenize: Any = None, bos_id: int | None = None, autocast_bf16: bool = False,
+    tokenize: Any = None, bos_id: int | None = None, autocast_bf16: bool = False, part: int | None = None,
 ) -> HeldoutCounts:
-    """Run `tc` over `n_contexts` held-out contexts and count every feature's pattern hits (see the
-    module docstring); a feature is active where its activation is above 0 and at least its
-    threshold [L, F], inactive where it is 0."""
+    """Run `tc` over `n_contexts` held-out contexts (`part`: of one parity, see `heldout_stream`) and
+    count every feature's pattern hits (see the module docstring); a feature is active where its
+    activation is above 0 and at least its threshold [L, F], inactive where it is 0."""
     params = store.meta["params"]
     first_position = int(params.get("first_position", 1))
     excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
     L, Fn = tc.n_layers, tc.n_features
     compiled = _Compiled(patterns, L, Fn)
-    batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id)
+    batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id, part)
     harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
     active = np.zeros((L, Fn), dtype=np.int64)
     hits, negatives, false_matches = np.zeros_like(active), np.zeros_like(active), np.zeros_like(active)
@@ -155,6 +164,58 @@ def heldout_counts(
                          site_gid.numpy(), start.to_dict() if start else None)
 
 
+@dataclass
+class SelectionPass:
+    """Held-out text that patterns may be chosen on: its tokens and where each feature is active."""
+
+    sites: Sites  # [N] the analysed tokens (BOS, the first positions and excluded tokens left out)
+    active: dict[tuple[int, int], np.ndarray]  # (layer, feature) -> indices into `sites`, ascending
+
+
+@torch.no_grad()
+def selection_pass(
+    store: Any, loaded: Any, tc: Any, source: Any, vocab: Vocab, thresholds: np.ndarray, n_contexts: int = 128,
+    batch_size: int = 8, progress: bool = True, tokenize: Any = None, bos_id: int | None = None,
+    autocast_bf16: bool = False,
+) -> SelectionPass:
+    """Run `tc` over the even held-out contexts (up to `n_contexts`; `heldout_counts` tests on the odd
+    ones) and keep, per feature, the tokens where it is active (above 0 and at least its threshold [L, F])."""
+    params = store.meta["params"]
+    first_position = int(params.get("first_position", 1))
+    excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
+    Fn = tc.n_features
+    floor = torch.as_tensor(thresholds, dtype=torch.float32)  # [L, F]
+    batches, _ = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id, part=0)
+    harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
+    parts: list[Sites] = []
+    tokens, keys = [], []
+    n = 0
+    bar = progress_bar(progress, n_contexts, "held-out text to choose on", "ctx")
+    for ids in batches:
+        B, T = ids.shape
+        keep = torch.ones(B, T - 1, dtype=torch.bool)
+        keep[:, : first_position - 1] = False
+        keep &= ~torch.isin(ids[:, 1:], excluded)
+        k = keep.reshape(-1)
+        acts = tc.encode(harvester.harvest(ids).x.to(loaded.device)).float().cpu()[k]  # [N, L, F]
+        inner = context_sites(vocab, ids.numpy()).take(np.nonzero(np.arange(B * T) % T)[0])  # BOS left out
+        parts.append(inner.take(np.nonzero(k.numpy())[0]))
+        at, layer, feature = ((acts > 0) & (acts >= floor)).nonzero(as_tuple=True)
+        tokens.append(at + n)
+        keys.append(layer * Fn + feature)
+        n += int(k.sum())
+        bar.update(B)
+    bar.close()
+    if not parts:
+        raise CltraceError("the held-out text source gave no contexts: pass a larger text source")
+    token, key = torch.cat(tokens), torch.cat(keys)  # [E], [E]
+    order = torch.argsort(key * max(n, 1) + token)  # by feature, then token
+    values, counts = torch.unique_consecutive(key[order], return_counts=True)
+    split = np.split(token[order].numpy(), np.cumsum(counts.numpy())[:-1])
+    active = {(int(v) // Fn, int(v) % Fn): idx for v, idx in zip(values.tolist(), split)}
+    return SelectionPass(Sites.concat(parts), active)
+
+
 def _merge_sites(site_act: torch.Tensor, site_gid: torch.Tensor, acts: torch.Tensor, gids: torch.Tensor) -> None:
     """Fold a batch's activations acts [N, L, F] (token indices gids [N]) into the running top sites."""
     k = site_act.shape[-1]
@@ -182,4 +243,5 @@ def heldout_sites(counts: HeldoutCounts, layer: int, feature: int) -> list[tuple
     return out
 
 
-__all__ = ["HeldoutCounts", "heldout_counts", "heldout_scores", "heldout_sites", "heldout_stream"]
+__all__ = ["HeldoutCounts", "SelectionPass", "heldout_counts", "heldout_scores", "heldout_sites", "heldout_stream",
+           "selection_pass"]

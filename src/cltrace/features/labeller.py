@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cltrace.errors import CltraceError
-from cltrace.features.heldout import heldout_counts, heldout_scores, heldout_sites
+from cltrace.features.heldout import SelectionPass, heldout_counts, heldout_scores, heldout_sites, selection_pass
 from cltrace.features.label_data import (
     Half,
     StoreText,
@@ -41,6 +41,7 @@ from cltrace.features.labels import (
 )
 from cltrace.features.patterns import (
     Choice,
+    Sites,
     balanced_accuracy,
     choose_pattern,
     describe,
@@ -94,10 +95,15 @@ class _Chosen:
     held_near_hits: int = 0
 
 
-def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool) -> dict[tuple[int, int], _Chosen]:
-    """Per alive feature: its pattern and the pattern's counts on the held-out half, from the store alone."""
-    random, random_tokens = text.random_sites(config.random_tokens, config.seed)
+def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool,
+                selection: SelectionPass) -> dict[tuple[int, int], _Chosen]:
+    """Per alive feature: its pattern, chosen on its store examples' training half and the held-out
+    text of `selection` (where it is active there, and that text's tokens as random ones), and the
+    pattern's counts on the store's held-out half."""
+    random_tokens = text.random_sites(config.random_tokens, config.seed)[1]
     base = np.bincount(random_tokens, minlength=text.vocab.size)
+    random = selection.sites
+    none = np.zeros(0, dtype=np.int64)
     cache: dict[Any, np.ndarray] = {}
     out = {}
     edges = list(store.meta["params"]["hist_edges"])
@@ -111,8 +117,9 @@ def _choose_all(store: Any, text: StoreText, config: LabelConfig, progress: bool
         if len(cache) > 50_000:
             cache.clear()
         density = ex.density * ex.share_above(threshold, edges)
-        choice = choose_pattern(train.pos, train.near, random, density, text.vocab, cache, config.complexity_penalty)
-        got = _Chosen(choice, next_token_lift(train.windows, text, base), len(train.pos),
+        pos = Sites.concat([train.pos, random.take(selection.active.get((ex.layer, ex.feature), none))])
+        choice = choose_pattern(pos, train.near, random, density, text.vocab, cache, config.complexity_penalty)
+        got = _Chosen(choice, next_token_lift(train.windows, text, base), len(pos),
                       len({w.ctx_id for w in train.windows}))
         if choice is not None:
             got.held_positives, got.held_near = len(held.pos), len(held.near)
@@ -169,19 +176,25 @@ def label_inputs(
     _check_store(store, tc)
     start = time.monotonic()
     text = StoreText(store)
-    chosen = _choose_all(store, text, config, progress)
-    t_choose = time.monotonic() - start
-    patterns = {k: (c.choice.pattern if c.choice else None) for k, c in chosen.items()}
-    text_source = open_text_source(source) if isinstance(source, str) else source
     thresholds = np.zeros((store.n_layers, store.n_features))
     for layer, feature, max_act in store.conn.execute("SELECT layer, feature, max_act FROM features"):
         thresholds[layer, feature] = config.active_fraction * max_act
+    # Held-out text in two parts, by context: patterns are chosen on the even contexts too (the text
+    # they will be judged on, not only the store's examples), and scored on the odd ones.
+    text_source = open_text_source(source) if isinstance(source, str) else source
+    run = {"batch_size": config.batch_size, "progress": progress, "tokenize": tokenize, "bos_id": bos_id,
+           "autocast_bf16": autocast_bf16}
+    selection = selection_pass(store, loaded, tc, text_source, text.vocab, thresholds, config.heldout_contexts, **run)
+    chosen = _choose_all(store, text, config, progress, selection)
+    t_choose = time.monotonic() - start
+    patterns = {k: (c.choice.pattern if c.choice else None) for k, c in chosen.items()}
+    text_source = open_text_source(source) if isinstance(source, str) else source
     counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, thresholds, config.heldout_contexts,
-                            config.batch_size, progress=progress, tokenize=tokenize, bos_id=bos_id,
-                            autocast_bf16=autocast_bf16)
+                            part=1, **run)
     rows = [_input_row(k, c, counts, text, config) for k, c in chosen.items()]
     seconds = time.monotonic() - start
     info = {"config": dataclasses.asdict(config), "heldout_contexts": int(counts.contexts.shape[0]),
+            "selection_tokens": len(selection.sites),
             "heldout_tokens": counts.tokens, "heldout_start": counts.start, "seconds": round(seconds, 1),
             "choose_seconds": round(t_choose, 1), "created": time.time()}
     write_input_labels(store, rows, counts.contexts, info)

@@ -2,11 +2,13 @@
 with a score that can fail, kept in the feature store beside the labels people write.
 
 - Input label: the token pattern (see `cltrace.features.patterns`) that best predicts where the
-  feature is active in the training half of its store examples; scored by a detection test on
-  held-out contexts it did not come from: balanced accuracy (TPR + TNR) / 2 of "the pattern
-  matches" against "the feature is active" (at least ``LabelConfig.active_fraction`` of its largest
-  activation; inactive: 0), over the store's held-out half of examples and a pass over held-out
-  text (TNR: the mean of random tokens' and nearby inactive tokens'). Fewer than
+  feature is active in the training half of its store examples and in the even contexts of
+  held-out text (the text it will be judged on, where its activations are spread as in use, not as
+  in examples picked by strength); scored by a detection test on contexts it did not come from:
+  balanced accuracy (TPR + TNR) / 2 of "the pattern matches" against "the feature is active" (at
+  least ``LabelConfig.active_fraction`` of its largest activation; inactive: 0), over the store's
+  held-out half of examples and the odd contexts of the held-out text (TNR: the mean of random
+  tokens' and nearby inactive tokens'). Fewer than
   ``LabelConfig.min_positives`` held-out active tokens: no score.
 - Output label: the tokens whose logits the feature's direct effect raises most at its training
   examples; scored by steering at held-out sites (see `cltrace.features.steering`).
@@ -44,13 +46,15 @@ class LabelConfig:
     """How measured labels are made and judged (every default in one place)."""
 
     heldout_contexts: int = dataclasses.field(default=128, metadata={"min": 1})
-    """Contexts of held-out text the model and transcoder run over once, for every feature at once."""
+    """Contexts of held-out text the model and transcoder run over, for every feature at once: as many
+    again to choose patterns on (the even contexts of the stream; these are the odd ones)."""
 
     batch_size: int = dataclasses.field(default=8, metadata={"min": 1})
     """Contexts per batch of the held-out pass."""
 
     random_tokens: int = dataclasses.field(default=20_000, metadata={"min": 100})
-    """Tokens of the store's contexts standing for random text when a pattern is chosen."""
+    """Tokens of the store's contexts whose frequencies are the base rate against which the tokens
+    that follow a feature's examples are judged (patterns take random text from the held-out pass)."""
 
     active_fraction: float = dataclasses.field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     """A token counts as active where the feature's activation is at least this fraction of its
