@@ -1,8 +1,8 @@
 """How well any token pattern of the labeller's language can describe a store's features on fresh text.
 
 For every feature of the default CLT's store that has a measured output label (the circuit features
-the pipeline steered), over the held-out text the labeller scores on (`heldout_contexts` contexts
-after the store's own):
+the pipeline steered), over the held-out text the labeller scores on (the odd contexts after the
+store's own, `heldout_contexts` of them; it chooses on the even ones):
 
 - **chosen on half, scored on the other half**: the candidate patterns of the feature's active tokens
   in a random half of the tokens, the best by balanced accuracy there (with the labeller's
@@ -58,7 +58,7 @@ from cltrace.transcoder import load_transcoder  # noqa: E402
 def heldout_activations(store: Any, loaded: Any, tc: Any, keys: list[tuple[int, int]], n_contexts: int,
                         vocab: Vocab) -> tuple[Sites, np.ndarray]:
     """The held-out text's token sites [N] and the features' activations there [N, K]."""
-    batches, _ = heldout_stream(store, loaded, open_text_source("default"), n_contexts, 8)
+    batches, _ = heldout_stream(store, loaded, open_text_source("default"), n_contexts, 8, part=1)
     harvester = Harvester(loaded, first_position=1)
     layers, features = torch.tensor([k[0] for k in keys]), torch.tensor([k[1] for k in keys])
     sites, acts = [], []
