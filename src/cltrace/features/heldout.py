@@ -11,6 +11,7 @@ the store's build stopped (its saved data position), so none of them is one the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,38 @@ def heldout_stream(store: Any, loaded: Any, source: Any, n_contexts: int, batch_
     return batches(), start
 
 
+@dataclass
+class _Batch:
+    """One batch of held-out contexts, encoded."""
+
+    ids: torch.Tensor  # [B, T] token ids, BOS first
+    keep: torch.Tensor  # [B·(T-1)] bool: the tokens the store analyses (its first position on, excluded tokens left out)
+    acts: torch.Tensor  # [B·(T-1), L, F] the transcoder's activations (BOS left out)
+    sites: Sites  # [B·(T-1)] the tokens as pattern sites (BOS left out)
+
+
+def _encoded(store: Any, loaded: Any, tc: Any, source: Any, vocab: Vocab, n_contexts: int, batch_size: int,
+             tokenize: Any, bos_id: int | None, autocast_bf16: bool, part: int | None) -> tuple[Iterator[_Batch], Any]:
+    """(the held-out contexts of `heldout_stream`, encoded batch by batch, their start position)."""
+    params = store.meta["params"]
+    first_position = int(params.get("first_position", 1))
+    excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
+    batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id, part)
+    harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
+
+    def encoded() -> Iterator[_Batch]:
+        for ids in batches:
+            B, T = ids.shape
+            keep = torch.ones(B, T - 1, dtype=torch.bool)
+            keep[:, : first_position - 1] = False
+            keep &= ~torch.isin(ids[:, 1:], excluded)
+            with torch.no_grad():
+                acts = tc.encode(harvester.harvest(ids).x.to(loaded.device)).float().cpu()  # [B·(T-1), L, F]
+            sites = context_sites(vocab, ids.numpy()).take(np.nonzero(np.arange(B * T) % T)[0])  # BOS left out
+            yield _Batch(ids, keep.reshape(-1), acts, sites)
+    return encoded(), start
+
+
 @torch.no_grad()
 def heldout_counts(
     store: Any, loaded: Any, tc: Any, source: Any, patterns: dict[tuple[int, int], Pattern | None], vocab: Vocab,
@@ -117,13 +150,10 @@ def heldout_counts(
     """Run `tc` over `n_contexts` held-out contexts (`part`: of one parity, see `heldout_stream`) and
     count every feature's pattern hits (see the module docstring); a feature is active where its
     activation is above 0 and at least its threshold [L, F], inactive where it is 0."""
-    params = store.meta["params"]
-    first_position = int(params.get("first_position", 1))
-    excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
     L, Fn = tc.n_layers, tc.n_features
     compiled = _Compiled(patterns, L, Fn)
-    batches, start = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id, part)
-    harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
+    batches, start = _encoded(store, loaded, tc, source, vocab, n_contexts, batch_size, tokenize, bos_id, autocast_bf16,
+                              part)
     active = np.zeros((L, Fn), dtype=np.int64)
     hits, negatives, false_matches = np.zeros_like(active), np.zeros_like(active), np.zeros_like(active)
     site_act = torch.zeros(L, Fn, n_sites)
@@ -131,17 +161,12 @@ def heldout_counts(
     contexts: list[torch.Tensor] = []
     tokens = 0
     bar = progress_bar(progress, n_contexts, "held-out pass", "ctx")
-    for ids in batches:
+    for batch in batches:
+        ids, acts = batch.ids, batch.acts  # [B, T], [B·(T-1), L, F]
         B, T = ids.shape
-        keep = torch.ones(B, T - 1, dtype=torch.bool)
-        keep[:, : first_position - 1] = False
-        keep &= ~torch.isin(ids[:, 1:], excluded)
-        acts = tc.encode(harvester.harvest(ids).x.to(loaded.device)).float().cpu()  # [B * (T-1), L, F]
-        acts[~keep.reshape(-1)] = 0.0
-        sites = context_sites(vocab, ids.numpy())
-        inner = sites.take(np.nonzero((np.arange(B * T) % T) != 0)[0])  # BOS left out, as in acts
-        table = compiled.table(inner, vocab)  # [n_atoms, N]
-        k = keep.reshape(-1).numpy()
+        acts[~batch.keep] = 0.0
+        table = compiled.table(batch.sites, vocab)  # [n_atoms, N]
+        k = batch.keep.numpy()
         for l in range(L):
             a = acts[:, l].numpy().T  # [F, N]
             on = (a > 0) & (a >= thresholds[l][:, None])
@@ -155,7 +180,7 @@ def heldout_counts(
         gids = offset + torch.arange(B * T).view(B, T)[:, 1:].reshape(-1)  # [N] flat index in the contexts
         _merge_sites(site_act, site_gid, acts, gids)
         contexts.append(ids)
-        tokens += int(keep.sum())
+        tokens += int(batch.keep.sum())
         bar.update(B)
     bar.close()
     if not contexts:
@@ -180,31 +205,22 @@ def selection_pass(
 ) -> SelectionPass:
     """Run `tc` over the even held-out contexts (up to `n_contexts`; `heldout_counts` tests on the odd
     ones) and keep, per feature, the tokens where it is active (above 0 and at least its threshold [L, F])."""
-    params = store.meta["params"]
-    first_position = int(params.get("first_position", 1))
-    excluded = torch.tensor(params.get("exclude_tokens", []), dtype=torch.long)
     Fn = tc.n_features
     floor = torch.as_tensor(thresholds, dtype=torch.float32)  # [L, F]
-    batches, _ = heldout_stream(store, loaded, source, n_contexts, batch_size, tokenize, bos_id, part=0)
-    harvester = Harvester(loaded, first_position=1, autocast_bf16=autocast_bf16)
+    batches, _ = _encoded(store, loaded, tc, source, vocab, n_contexts, batch_size, tokenize, bos_id, autocast_bf16, 0)
     parts: list[Sites] = []
     tokens, keys = [], []
     n = 0
     bar = progress_bar(progress, n_contexts, "held-out text to choose on", "ctx")
-    for ids in batches:
-        B, T = ids.shape
-        keep = torch.ones(B, T - 1, dtype=torch.bool)
-        keep[:, : first_position - 1] = False
-        keep &= ~torch.isin(ids[:, 1:], excluded)
-        k = keep.reshape(-1)
-        acts = tc.encode(harvester.harvest(ids).x.to(loaded.device)).float().cpu()[k]  # [N, L, F]
-        inner = context_sites(vocab, ids.numpy()).take(np.nonzero(np.arange(B * T) % T)[0])  # BOS left out
-        parts.append(inner.take(np.nonzero(k.numpy())[0]))
+    for batch in batches:
+        k = batch.keep
+        acts = batch.acts[k]  # [N, L, F] the analysed tokens only
+        parts.append(batch.sites.take(np.nonzero(k.numpy())[0]))
         at, layer, feature = ((acts > 0) & (acts >= floor)).nonzero(as_tuple=True)
         tokens.append(at + n)
         keys.append(layer * Fn + feature)
         n += int(k.sum())
-        bar.update(B)
+        bar.update(batch.ids.shape[0])
     bar.close()
     if not parts:
         raise CltraceError("the held-out text source gave no contexts: pass a larger text source")
