@@ -188,7 +188,6 @@ def label_inputs(
     chosen = _choose_all(store, text, config, progress, selection)
     t_choose = time.monotonic() - start
     patterns = {k: (c.choice.pattern if c.choice else None) for k, c in chosen.items()}
-    text_source = open_text_source(source) if isinstance(source, str) else source
     counts = heldout_counts(store, loaded, tc, text_source, patterns, text.vocab, thresholds, config.heldout_contexts,
                             part=1, **run)
     rows = [_input_row(k, c, counts, text, config) for k, c in chosen.items()]
