@@ -29,6 +29,7 @@ import torch
 
 from cltrace.errors import CltraceError
 from cltrace.graph.graph import Graph, NodeKind
+from cltrace.graph.prune import level_runs
 
 #: Columns per sweep: bounds the [edges, columns] products of one layer.
 CHUNK = 64
@@ -57,20 +58,16 @@ class Sweeps:
         self.activation = nodes.activation.to(torch.float64)  # [node]
         weight = graph.edge_weight.to(torch.float64)
         # Per source level: the edges as sparse matrices, [source, target] (backward) and [target, source],
-        # cut from the edges sorted once by their source's level.
-        by_level = level[src]  # [edge]
-        order = torch.argsort(by_level, stable=True)
-        src, tgt, weight, by_level = src[order], tgt[order], weight[order], by_level[order]
-        values, counts = torch.unique_consecutive(by_level, return_counts=True)
-        self.levels = values.tolist()
+        # cut from the edges grouped once by their source's level.
+        order, runs = level_runs(level[src])
+        if order is not None:
+            src, tgt, weight = src[order], tgt[order], weight[order]
+        self.levels = [lv for lv, _, _ in runs]
         self.down: dict[int, torch.Tensor] = {}
         self.up: dict[int, torch.Tensor] = {}
-        lo = 0
-        for lv, count in zip(self.levels, counts.tolist()):
-            cut = slice(lo, lo + count)
-            self.down[lv] = _csr(src[cut], tgt[cut], weight[cut], self.n)
-            self.up[lv] = _csr(tgt[cut], src[cut], weight[cut], self.n)
-            lo += count
+        for lv, lo, hi in runs:
+            self.down[lv] = _csr(src[lo:hi], tgt[lo:hi], weight[lo:hi], self.n)
+            self.up[lv] = _csr(tgt[lo:hi], src[lo:hi], weight[lo:hi], self.n)
         features = self.is_feature & (self.activation != 0)
         self.features_at = {lv: (features & (level == lv)).nonzero(as_tuple=True)[0] for lv in self.levels if lv >= 0}
 

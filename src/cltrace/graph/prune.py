@@ -115,17 +115,24 @@ def propagate_influence(edge_target: torch.Tensor, edge_source: torch.Tensor, a:
     raise CltraceError("influence did not converge: the graph has a cycle; attribution graphs must be acyclic")
 
 
+def level_runs(level: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[int, int, int]]]:
+    """Edges grouped by a level each [edge]: the stable order that sorts them (None where they are
+    in level order already, as attribution's target-sorted edges are by their target's layer) and
+    (level, start, end) of each run of one level in that order, lowest first."""
+    order = torch.argsort(level, stable=True) if bool((level[1:] < level[:-1]).any()) else None
+    values, counts = torch.unique_consecutive(level if order is None else level[order], return_counts=True)
+    ends = torch.cumsum(counts, 0).tolist()
+    return order, [(v, e - c, e) for v, c, e in zip(values.tolist(), counts.tolist(), ends)]
+
+
 def _sweep(t: torch.Tensor, s: torch.Tensor, a: torch.Tensor, weights: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """`propagate_influence` on a layered graph: edges (t, s, a) grouped by their target's level
     [edge], the highest first, so that a node's mass is complete before it flows on."""
-    if bool((level[1:] < level[:-1]).any()):  # not already in level order (attribution sorts by target)
-        order = torch.argsort(level, stable=True)
-        t, s, a, level = t[order], s[order], a[order], level[order]
-    values, counts = torch.unique_consecutive(level, return_counts=True)
-    ends = torch.cumsum(counts, 0).tolist()
+    order, runs = level_runs(level)
+    if order is not None:
+        t, s, a = t[order], s[order], a[order]
     mass = weights.clone()  # [node]
-    for i in range(len(ends) - 1, -1, -1):
-        lo, hi = (ends[i - 1] if i else 0), ends[i]
+    for _, lo, hi in reversed(runs):
         mass.index_add_(0, s[lo:hi], mass[t[lo:hi]] * a[lo:hi])
     return mass - weights
 
@@ -289,6 +296,7 @@ __all__ = [
     "logit_weights",
     "node_influence",
     "normalize_edges",
+    "level_runs",
     "propagate_influence",
     "prune",
     "prune_masks",
